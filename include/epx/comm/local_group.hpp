@@ -1,0 +1,396 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+#include <epx/comm/communicator.hpp>
+#include <epx/core/error.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace epx {
+
+namespace detail {
+
+enum class CollectiveOp : std::uint8_t { kAllToAllV, kAllToAll, kAllReduceSum, kAllGather, kBarrier };
+
+constexpr std::string_view to_string(CollectiveOp op) noexcept {
+  switch (op) {
+    case CollectiveOp::kAllToAllV: return "all_to_all_v";
+    case CollectiveOp::kAllToAll: return "all_to_all";
+    case CollectiveOp::kAllReduceSum: return "all_reduce_sum";
+    case CollectiveOp::kAllGather: return "all_gather";
+    case CollectiveOp::kBarrier: return "barrier";
+  }
+  return "?";
+}
+
+//! What one rank brings to a collective; read by the other ranks between the two phases.
+struct CollectivePost {
+  CollectiveOp op = CollectiveOp::kBarrier;
+  std::uint64_t sequence = 0;  // the rank's collective count, for messages
+  void const* send = nullptr;
+  void* recv = nullptr;
+  std::span<std::size_t const> send_bytes = {}, recv_bytes = {};  // all_to_all_v
+  std::size_t bytes = 0;                                // all_to_all, all_gather: bytes per rank
+  std::size_t count = 0;                                // all_reduce_sum
+  DType dtype = DType::kF32;                            // all_reduce_sum
+};
+
+//! The state the ranks of a LocalGroup share: a generation-counted barrier with a deadline, the
+//! posts of the current collective, and the failure that aborted the group, if any.
+struct LocalGroupState {
+  int num_ranks = 0;
+  std::chrono::milliseconds timeout{};
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<CollectivePost> posts;
+  std::vector<char> arrived;
+  int num_arrived = 0;
+  std::uint64_t generation = 0;
+  bool failed = false;
+  Errc failure_code = Errc::kPeerFailed;
+  std::string failure;
+  int first_failed_rank = -1;
+
+  // Marks the group failed (first failure wins) and wakes every waiting rank. Caller holds mutex.
+  void fail_locked(int rank, Errc code, std::string message) {
+    if (!failed) {
+      failed = true;
+      failure_code = code;
+      failure = std::move(message);
+      first_failed_rank = rank;
+    }
+    cv.notify_all();
+  }
+
+  [[noreturn]] void throw_failure_locked(int rank) const {
+    throw Error(failure_code, fmt::format("epx: LocalGroup: rank {} stopped: the group was aborted: {}", rank, failure));
+  }
+
+  //! Aborts the group with `message` and throws it as this rank's error.
+  [[noreturn]] void fail(int rank, Errc code, std::string const& message) {
+    std::unique_lock lock(mutex);
+    fail_locked(rank, code, message);
+    throw Error(code, "epx: " + message);
+  }
+
+  //! Posts this rank's part (unless `post` is null) and waits until every rank has arrived.
+  void arrive_and_wait(int rank, CollectivePost const* post, std::string_view what, std::uint64_t sequence) {
+    std::unique_lock lock(mutex);
+    if (failed) throw_failure_locked(rank);
+    if (post != nullptr) posts[static_cast<std::size_t>(rank)] = *post;
+    arrived[static_cast<std::size_t>(rank)] = 1;
+    std::uint64_t const my_generation = generation;
+    if (++num_arrived == num_ranks) {
+      num_arrived = 0;
+      std::fill(arrived.begin(), arrived.end(), 0);
+      ++generation;
+      cv.notify_all();
+      return;
+    }
+    auto const deadline = std::chrono::steady_clock::now() + timeout;
+    while (generation == my_generation && !failed) {
+      if (cv.wait_until(lock, deadline) == std::cv_status::timeout && generation == my_generation && !failed) {
+        std::string missing;
+        for (int q = 0; q < num_ranks; ++q)
+          if (!arrived[static_cast<std::size_t>(q)]) missing += fmt::format("{}{}", missing.empty() ? "" : ", ", q);
+        fail_locked(rank, Errc::kTimeout,
+                    fmt::format("LocalGroup: rank {} waited {} ms in {} (collective #{}) for rank(s) [{}], which "
+                                "never arrived", rank, timeout.count(), what, sequence, missing));
+        throw Error(Errc::kTimeout, "epx: " + failure);
+      }
+    }
+    if (generation == my_generation) throw_failure_locked(rank);
+  }
+};
+
+}  // namespace detail
+
+//! Options of a LocalGroup.
+struct LocalGroupOptions {
+  std::chrono::milliseconds timeout{std::chrono::seconds(60)};  //!< longest wait for a peer
+};
+
+//! @brief N ranks in one process, one thread per rank, exchanging host memory. Rank r's
+//! Communicator is `communicator(r)`; drive it from one thread per rank, e.g. with `run`.
+//!
+//! A rank that never arrives makes the others throw Errc::kTimeout after `Options::timeout`; a
+//! rank that throws inside `run` aborts the group at once, so the others throw Errc::kPeerFailed.
+//! Mismatched collectives or sizes throw Errc::kCollectiveMismatch on every rank. After a
+//! failure the group stays aborted: destroy it and build a new one.
+class LocalGroup {
+ public:
+  using Options = LocalGroupOptions;
+
+  explicit LocalGroup(int num_ranks, Options options = {}) : state_(std::make_unique<detail::LocalGroupState>()) {
+    detail::require(num_ranks >= 1, Errc::kInvalidArgument, "LocalGroup", "num_ranks", num_ranks, ">= 1");
+    detail::require(options.timeout.count() > 0, Errc::kInvalidArgument, "LocalGroup", "options.timeout (ms)",
+                    options.timeout.count(), "> 0");
+    state_->num_ranks = num_ranks;
+    state_->timeout = options.timeout;
+    state_->posts.resize(static_cast<std::size_t>(num_ranks));
+    state_->arrived.assign(static_cast<std::size_t>(num_ranks), 0);
+    for (int r = 0; r < num_ranks; ++r) ranks_.push_back(std::make_unique<Rank>(*state_, r));
+  }
+  LocalGroup(LocalGroup const&) = delete;
+  LocalGroup& operator=(LocalGroup const&) = delete;
+
+  [[nodiscard]] int size() const noexcept { return state_->num_ranks; }
+
+  [[nodiscard]] Communicator& communicator(int rank) {
+    detail::require(rank >= 0 && rank < size(), Errc::kInvalidArgument, "LocalGroup::communicator", "rank", rank,
+                    fmt::format("in [0, {})", size()));
+    return *ranks_[static_cast<std::size_t>(rank)];
+  }
+
+  //! Aborts the group on behalf of `rank`: every rank waiting in or later calling a collective
+  //! throws Errc::kPeerFailed with `reason`.
+  void abort(int rank, std::string_view reason) noexcept {
+    try {
+      std::unique_lock lock(state_->mutex);
+      state_->fail_locked(rank, Errc::kPeerFailed, fmt::format("rank {} failed: {}", rank, reason));
+    } catch (...) {  // formatting failed (out of memory): mark the group failed all the same
+      std::unique_lock lock(state_->mutex);
+      state_->failed = true;
+      state_->cv.notify_all();
+    }
+  }
+
+  [[nodiscard]] bool aborted() const {
+    std::unique_lock lock(state_->mutex);
+    return state_->failed;
+  }
+
+  //! Runs `fn(rank, communicator(rank))` on one thread per rank and joins them. A rank whose fn
+  //! throws aborts the group; once all threads end, the first failure's exception is rethrown.
+  template <class Fn>
+  void run(Fn&& fn) {
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(size()));
+    {
+      std::vector<std::jthread> threads;
+      for (int r = 0; r < size(); ++r) {
+        threads.emplace_back([&, r] {
+          try {
+            fn(r, communicator(r));
+          } catch (...) {
+            errors[static_cast<std::size_t>(r)] = std::current_exception();
+            abort(r, describe(errors[static_cast<std::size_t>(r)]));
+          }
+        });
+      }
+    }
+    int root = -1;
+    {
+      std::unique_lock lock(state_->mutex);
+      root = state_->first_failed_rank;
+    }
+    if (root >= 0 && errors[static_cast<std::size_t>(root)]) std::rethrow_exception(errors[static_cast<std::size_t>(root)]);
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+  }
+
+ private:
+  static std::string describe(std::exception_ptr const& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (std::exception const& ex) {
+      return ex.what();
+    } catch (...) {
+      return "an exception not derived from std::exception";
+    }
+  }
+
+  class Rank final : public Communicator {
+   public:
+    Rank(detail::LocalGroupState& state, int rank) : state_(state), rank_(rank) {}
+
+    [[nodiscard]] int rank() const noexcept override { return rank_; }
+    [[nodiscard]] int size() const noexcept override { return state_.num_ranks; }
+    [[nodiscard]] MemorySpace memory_space() const noexcept override { return MemorySpace::kHost; }
+
+    void all_to_all_v(void const* send, std::span<std::size_t const> send_bytes, void* recv,
+                      std::span<std::size_t const> recv_bytes, StreamRef stream) override {
+      auto const n = static_cast<std::size_t>(size());
+      check_local(stream, "all_to_all_v");
+      if (send_bytes.size() != n || recv_bytes.size() != n)
+        fail_local(Errc::kInvalidArgument, fmt::format("all_to_all_v: send_bytes.size() = {}, recv_bytes.size() = {}, "
+                                                       "expected both = group size {}", send_bytes.size(),
+                                                       recv_bytes.size(), n));
+      check_buffer("all_to_all_v", "send", send, sum(send_bytes));
+      check_buffer("all_to_all_v", "recv", recv, sum(recv_bytes));
+      collective({.op = detail::CollectiveOp::kAllToAllV, .send = send, .recv = recv, .send_bytes = send_bytes,
+                  .recv_bytes = recv_bytes});
+    }
+
+    void all_to_all(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) override {
+      check_local(stream, "all_to_all");
+      check_buffer("all_to_all", "send", send, bytes_per_rank);
+      check_buffer("all_to_all", "recv", recv, bytes_per_rank);
+      collective({.op = detail::CollectiveOp::kAllToAll, .send = send, .recv = recv, .bytes = bytes_per_rank});
+    }
+
+    void all_reduce_sum(void* data, std::size_t count, DType dtype, StreamRef stream) override {
+      check_local(stream, "all_reduce_sum");
+      check_buffer("all_reduce_sum", "data", data, count);
+      collective({.op = detail::CollectiveOp::kAllReduceSum, .send = data, .recv = data, .count = count,
+                  .dtype = dtype});
+    }
+
+    void all_gather(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) override {
+      check_local(stream, "all_gather");
+      check_buffer("all_gather", "send", send, bytes_per_rank);
+      check_buffer("all_gather", "recv", recv, bytes_per_rank);
+      collective({.op = detail::CollectiveOp::kAllGather, .send = send, .recv = recv, .bytes = bytes_per_rank});
+    }
+
+    void barrier(StreamRef stream) override {
+      check_local(stream, "barrier");
+      collective({.op = detail::CollectiveOp::kBarrier});
+    }
+
+   private:
+    static std::size_t sum(std::span<std::size_t const> v) {
+      std::size_t s = 0;
+      for (auto x : v) s += x;
+      return s;
+    }
+
+    [[noreturn]] void fail_local(Errc code, std::string const& what) {
+      state_.fail(rank_, code, fmt::format("LocalGroup: rank {}: {}", rank_, what));
+    }
+
+    void check_local(StreamRef stream, std::string_view what) {
+      if (!stream.is_host())
+        fail_local(Errc::kInvalidArgument, fmt::format("{}: stream is a CUDA stream, expected StreamRef::host() "
+                                                       "(this LocalGroup moves host memory)", what));
+    }
+
+    void check_buffer(std::string_view what, std::string_view name, void const* p, std::size_t bytes) {
+      if (p == nullptr && bytes > 0)
+        fail_local(Errc::kInvalidArgument, fmt::format("{}: {} = nullptr, expected {} bytes", what, name, bytes));
+    }
+
+    void check_same_op(detail::CollectivePost const& mine) {
+      for (int q = 0; q < size(); ++q) {
+        auto const& other = state_.posts[static_cast<std::size_t>(q)];
+        if (other.op != mine.op)
+          fail_local(Errc::kCollectiveMismatch,
+                     fmt::format("collective #{}: rank {} called {}, rank {} called {}", mine.sequence, rank_,
+                                 to_string(mine.op), q, to_string(other.op)));
+      }
+    }
+
+    // Phase A: every rank posts. Then each rank validates the posts (all see the same, so all
+    // agree) and moves what it receives. Phase B: nobody leaves (and reuses its send buffer)
+    // until everybody has read it.
+    void collective(detail::CollectivePost post) {
+      post.sequence = ++sequence_;
+      auto const what = to_string(post.op);
+      state_.arrive_and_wait(rank_, &post, what, sequence_);
+      check_same_op(post);
+      auto const& posts = state_.posts;
+      auto const n = static_cast<std::size_t>(size());
+      auto const me = static_cast<std::size_t>(rank_);
+      switch (post.op) {
+        case detail::CollectiveOp::kAllToAllV: {
+          for (std::size_t p = 0; p < n; ++p)
+            for (std::size_t q = 0; q < n; ++q)
+              if (posts[p].send_bytes[q] != posts[q].recv_bytes[p])
+                fail_local(Errc::kCollectiveMismatch,
+                           fmt::format("all_to_all_v (collective #{}): rank {} sends {} bytes to rank {}, which "
+                                       "expects {} bytes", post.sequence, p, posts[p].send_bytes[q], q,
+                                       posts[q].recv_bytes[p]));
+          std::size_t dst = 0;
+          for (std::size_t q = 0; q < n; ++q) {
+            std::size_t src = 0;
+            for (std::size_t p = 0; p < me; ++p) src += posts[q].send_bytes[p];
+            copy(static_cast<std::byte*>(post.recv) + dst, static_cast<std::byte const*>(posts[q].send) + src,
+                 post.recv_bytes[q]);
+            dst += post.recv_bytes[q];
+          }
+          break;
+        }
+        case detail::CollectiveOp::kAllToAll:
+        case detail::CollectiveOp::kAllGather: {
+          for (std::size_t q = 0; q < n; ++q)
+            if (posts[q].bytes != post.bytes)
+              fail_local(Errc::kCollectiveMismatch,
+                         fmt::format("{} (collective #{}): rank {} passes {} bytes per rank, rank {} passes {}", what,
+                                     post.sequence, rank_, post.bytes, q, posts[q].bytes));
+          std::size_t const offset = post.op == detail::CollectiveOp::kAllToAll ? me * post.bytes : 0;
+          for (std::size_t q = 0; q < n; ++q)
+            copy(static_cast<std::byte*>(post.recv) + q * post.bytes,
+                 static_cast<std::byte const*>(posts[q].send) + offset, post.bytes);
+          break;
+        }
+        case detail::CollectiveOp::kAllReduceSum: {
+          for (std::size_t q = 0; q < n; ++q)
+            if (posts[q].count != post.count || posts[q].dtype != post.dtype)
+              fail_local(Errc::kCollectiveMismatch,
+                         fmt::format("all_reduce_sum (collective #{}): rank {} reduces {} x {}, rank {} reduces {} x {}",
+                                     post.sequence, rank_, post.count, post.dtype, q, posts[q].count, posts[q].dtype));
+          reduce(post);
+          break;
+        }
+        case detail::CollectiveOp::kBarrier: break;
+      }
+      state_.arrive_and_wait(rank_, nullptr, what, sequence_);
+      if (post.op == detail::CollectiveOp::kAllReduceSum) copy(post.recv, scratch_.data(), post.count * size_of(post.dtype));
+    }
+
+    static void copy(void* dst, void const* src, std::size_t bytes) {
+      if (bytes > 0) std::memcpy(dst, src, bytes);
+    }
+
+    // Sums every rank's buffer in rank order into scratch_ (written back after phase B, since the
+    // buffers are read by every rank until then).
+    void reduce(detail::CollectivePost const& post) {
+      scratch_.resize(post.count * size_of(post.dtype));
+      switch (post.dtype) {
+        case DType::kF32: reduce_as<float, float>(post); break;
+        case DType::kF16: reduce_as<half, float>(post); break;
+        case DType::kBF16: reduce_as<bfloat16, float>(post); break;
+        case DType::kI32: reduce_as<std::int32_t, std::int32_t>(post); break;
+        case DType::kI64: reduce_as<std::int64_t, std::int64_t>(post); break;
+      }
+    }
+
+    template <class T, class Acc>
+    void reduce_as(detail::CollectivePost const& post) {
+      auto* out = reinterpret_cast<T*>(scratch_.data());
+      for (std::size_t i = 0; i < post.count; ++i) {
+        Acc acc = load<T, Acc>(state_.posts[0].recv, i);
+        for (int q = 1; q < size(); ++q) acc += load<T, Acc>(state_.posts[static_cast<std::size_t>(q)].recv, i);
+        if constexpr (std::is_same_v<T, Acc>) out[i] = acc;
+        else out[i] = T(acc);
+      }
+    }
+
+    template <class T, class Acc>
+    static Acc load(void const* base, std::size_t i) {
+      T value;
+      std::memcpy(&value, static_cast<std::byte const*>(base) + i * sizeof(T), sizeof(T));
+      if constexpr (std::is_same_v<T, Acc>) return value;
+      else return static_cast<Acc>(value);
+    }
+
+    detail::LocalGroupState& state_;
+    int rank_;
+    std::uint64_t sequence_ = 0;
+    std::vector<std::byte> scratch_;
+  };
+
+  std::unique_ptr<detail::LocalGroupState> state_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+};
+
+}  // namespace epx

@@ -1,0 +1,81 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+#include <epx/config.hpp>
+
+#include <fmt/format.h>
+
+#include <source_location>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace epx {
+
+//! What kind of failure an `Error` reports; the message says the rest.
+enum class Errc {
+  kInvalidArgument,    //!< a parameter's value is outside what the call accepts
+  kShapeMismatch,      //!< two views that must agree in a dimension do not
+  kWorkspaceTooSmall,  //!< the caller's workspace is smaller than `workspace_bytes(...)`
+  kInvalidExpertId,    //!< topk_ids held ids outside [0, num_experts) other than -1
+  kTimeout,            //!< a peer did not arrive at a collective within the deadline
+  kPeerFailed,         //!< another rank of the group failed or aborted the group
+  kCollectiveMismatch, //!< ranks called different collectives, or disagree on sizes
+  kUnsupported,        //!< a valid request this build or backend cannot serve
+  kCuda,               //!< a CUDA runtime or cuBLAS call failed
+  kNccl,               //!< an NCCL call failed
+};
+
+//! Short name of an error code, as printed in messages.
+constexpr std::string_view to_string(Errc code) noexcept {
+  switch (code) {
+    case Errc::kInvalidArgument: return "invalid argument";
+    case Errc::kShapeMismatch: return "shape mismatch";
+    case Errc::kWorkspaceTooSmall: return "workspace too small";
+    case Errc::kInvalidExpertId: return "invalid expert id";
+    case Errc::kTimeout: return "timeout";
+    case Errc::kPeerFailed: return "peer failed";
+    case Errc::kCollectiveMismatch: return "collective mismatch";
+    case Errc::kUnsupported: return "unsupported";
+    case Errc::kCuda: return "CUDA error";
+    case Errc::kNccl: return "NCCL error";
+  }
+  return "unknown";
+}
+
+//! The one exception type epx throws. The message names the call, the parameter, its value and
+//! what was expected, and ends with the file:line that raised it.
+class Error : public std::runtime_error {
+ public:
+  Error(Errc code, std::string const& message) : std::runtime_error(message), code_(code) {}
+  [[nodiscard]] Errc code() const noexcept { return code_; }
+
+ private:
+  Errc code_;
+};
+
+namespace detail {
+
+constexpr std::string_view file_name(std::string_view path) noexcept {
+  auto slash = path.find_last_of("/\\");
+  return slash == std::string_view::npos ? path : path.substr(slash + 1);
+}
+
+//! Throws `Error(code, "epx: <message> [file:line]")`.
+[[noreturn]] inline void throw_error(Errc code, std::string_view message,
+                                     std::source_location loc = std::source_location::current()) {
+  throw Error(code, fmt::format("epx: {} [{}:{}]", message, file_name(loc.file_name()), loc.line()));
+}
+
+//! Validates one parameter: when `ok` is false, throws
+//! "epx: <where>: <param> = <value>, expected <expected> [file:line]".
+template <class Value>
+inline void require(bool ok, Errc code, std::string_view where, std::string_view param, Value const& value,
+                    std::string_view expected, std::source_location loc = std::source_location::current()) {
+  if (ok) return;
+  throw_error(code, fmt::format("{}: {} = {}, expected {}", where, param, value, expected), loc);
+}
+
+}  // namespace detail
+}  // namespace epx

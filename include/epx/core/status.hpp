@@ -1,0 +1,40 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+#include <epx/core/error.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace epx {
+
+//! Counters a routing step leaves behind. On the device they are written without a host sync and
+//! read on request; on the host they are returned directly. Trivially copyable, 32 bytes.
+struct Status {
+  std::uint64_t invalid_ids = 0;            //!< topk_ids outside [0, num_experts) other than -1
+  std::uint64_t dropped_slots = 0;          //!< (token, slot) pairs not computed: invalid ids, capacity
+  std::uint32_t max_tokens_per_expert = 0;  //!< largest row count any expert this rank computes received
+  std::uint32_t overflow = 0;               //!< non-zero when a static capacity was exceeded (reserved)
+  std::uint64_t reserved = 0;
+
+  //! Folds another step's counters into this one.
+  Status& merge(Status const& other) noexcept {
+    invalid_ids += other.invalid_ids;
+    dropped_slots += other.dropped_slots;
+    max_tokens_per_expert = std::max(max_tokens_per_expert, other.max_tokens_per_expert);
+    overflow |= other.overflow;
+    return *this;
+  }
+
+  [[nodiscard]] bool ok() const noexcept { return invalid_ids == 0 && dropped_slots == 0 && overflow == 0; }
+};
+
+static_assert(std::is_trivially_copyable_v<Status> && sizeof(Status) == 32);
+
+//! What to do when topk_ids hold invalid ids (DESIGN.md §3): the slots are always dropped and
+//! counted; kThrow then raises Errc::kInvalidExpertId once the call has finished its collectives.
+enum class InvalidIds : std::uint8_t { kThrow, kDropAndCount };
+
+}  // namespace epx

@@ -1,0 +1,54 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+#include <epx/core/space.hpp>
+#include <epx/gemm/expert_mlp.hpp>
+#include <epx/host/grouped_gemm.hpp>
+
+namespace epx {
+
+//! @brief The expert MLP over rows grouped by local expert (host reference; semantics in
+//! gemm/expert_mlp.hpp).
+//! @param[in]  config          shapes and activation
+//! @param[in]  weights         the local experts' weights, dtype == T
+//! @param[in]  x               [rows, hidden], rows of local expert l in [offsets[l], offsets[l+1])
+//! @param[in]  expert_offsets  [num_local_experts + 1]
+//! @param[out] out             [rows, hidden]
+//! @param[in]  workspace       at least expert_mlp_workspace_bytes<T>(config, x.rows) bytes
+template <float_element T>
+void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> expert_offsets, MatrixView<T> out, Workspace workspace) {
+  constexpr std::string_view where = "expert_mlp";
+  detail::validate(config, where);
+  auto const w = detail::typed_weights<T>(config, weights, where);
+  detail::check_matrix(where, "x", x, -1, config.hidden);
+  detail::check_matrix(where, "out", out, x.rows, config.hidden);
+  detail::require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1,
+                  Errc::kShapeMismatch, where, "expert_offsets.size()", expert_offsets.size(),
+                  fmt::format("num_local_experts + 1 = {}", weights.num_local_experts + 1));
+  auto const scratch = detail::carve_layout(
+      workspace, where, [&](auto& c) { return detail::carve_expert_mlp<T>(c, config, x.rows); });
+
+  std::int64_t const gate_up_rows = config.gate_up_rows();
+  std::int64_t const inter = config.intermediate;
+  MatrixView<float> h(scratch.gate_up_out.data(), x.rows, gate_up_rows);
+  MatrixView<T> act(scratch.activated.data(), x.rows, inter);
+  grouped_gemm(Host{}, x, w.gate_up, w.gate_up_bias, expert_offsets, h);
+
+  std::int64_t const first = expert_offsets.front(), last = expert_offsets.back();
+  bool const interleaved = config.gate_up_layout == GateUpLayout::kInterleaved;
+  for (std::int64_t r = first; r < last; ++r) {
+    for (std::int64_t i = 0; i < inter; ++i) {
+      float gate = h(r, i), up = 0.0f;
+      if (is_gated(config.activation)) {
+        gate = interleaved ? h(r, 2 * i) : h(r, i);
+        up = interleaved ? h(r, 2 * i + 1) : h(r, inter + i);
+      }
+      act(r, i) = from_float<T>(detail::activate(config.activation, gate, up, config.clamped_swiglu));
+    }
+  }
+  grouped_gemm(Host{}, MatrixView<T const>(act), w.down, w.down_bias, expert_offsets, out);
+}
+
+}  // namespace epx

@@ -1,0 +1,117 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! Host arithmetic of the AllToAll dispatch, shared by every backend: from the count table every
+//! rank gathers, how many rows go where, and how received rows regroup from rank-major to
+//! expert-major order.
+//!
+//! The count table has one row per rank q: (num_tokens_q, capacity_q, tokens_per_expert_q[E]).
+//! Every rank sees the whole table, so every rank reaches the same verdict on capacity errors
+//! and throws the same Error: no rank is left waiting in a collective.
+
+#include <epx/core/placement.hpp>
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace epx::detail {
+
+inline constexpr std::size_t kCountTableHeader = 2;  // num_tokens, capacity (tokens)
+
+//! A run of rows copied from one buffer to another.
+struct RowSegment {
+  std::int64_t src_row = 0;
+  std::int64_t dst_row = 0;
+  std::int64_t num_rows = 0;
+};
+
+struct AllToAllLayout {
+  std::vector<std::size_t> send_rows;         // [R] rows this rank sends to each rank
+  std::vector<std::size_t> recv_rows;         // [R] rows this rank receives from each rank
+  std::vector<std::int32_t> local_offsets;    // [L + 1] received rows of each local expert, expert-major
+  std::vector<RowSegment> regroup;            // rank-major received row -> expert-major row
+  std::int64_t num_recv_rows = 0;
+  std::uint32_t max_rows_per_local_expert = 0;
+};
+
+//! Rows a rank with `capacity` tokens can receive: every token of every rank on its experts.
+constexpr std::int64_t recv_capacity_rows(std::int64_t capacity, std::int32_t num_ranks, std::int32_t top_k) {
+  return capacity * num_ranks * top_k;
+}
+
+inline std::span<std::int64_t const> table_row(std::span<std::int64_t const> table, std::int32_t num_experts,
+                                               std::int32_t rank) {
+  auto const width = kCountTableHeader + static_cast<std::size_t>(num_experts);
+  return table.subspan(static_cast<std::size_t>(rank) * width, width);
+}
+
+//! Throws Errc::kWorkspaceTooSmall, identically on every rank, when some rank's tokens or
+//! received rows exceed what its workspace holds.
+inline void check_count_table(std::span<std::int64_t const> table, ExpertPlacement const& placement,
+                              std::int32_t top_k) {
+  std::int32_t const num_ranks = placement.num_ranks(), num_experts = placement.num_experts();
+  for (std::int32_t q = 0; q < num_ranks; ++q) {
+    auto const row = table_row(table, num_experts, q);
+    if (row[0] > row[1])
+      throw_error(Errc::kWorkspaceTooSmall,
+                  fmt::format("forward: rank {}: num_tokens = {}, expected <= {} (the tokens its workspace holds); "
+                              "size every rank's workspace with workspace_bytes(max_tokens) for the largest "
+                              "num_tokens any rank passes", q, row[0], row[1]));
+    std::int64_t received = 0;
+    for (std::int32_t p = 0; p < num_ranks; ++p) {
+      auto const counts = table_row(table, num_experts, p).subspan(kCountTableHeader);
+      for (std::int32_t e = placement.first_expert(q); e < placement.first_expert(q) + placement.num_local_experts(q); ++e)
+        received += counts[static_cast<std::size_t>(e)];
+    }
+    std::int64_t const capacity = recv_capacity_rows(row[1], num_ranks, top_k);
+    if (received > capacity)
+      throw_error(Errc::kWorkspaceTooSmall,
+                  fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its workspace for {} "
+                              "tokens holds); size every rank's workspace with workspace_bytes(max_tokens) for the "
+                              "largest num_tokens any rank passes", q, received, capacity, row[1]));
+  }
+}
+
+//! The send/receive sizes and the regrouping of `rank`, from the gathered count table.
+inline AllToAllLayout make_all_to_all_layout(std::span<std::int64_t const> table, ExpertPlacement const& placement,
+                                             std::int32_t rank) {
+  std::int32_t const num_ranks = placement.num_ranks(), num_experts = placement.num_experts();
+  std::int32_t const first = placement.first_expert(rank), num_local = placement.num_local_experts(rank);
+  auto count = [&](std::int32_t q, std::int32_t e) {
+    return table_row(table, num_experts, q)[kCountTableHeader + static_cast<std::size_t>(e)];
+  };
+  AllToAllLayout out;
+  out.send_rows.assign(static_cast<std::size_t>(num_ranks), 0);
+  out.recv_rows.assign(static_cast<std::size_t>(num_ranks), 0);
+  for (std::int32_t p = 0; p < num_ranks; ++p) {
+    for (std::int32_t e = placement.first_expert(p); e < placement.first_expert(p) + placement.num_local_experts(p); ++e)
+      out.send_rows[static_cast<std::size_t>(p)] += static_cast<std::size_t>(count(rank, e));
+    for (std::int32_t l = 0; l < num_local; ++l)
+      out.recv_rows[static_cast<std::size_t>(p)] += static_cast<std::size_t>(count(p, first + l));
+  }
+  // Expert-major offsets: local expert l holds the rows from rank 0, then rank 1, ...
+  out.local_offsets.assign(static_cast<std::size_t>(num_local) + 1, 0);
+  for (std::int32_t l = 0; l < num_local; ++l) {
+    std::int64_t rows = 0;
+    for (std::int32_t q = 0; q < num_ranks; ++q) rows += count(q, first + l);
+    out.local_offsets[static_cast<std::size_t>(l) + 1] = out.local_offsets[static_cast<std::size_t>(l)] + static_cast<std::int32_t>(rows);
+    out.max_rows_per_local_expert = std::max(out.max_rows_per_local_expert, static_cast<std::uint32_t>(rows));
+  }
+  out.num_recv_rows = out.local_offsets.back();
+  // Rank-major: the block from rank q holds q's rows for local experts 0, 1, ... in order.
+  std::int64_t src = 0;
+  for (std::int32_t q = 0; q < num_ranks; ++q) {
+    for (std::int32_t l = 0; l < num_local; ++l) {
+      std::int64_t const rows = count(q, first + l);
+      std::int64_t dst = out.local_offsets[static_cast<std::size_t>(l)];
+      for (std::int32_t q2 = 0; q2 < q; ++q2) dst += count(q2, first + l);
+      if (rows > 0) out.regroup.push_back({src, dst, rows});
+      src += rows;
+    }
+  }
+  return out;
+}
+
+}  // namespace epx::detail

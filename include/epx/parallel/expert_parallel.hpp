@@ -1,0 +1,75 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! ExpertParallel<Experts, Dispatch, Space>: the composed MoE layer. This header holds what
+//! every execution space shares (the configuration, its validation, the policy selectors); each
+//! space specialises the class in its own folder (host/expert_parallel.hpp, cuda/...).
+
+#include <epx/comm/communicator.hpp>
+#include <epx/core/placement.hpp>
+#include <epx/core/router_config.hpp>
+#include <epx/core/space.hpp>
+#include <epx/core/status.hpp>
+#include <epx/gemm/expert_mlp.hpp>
+#include <epx/parallel/tags.hpp>
+
+#include <cstdint>
+
+namespace epx {
+
+//! Everything an MoE layer is, for one rank. Aggregate: build it with designated initialisers.
+struct MoeConfig {
+  RouterConfig router = {};                     //!< num_experts, top_k, scoring, groups, scaling
+  ExpertMlpConfig mlp = {};                     //!< hidden, intermediate, activation, gate/up layout
+  ExpertWeights weights = {};                   //!< this rank's local experts only (see placement)
+  float const* correction_bias = nullptr;  //!< [num_experts] selection-only router bias, or nullptr
+  ExpertPlacement placement = {};          //!< empty: contiguous, as even as possible over the group
+  InvalidIds on_invalid_ids = InvalidIds::kThrow;
+};
+
+namespace detail {
+
+//! Validates `config` for rank `comm.rank()` of `comm` and returns it with the placement filled
+//! in. Throws Error naming the first field that is wrong.
+inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
+  constexpr std::string_view where = "ExpertParallel";
+  validate(config.router, where);
+  validate(config.mlp, where);
+  if (config.placement.empty()) config.placement = ExpertPlacement::contiguous(config.router.num_experts, comm.size());
+  require(config.placement.num_experts() == config.router.num_experts, Errc::kInvalidArgument, where,
+          "placement.num_experts()", config.placement.num_experts(),
+          fmt::format("router.num_experts = {}", config.router.num_experts));
+  require(config.placement.num_ranks() == comm.size(), Errc::kInvalidArgument, where, "placement.num_ranks()",
+          config.placement.num_ranks(), fmt::format("the communicator's size = {}", comm.size()));
+  require(config.weights.num_local_experts == config.placement.num_local_experts(comm.rank()), Errc::kInvalidArgument,
+          where, "weights.num_local_experts", config.weights.num_local_experts,
+          fmt::format("placement.num_local_experts(rank {}) = {}", comm.rank(),
+                      config.placement.num_local_experts(comm.rank())));
+  return config;
+}
+
+//! Maps an expert policy and an execution space to the code that runs the experts. Each space
+//! specialises it for the policies it has.
+template <class Experts, class Space>
+struct ExpertKernelSelector {
+  static_assert(dependent_false<Experts, Space>,
+                "epx: ExpertParallel's first argument is the expert policy: epx::Grouped or epx::CublasGrouped");
+};
+
+}  // namespace detail
+
+//! @brief The MoE layer with expert parallelism: router -> plan -> permute -> dispatch ->
+//! experts -> combine -> unpermute, over a Communicator.
+//! @tparam Experts   expert policy: Grouped or CublasGrouped
+//! @tparam Dispatch  dispatch policy: AllToAll or AllGather
+//! @tparam Space     execution space: Cuda (default; include <epx/cuda.cuh>) or Host
+//! Each space defines the class in a specialisation; this primary template only says what is missing.
+template <class Experts, class Dispatch, class Space = Cuda>
+class ExpertParallel {
+  static_assert(detail::dependent_false<Space>,
+                "epx: ExpertParallel has no implementation for this execution space here: use epx::Host (include "
+                "<epx/epx.hpp>) or epx::Cuda (include <epx/cuda.cuh> and compile with nvcc)");
+};
+
+}  // namespace epx

@@ -1,0 +1,179 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+// LocalGroup: every collective moves the right bytes; a rank that fails, never arrives or
+// disagrees makes the others throw instead of hanging; a new group works afterwards.
+
+#include "../common/test_util.hpp"
+
+#include <atomic>
+#include <chrono>
+
+using namespace epx;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A byte that identifies (source rank, destination rank, index).
+std::uint8_t pattern(int src, int dst, std::size_t i) { return static_cast<std::uint8_t>(src * 31 + dst * 7 + i * 13 + 1); }
+
+}  // namespace
+
+TEST_CASE("LocalGroup::all_to_all_v: every rank receives its blocks in rank order") {
+  EPX_TEST_SEEDED_RNG(rng);
+  for (int n : {1, 2, 3, 5}) {
+    CAPTURE(n);
+    std::vector<std::vector<std::size_t>> sizes(static_cast<std::size_t>(n), std::vector<std::size_t>(static_cast<std::size_t>(n)));
+    std::uniform_int_distribution<std::size_t> size_dist(0, 40);
+    for (auto& row : sizes)
+      for (auto& s : row) s = size_dist(rng);  // sizes[p][q]: bytes p sends to q (0 allowed)
+    LocalGroup group(n, {.timeout = 10s});
+    group.run([&](int rank, Communicator& comm) {
+      auto const r = static_cast<std::size_t>(rank);
+      std::vector<std::size_t> send_bytes = sizes[r], recv_bytes(static_cast<std::size_t>(n));
+      for (std::size_t q = 0; q < recv_bytes.size(); ++q) recv_bytes[q] = sizes[q][r];
+      std::vector<std::uint8_t> send, recv(std::accumulate(recv_bytes.begin(), recv_bytes.end(), std::size_t{0}), 0);
+      for (std::size_t p = 0; p < send_bytes.size(); ++p)
+        for (std::size_t i = 0; i < send_bytes[p]; ++i) send.push_back(pattern(rank, static_cast<int>(p), i));
+      comm.all_to_all_v(send.data(), send_bytes, recv.data(), recv_bytes, StreamRef::host());
+      std::size_t off = 0;
+      for (std::size_t q = 0; q < recv_bytes.size(); ++q)
+        for (std::size_t i = 0; i < recv_bytes[q]; ++i) REQUIRE(recv[off++] == pattern(static_cast<int>(q), rank, i));
+    });
+  }
+}
+
+TEST_CASE("LocalGroup::all_to_all and all_gather: fixed-size blocks") {
+  int const n = 4;
+  std::size_t const b = 9;
+  LocalGroup group(n, {.timeout = 10s});
+  group.run([&](int rank, Communicator& comm) {
+    std::vector<std::uint8_t> send(n * b), recv(n * b);
+    for (int p = 0; p < n; ++p)
+      for (std::size_t i = 0; i < b; ++i) send[p * b + i] = pattern(rank, p, i);
+    comm.all_to_all(send.data(), recv.data(), b, StreamRef::host());
+    for (int q = 0; q < n; ++q)
+      for (std::size_t i = 0; i < b; ++i) REQUIRE(recv[q * b + i] == pattern(q, rank, i));
+    std::vector<std::uint8_t> mine(b), all(n * b);
+    for (std::size_t i = 0; i < b; ++i) mine[i] = pattern(rank, 99, i);
+    comm.all_gather(mine.data(), all.data(), b, StreamRef::host());
+    for (int q = 0; q < n; ++q)
+      for (std::size_t i = 0; i < b; ++i) REQUIRE(all[q * b + i] == pattern(q, 99, i));
+    comm.barrier(StreamRef::host());
+  });
+}
+
+TEST_CASE("LocalGroup::all_reduce_sum: sums in rank order, the same bits on every rank") {
+  EPX_TEST_SEEDED_RNG(rng);
+  int const n = 5;
+  std::size_t const count = 333;
+  std::vector<std::vector<float>> data(n);
+  for (auto& d : data) d = test::random_vector<float>(count, rng, 100.0f);
+  std::vector<float> expected(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    float acc = data[0][i];
+    for (int q = 1; q < n; ++q) acc += data[static_cast<std::size_t>(q)][i];
+    expected[i] = acc;
+  }
+  std::vector<std::vector<bfloat16>> bdata(n);
+  for (int q = 0; q < n; ++q)
+    for (float v : data[static_cast<std::size_t>(q)]) bdata[static_cast<std::size_t>(q)].push_back(bfloat16(v));
+  auto const bdata_in = bdata;
+  LocalGroup group(n, {.timeout = 10s});
+  group.run([&](int rank, Communicator& comm) {
+    auto& d = data[static_cast<std::size_t>(rank)];
+    comm.all_reduce_sum(d.data(), count, DType::kF32, StreamRef::host());
+    REQUIRE(std::memcmp(d.data(), expected.data(), count * sizeof(float)) == 0);
+    std::vector<std::int64_t> ints(7, rank + 1);
+    comm.all_reduce_sum(ints.data(), ints.size(), DType::kI64, StreamRef::host());
+    for (auto v : ints) REQUIRE(v == n * (n + 1) / 2);
+    auto& bd = bdata[static_cast<std::size_t>(rank)];
+    comm.all_reduce_sum(bd.data(), count, DType::kBF16, StreamRef::host());
+    for (std::size_t i = 0; i < count; ++i) {  // fp32 accumulation of the bf16 inputs, one rounding
+      float acc = static_cast<float>(bdata_in[0][i]);
+      for (int q = 1; q < n; ++q) acc += static_cast<float>(bdata_in[static_cast<std::size_t>(q)][i]);
+      REQUIRE(bd[i].bits == bfloat16(acc).bits);
+    }
+  });
+}
+
+TEST_CASE("LocalGroup::barrier: a rank that never arrives makes the others time out") {
+  LocalGroup group(3, {.timeout = 200ms});
+  std::atomic<int> timeouts{0};
+  auto const start = std::chrono::steady_clock::now();
+  std::vector<std::jthread> threads;
+  for (int r = 0; r < 2; ++r)  // rank 2 never calls
+    threads.emplace_back([&, r] {
+      try {
+        group.communicator(r).barrier(StreamRef::host());
+      } catch (Error const& e) {
+        if (e.code() == Errc::kTimeout && std::string(e.what()).find("rank(s) [2]") != std::string::npos) ++timeouts;
+      }
+    });
+  threads.clear();
+  auto const elapsed = std::chrono::steady_clock::now() - start;
+  CHECK(timeouts == 2);
+  CHECK(elapsed < 5s);
+  CHECK(group.aborted());
+  // The group stays aborted: rank 2 arriving late fails at once.
+  CHECK_THROWS_WITH_AS(group.communicator(2).barrier(StreamRef::host()), doctest::Contains("the group was aborted"), Error);
+  // A new group in the same process works.
+  LocalGroup fresh(3, {.timeout = 10s});
+  CHECK_NOTHROW(fresh.run([](int, Communicator& comm) { comm.barrier(StreamRef::host()); }));
+}
+
+TEST_CASE("LocalGroup::run: a rank that throws aborts the group and its error is rethrown") {
+  LocalGroup group(4, {.timeout = 30s});
+  std::atomic<int> peer_failed{0};
+  auto const start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH_AS(group.run([&](int rank, Communicator& comm) {
+    if (rank == 2) throw std::runtime_error("rank two broke");
+    try {
+      comm.barrier(StreamRef::host());
+    } catch (Error const& e) {
+      if (e.code() == Errc::kPeerFailed && std::string(e.what()).find("rank two broke") != std::string::npos) ++peer_failed;
+      throw;
+    }
+  }), "rank two broke", std::runtime_error);
+  CHECK(peer_failed == 3);
+  CHECK(std::chrono::steady_clock::now() - start < 5s);  // well before the 30 s timeout
+}
+
+TEST_CASE("LocalGroup::collectives: mismatched calls and sizes fail on every rank") {
+  {
+    LocalGroup group(2, {.timeout = 10s});
+    std::atomic<int> mismatches{0};
+    CHECK_THROWS_AS(group.run([&](int rank, Communicator& comm) {
+      float v = 1.0f;
+      try {
+        if (rank == 0) comm.all_reduce_sum(&v, 1, DType::kF32, StreamRef::host());
+        else comm.barrier(StreamRef::host());
+      } catch (Error const& e) {
+        if (e.code() == Errc::kCollectiveMismatch || e.code() == Errc::kPeerFailed) ++mismatches;
+        throw;
+      }
+    }), Error);
+    CHECK(mismatches == 2);
+  }
+  {
+    LocalGroup group(2, {.timeout = 10s});
+    CHECK_THROWS_WITH_AS(group.run([&](int rank, Communicator& comm) {
+      std::vector<std::uint8_t> buf(16);
+      std::vector<std::size_t> send{4, rank == 0 ? 5u : 4u}, recv{4, 4};  // rank 0 sends 5, rank 1 expects 4
+      comm.all_to_all_v(buf.data(), send, buf.data() + 8, recv, StreamRef::host());
+    }), doctest::Contains("rank 0 sends 5 bytes to rank 1, which expects 4 bytes"), Error);
+  }
+  {
+    LocalGroup group(2, {.timeout = 10s});
+    std::vector<std::size_t> wrong_size{1};
+    std::uint8_t b = 0;
+    CHECK_THROWS_WITH_AS(group.communicator(0).all_to_all_v(&b, wrong_size, &b, wrong_size, StreamRef::host()),
+                         doctest::Contains("expected both = group size 2"), Error);
+    CHECK(group.aborted());  // so the peer does not wait for the full timeout
+  }
+  {
+    LocalGroup group(1, {.timeout = 10s});
+    auto* fake = reinterpret_cast<CUstream_st*>(std::uintptr_t{0x2});
+    CHECK_THROWS_WITH_AS(group.communicator(0).barrier(StreamRef(fake)), doctest::Contains("expected StreamRef::host()"), Error);
+  }
+  CHECK_THROWS_WITH_AS(LocalGroup(0), doctest::Contains("num_ranks = 0, expected >= 1"), Error);
+}

@@ -172,6 +172,8 @@ TEST_CASE("StreamRef: refuses the legacy default stream") {
   CHECK(StreamRef::host().is_host());
   CHECK_THROWS_WITH_AS(StreamRef(static_cast<CUstream_st*>(nullptr)), doctest::Contains("legacy default stream"),
                        Error);
+  CHECK_THROWS_WITH_AS(StreamRef(reinterpret_cast<CUstream_st*>(std::uintptr_t{0x1})),  // cudaStreamLegacy
+                       doctest::Contains("stream = cudaStreamLegacy"), Error);
   auto* fake = reinterpret_cast<CUstream_st*>(std::uintptr_t{0x2});  // cudaStreamPerThread's value
   CHECK_FALSE(StreamRef(fake).is_host());
 }

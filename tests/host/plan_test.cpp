@@ -163,3 +163,32 @@ TEST_CASE("Permute::unpermute: weighted sum in slot order, deterministic, every 
                                  MatrixView<float const>(weights.data(), t, k - 1), MatrixView<float>(y.data(), t, h)),
                        doctest::Contains("topk_weights.cols = 3, expected 4"), Error);
 }
+
+TEST_CASE("Stages::host: read-only inputs accept mutable views and a null bias") {
+  EPX_TEST_SEEDED_RNG(rng);
+  std::int64_t const t = 5, h = 8;
+  std::int32_t const k = 2, e = 4;
+  auto logits = test::random_vector<float>(static_cast<std::size_t>(t * e), rng);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(t * k));
+  std::vector<float> w(ids.size());
+  route(Host{}, RouterConfig{.num_experts = e, .top_k = k}, MatrixView(logits.data(), t, e), {},
+        MatrixView(ids.data(), t, k), MatrixView(w.data(), t, k));
+  auto r = run_plan(ids, t, k, e, {0, e});
+  auto x = test::random_vector<float>(static_cast<std::size_t>(t * h), rng);
+  std::vector<float> x_perm(static_cast<std::size_t>(t * k * h)), out(x_perm.size()), y(x.size());
+  permute(Host{}, r.plan, MatrixView(x.data(), t, h), MatrixView(x_perm.data(), t * k, h));
+  auto b = test::random_vector<float>(static_cast<std::size_t>(e * h * h), rng);
+  grouped_gemm(Host{}, MatrixView(x_perm.data(), t * k, h), BatchedMatrixView<float>{b.data(), e, h, h}, nullptr,
+               r.plan.expert_offsets, MatrixView(out.data(), t * k, h));
+  unpermute(Host{}, r.plan, MatrixView(out.data(), t * k, h), MatrixView<float const>(w.data(), t, k),
+            MatrixView(y.data(), t, h));
+  // y[t] = sum_j w * (x[t] · b[e]ᵀ): check one element by hand.
+  double want = 0;
+  for (std::int32_t j = 0; j < k; ++j) {
+    auto const id = ids[static_cast<std::size_t>(j)];
+    double dot = 0;
+    for (std::int64_t i = 0; i < h; ++i) dot += double(x[static_cast<std::size_t>(i)]) * b[static_cast<std::size_t>((id * h + 0) * h + i)];
+    want += double(w[static_cast<std::size_t>(j)]) * dot;
+  }
+  CHECK(y[0] == doctest::Approx(want).epsilon(1e-5));
+}

@@ -37,7 +37,9 @@ class Communicator {
   //! all_to_all_v with `bytes_per_rank` bytes to and from every rank.
   virtual void all_to_all(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) = 0;
 
-  //! In place: data[i] = sum over ranks of data[i], summed in rank order (deterministic).
+  //! In place: data[i] = sum over ranks of data[i]. Deterministic: the same inputs give the same
+  //! bits on every call and every rank (LocalGroup sums in rank order; other backends document
+  //! their order).
   virtual void all_reduce_sum(void* data, std::size_t count, DType dtype, StreamRef stream) = 0;
 
   //! recv holds every rank's `bytes_per_rank` bytes of `send`, in rank order.

@@ -73,14 +73,16 @@ struct LocalGroupState {
   }
 
   [[noreturn]] void throw_failure_locked(int rank) const {
-    throw Error(failure_code, fmt::format("epx: LocalGroup: rank {} stopped: the group was aborted: {}", rank, failure));
+    throw_error(failure_code, fmt::format("LocalGroup: rank {} stopped: the group was aborted: {}", rank, failure));
   }
 
   //! Aborts the group with `message` and throws it as this rank's error.
   [[noreturn]] void fail(int rank, Errc code, std::string const& message) {
-    std::unique_lock lock(mutex);
-    fail_locked(rank, code, message);
-    throw Error(code, "epx: " + message);
+    {
+      std::unique_lock lock(mutex);
+      fail_locked(rank, code, message);
+    }
+    throw_error(code, message);
   }
 
   //! Posts this rank's part (unless `post` is null) and waits until every rank has arrived.
@@ -106,7 +108,9 @@ struct LocalGroupState {
         fail_locked(rank, Errc::kTimeout,
                     fmt::format("LocalGroup: rank {} waited {} ms in {} (collective #{}) for rank(s) [{}], which "
                                 "never arrived", rank, timeout.count(), what, sequence, missing));
-        throw Error(Errc::kTimeout, "epx: " + failure);
+        std::string const message = failure;
+        lock.unlock();
+        throw_error(Errc::kTimeout, message);
       }
     }
     if (generation == my_generation) throw_failure_locked(rank);
@@ -279,71 +283,87 @@ class LocalGroup {
         fail_local(Errc::kInvalidArgument, fmt::format("{}: {} = nullptr, expected {} bytes", what, name, bytes));
     }
 
-    void check_same_op(detail::CollectivePost const& mine) {
-      for (int q = 0; q < size(); ++q) {
-        auto const& other = state_.posts[static_cast<std::size_t>(q)];
-        if (other.op != mine.op)
-          fail_local(Errc::kCollectiveMismatch,
-                     fmt::format("collective #{}: rank {} called {}, rank {} called {}", mine.sequence, rank_,
-                                 to_string(mine.op), q, to_string(other.op)));
+    struct Mismatch {
+      Errc code = Errc::kCollectiveMismatch;
+      std::string message;  // empty: the posts agree
+    };
+
+    // Every rank checks every post, so all ranks reach the same verdict.
+    Mismatch check_posts(detail::CollectivePost const& mine) const {
+      auto const& posts = state_.posts;
+      auto const n = static_cast<std::size_t>(size());
+      auto const what = to_string(mine.op);
+      for (std::size_t q = 0; q < n; ++q)
+        if (posts[q].op != mine.op)
+          return {Errc::kCollectiveMismatch, fmt::format("collective #{}: rank {} called {}, rank {} called {}", mine.sequence,
+                                                         rank_, what, q, to_string(posts[q].op))};
+      switch (mine.op) {
+        case detail::CollectiveOp::kAllToAllV:
+          for (std::size_t p = 0; p < n; ++p)
+            for (std::size_t q = 0; q < n; ++q)
+              if (posts[p].send_bytes[q] != posts[q].recv_bytes[p])
+                return {Errc::kCollectiveMismatch,
+                        fmt::format("all_to_all_v (collective #{}): rank {} sends {} bytes to rank {}, which expects {} "
+                                    "bytes", mine.sequence, p, posts[p].send_bytes[q], q, posts[q].recv_bytes[p])};
+          break;
+        case detail::CollectiveOp::kAllToAll:
+        case detail::CollectiveOp::kAllGather:
+          for (std::size_t q = 0; q < n; ++q)
+            if (posts[q].bytes != posts[0].bytes)
+              return {Errc::kCollectiveMismatch, fmt::format("{} (collective #{}): rank 0 passes {} bytes per rank, rank {} "
+                                                             "passes {}", what, mine.sequence, posts[0].bytes, q,
+                                                             posts[q].bytes)};
+          break;
+        case detail::CollectiveOp::kAllReduceSum:
+          for (std::size_t q = 0; q < n; ++q)
+            if (posts[q].count != posts[0].count || posts[q].dtype != posts[0].dtype)
+              return {Errc::kCollectiveMismatch,
+                      fmt::format("all_reduce_sum (collective #{}): rank 0 reduces {} x {}, rank {} reduces {} x {}",
+                                  mine.sequence, posts[0].count, posts[0].dtype, q, posts[q].count, posts[q].dtype)};
+          break;
+        case detail::CollectiveOp::kBarrier: break;
       }
+      return {};
     }
 
-    // Phase A: every rank posts. Then each rank validates the posts (all see the same, so all
-    // agree) and moves what it receives. Phase B: nobody leaves (and reuses its send buffer)
-    // until everybody has read it.
+    // Phase A: every rank posts. Then each rank checks the posts and, when they agree, moves what
+    // it receives. Phase B: nobody leaves (freeing or reusing what it posted) until everybody is
+    // done reading; only then does a disagreement abort the group, on every rank alike.
     void collective(detail::CollectivePost post) {
       post.sequence = ++sequence_;
       auto const what = to_string(post.op);
       state_.arrive_and_wait(rank_, &post, what, sequence_);
-      check_same_op(post);
       auto const& posts = state_.posts;
       auto const n = static_cast<std::size_t>(size());
       auto const me = static_cast<std::size_t>(rank_);
-      switch (post.op) {
-        case detail::CollectiveOp::kAllToAllV: {
-          for (std::size_t p = 0; p < n; ++p)
-            for (std::size_t q = 0; q < n; ++q)
-              if (posts[p].send_bytes[q] != posts[q].recv_bytes[p])
-                fail_local(Errc::kCollectiveMismatch,
-                           fmt::format("all_to_all_v (collective #{}): rank {} sends {} bytes to rank {}, which "
-                                       "expects {} bytes", post.sequence, p, posts[p].send_bytes[q], q,
-                                       posts[q].recv_bytes[p]));
-          std::size_t dst = 0;
-          for (std::size_t q = 0; q < n; ++q) {
-            std::size_t src = 0;
-            for (std::size_t p = 0; p < me; ++p) src += posts[q].send_bytes[p];
-            copy(static_cast<std::byte*>(post.recv) + dst, static_cast<std::byte const*>(posts[q].send) + src,
-                 post.recv_bytes[q]);
-            dst += post.recv_bytes[q];
+      Mismatch const mismatch = check_posts(post);
+      if (mismatch.message.empty()) {
+        switch (post.op) {
+          case detail::CollectiveOp::kAllToAllV: {
+            std::size_t dst = 0;
+            for (std::size_t q = 0; q < n; ++q) {
+              std::size_t src = 0;
+              for (std::size_t p = 0; p < me; ++p) src += posts[q].send_bytes[p];
+              copy(static_cast<std::byte*>(post.recv) + dst, static_cast<std::byte const*>(posts[q].send) + src,
+                   post.recv_bytes[q]);
+              dst += post.recv_bytes[q];
+            }
+            break;
           }
-          break;
+          case detail::CollectiveOp::kAllToAll:
+          case detail::CollectiveOp::kAllGather: {
+            std::size_t const offset = post.op == detail::CollectiveOp::kAllToAll ? me * post.bytes : 0;
+            for (std::size_t q = 0; q < n; ++q)
+              copy(static_cast<std::byte*>(post.recv) + q * post.bytes,
+                   static_cast<std::byte const*>(posts[q].send) + offset, post.bytes);
+            break;
+          }
+          case detail::CollectiveOp::kAllReduceSum: reduce(post); break;
+          case detail::CollectiveOp::kBarrier: break;
         }
-        case detail::CollectiveOp::kAllToAll:
-        case detail::CollectiveOp::kAllGather: {
-          for (std::size_t q = 0; q < n; ++q)
-            if (posts[q].bytes != post.bytes)
-              fail_local(Errc::kCollectiveMismatch,
-                         fmt::format("{} (collective #{}): rank {} passes {} bytes per rank, rank {} passes {}", what,
-                                     post.sequence, rank_, post.bytes, q, posts[q].bytes));
-          std::size_t const offset = post.op == detail::CollectiveOp::kAllToAll ? me * post.bytes : 0;
-          for (std::size_t q = 0; q < n; ++q)
-            copy(static_cast<std::byte*>(post.recv) + q * post.bytes,
-                 static_cast<std::byte const*>(posts[q].send) + offset, post.bytes);
-          break;
-        }
-        case detail::CollectiveOp::kAllReduceSum: {
-          for (std::size_t q = 0; q < n; ++q)
-            if (posts[q].count != post.count || posts[q].dtype != post.dtype)
-              fail_local(Errc::kCollectiveMismatch,
-                         fmt::format("all_reduce_sum (collective #{}): rank {} reduces {} x {}, rank {} reduces {} x {}",
-                                     post.sequence, rank_, post.count, post.dtype, q, posts[q].count, posts[q].dtype));
-          reduce(post);
-          break;
-        }
-        case detail::CollectiveOp::kBarrier: break;
       }
       state_.arrive_and_wait(rank_, nullptr, what, sequence_);
+      if (!mismatch.message.empty()) fail_local(mismatch.code, mismatch.message);
       if (post.op == detail::CollectiveOp::kAllReduceSum) copy(post.recv, scratch_.data(), post.count * size_of(post.dtype));
     }
 

@@ -6,7 +6,6 @@
 
 #include <fmt/format.h>
 
-#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -57,6 +56,21 @@ class Error : public std::runtime_error {
 
 namespace detail {
 
+//! Where an error was raised. Like std::source_location, but built on __builtin_FILE/LINE so it
+//! also works with standard libraries that lack <source_location> support for the compiler
+//! (clang 14 with libstdc++ 12, for one).
+struct SourceLocation {
+  char const* file = "";
+  int line = 0;
+
+  [[nodiscard]] static constexpr SourceLocation current(char const* file = __builtin_FILE(),
+                                                        int line = __builtin_LINE()) noexcept {
+    return {file, line};
+  }
+  [[nodiscard]] constexpr char const* file_name() const noexcept { return file; }
+  [[nodiscard]] constexpr int line_number() const noexcept { return line; }
+};
+
 constexpr std::string_view file_name(std::string_view path) noexcept {
   auto slash = path.find_last_of("/\\");
   return slash == std::string_view::npos ? path : path.substr(slash + 1);
@@ -64,15 +78,15 @@ constexpr std::string_view file_name(std::string_view path) noexcept {
 
 //! Throws `Error(code, "epx: <message> [file:line]")`.
 [[noreturn]] inline void throw_error(Errc code, std::string_view message,
-                                     std::source_location loc = std::source_location::current()) {
-  throw Error(code, fmt::format("epx: {} [{}:{}]", message, file_name(loc.file_name()), loc.line()));
+                                     SourceLocation loc = SourceLocation::current()) {
+  throw Error(code, fmt::format("epx: {} [{}:{}]", message, file_name(loc.file_name()), loc.line_number()));
 }
 
 //! Validates one parameter: when `ok` is false, throws
 //! "epx: <where>: <param> = <value>, expected <expected> [file:line]".
 template <class Value>
 inline void require(bool ok, Errc code, std::string_view where, std::string_view param, Value const& value,
-                    std::string_view expected, std::source_location loc = std::source_location::current()) {
+                    std::string_view expected, SourceLocation loc = SourceLocation::current()) {
   if (ok) return;
   throw_error(code, fmt::format("{}: {} = {}, expected {}", where, param, value, expected), loc);
 }

@@ -5,6 +5,7 @@
 #include <epx/core/error.hpp>
 
 #include <cstddef>
+#include <cstdint>
 
 // cudaStream_t is `CUstream_st*`; naming the struct lets core headers carry a stream without
 // including any CUDA header.
@@ -20,9 +21,12 @@ class StreamRef {
   //! Work runs synchronously on the calling thread (Host execution space, host-memory communicators).
   [[nodiscard]] static constexpr StreamRef host() noexcept { return StreamRef(); }
 
-  //! A CUDA stream created by the caller (or cudaStreamPerThread). Throws for the null stream.
+  //! A CUDA stream created by the caller (or cudaStreamPerThread). Throws for the legacy default
+  //! stream, whether passed as 0 or as cudaStreamLegacy.
   explicit StreamRef(CUstream_st* stream) : stream_(stream), is_host_(false) {
-    detail::require(stream != nullptr, Errc::kInvalidArgument, "StreamRef", "stream", "0 (the legacy default stream)",
+    auto const handle = reinterpret_cast<std::uintptr_t>(stream);
+    detail::require(handle != 0 && handle != kLegacyStreamHandle, Errc::kInvalidArgument, "StreamRef", "stream",
+                    handle == 0 ? "0 (the legacy default stream)" : "cudaStreamLegacy",
                     "a stream the caller created, or cudaStreamPerThread");
   }
   StreamRef(int) = delete;
@@ -35,6 +39,7 @@ class StreamRef {
   friend constexpr bool operator==(StreamRef, StreamRef) = default;
 
  private:
+  static constexpr std::uintptr_t kLegacyStreamHandle = 0x1;  // cudaStreamLegacy
   constexpr StreamRef() = default;
   CUstream_st* stream_ = nullptr;
   bool is_host_ = true;

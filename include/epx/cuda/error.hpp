@@ -9,7 +9,6 @@
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
-#include <source_location>
 #include <string_view>
 
 namespace epx::detail {
@@ -23,7 +22,7 @@ constexpr bool is_sticky_cuda_error(cudaError_t e) noexcept {
 
 //! Throws Error(kCuda) for a failed CUDA call, after clearing the thread's last-error state so the
 //! next call does not report it again. Never exits or aborts.
-[[noreturn]] inline void throw_cuda_error(cudaError_t code, std::string_view call, std::source_location loc) {
+[[noreturn]] inline void throw_cuda_error(cudaError_t code, std::string_view call, SourceLocation loc) {
   (void)cudaGetLastError();  // clear the (non-sticky) error so it is reported once
   throw_error(Errc::kCuda,
               fmt::format("CUDA call `{}` failed: {} ({}){}", call, cudaGetErrorName(code), cudaGetErrorString(code),
@@ -47,7 +46,7 @@ constexpr std::string_view cublas_status_name(cublasStatus_t s) noexcept {
   return "unknown cublasStatus_t";
 }
 
-[[noreturn]] inline void throw_cublas_error(cublasStatus_t code, std::string_view call, std::source_location loc) {
+[[noreturn]] inline void throw_cublas_error(cublasStatus_t code, std::string_view call, SourceLocation loc) {
   throw_error(Errc::kCuda, fmt::format("cuBLAS call `{}` failed: {} ({})", call, cublas_status_name(code),
                                        static_cast<int>(code)), loc);
 }
@@ -60,16 +59,23 @@ constexpr std::string_view cublas_status_name(cublasStatus_t s) noexcept {
   do {                                                                                                \
     cudaError_t const epx_cuda_check_status_ = (call);                                                \
     if (epx_cuda_check_status_ != cudaSuccess)                                                        \
-      ::epx::detail::throw_cuda_error(epx_cuda_check_status_, #call, std::source_location::current()); \
+      ::epx::detail::throw_cuda_error(epx_cuda_check_status_, #call, ::epx::detail::SourceLocation::current()); \
   } while (0)
 
-//! Checks the launch just made on this thread (cudaPeekAtLastError), e.g. after `kernel<<<...>>>`.
-#define EPX_CUDA_CHECK_LAUNCH(kernel_name) EPX_CUDA_CHECK(cudaPeekAtLastError())
+//! Checks the launch just made on this thread (cudaPeekAtLastError), e.g. after `kernel<<<...>>>`;
+//! the Error names `kernel_name`.
+#define EPX_CUDA_CHECK_LAUNCH(kernel_name)                                                            \
+  do {                                                                                                \
+    cudaError_t const epx_cuda_launch_status_ = cudaPeekAtLastError();                                \
+    if (epx_cuda_launch_status_ != cudaSuccess)                                                       \
+      ::epx::detail::throw_cuda_error(epx_cuda_launch_status_, "launch of " #kernel_name,             \
+                                      ::epx::detail::SourceLocation::current());                      \
+  } while (0)
 
 //! Evaluates a cuBLAS call once; on failure throws epx::Error(Errc::kCuda).
 #define EPX_CUBLAS_CHECK(call)                                                                            \
   do {                                                                                                    \
     cublasStatus_t const epx_cublas_check_status_ = (call);                                               \
     if (epx_cublas_check_status_ != CUBLAS_STATUS_SUCCESS)                                                \
-      ::epx::detail::throw_cublas_error(epx_cublas_check_status_, #call, std::source_location::current()); \
+      ::epx::detail::throw_cublas_error(epx_cublas_check_status_, #call, ::epx::detail::SourceLocation::current()); \
   } while (0)

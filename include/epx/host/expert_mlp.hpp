@@ -17,8 +17,9 @@ namespace epx {
 //! @param[out] out             [rows, hidden]
 //! @param[in]  workspace       at least expert_mlp_workspace_bytes<T>(config, x.rows) bytes
 template <float_element T>
-void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weights, MatrixView<T const> x,
-                std::span<std::int32_t const> expert_offsets, MatrixView<T> out, Workspace workspace) {
+void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weights,
+                std::type_identity_t<MatrixView<T const>> x, std::span<std::int32_t const> expert_offsets,
+                MatrixView<T> out, Workspace workspace) {
   constexpr std::string_view where = "expert_mlp";
   detail::validate(config, where);
   auto const w = detail::typed_weights<T>(config, weights, where);
@@ -48,7 +49,7 @@ void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weight
       act(r, i) = from_float<T>(detail::activate(config.activation, gate, up, config.clamped_swiglu));
     }
   }
-  grouped_gemm(Host{}, MatrixView<T const>(act), w.down, w.down_bias, expert_offsets, out);
+  grouped_gemm(Host{}, act, w.down, w.down_bias, expert_offsets, out);
 }
 
 }  // namespace epx

@@ -98,7 +98,9 @@ class ExpertParallel<Experts, Dispatch, Host> {
   //! Workspace bytes for forward calls of up to `max_tokens` tokens on every rank of the group
   //! (pure host arithmetic). With AllToAll, `max_tokens` must bound every rank's num_tokens.
   [[nodiscard]] std::size_t workspace_bytes(std::int64_t max_tokens) const {
-    detail::require(max_tokens >= 0, Errc::kInvalidArgument, "workspace_bytes", "max_tokens", max_tokens, ">= 0");
+    detail::require(max_tokens >= 0 && max_tokens * config_.router.top_k < std::numeric_limits<std::int32_t>::max(),
+                    Errc::kInvalidArgument, "workspace_bytes", "max_tokens", max_tokens,
+                    fmt::format(">= 0 with max_tokens * top_k ({}) < 2^31 - 1", config_.router.top_k));
     return dispatch_on_dtype([&]<class T>(T*) {
       return detail::layout_bytes([&](auto& c) { return carve<T>(c, max_tokens); });
     });

@@ -6,6 +6,7 @@
 #include <epx/permute/permute.hpp>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace epx {
@@ -15,7 +16,7 @@ namespace epx {
 //! @param[in]  x       [num_tokens, hidden]
 //! @param[out] x_perm  [>= plan rows, hidden]; rows past the plan's rows are left untouched
 template <float_element T>
-void permute(Host, RoutingPlan const& plan, MatrixView<T const> x, MatrixView<T> x_perm) {
+void permute(Host, RoutingPlan const& plan, std::type_identity_t<MatrixView<T const>> x, MatrixView<T> x_perm) {
   std::int64_t const num_rows = plan.expert_offsets.back();
   detail::check_permute_args(plan, num_rows, x, x_perm);
   for (std::int64_t row = 0; row < num_rows; ++row) {
@@ -30,9 +31,12 @@ void permute(Host, RoutingPlan const& plan, MatrixView<T const> x, MatrixView<T>
 //! @param[in]  expert_out    [>= plan rows, hidden], row r belonging to plan.sorted_slots[r]
 //! @param[in]  topk_weights  [num_tokens, top_k]
 //! @param[out] y             [num_tokens, hidden]; fp32 for partial sums, or the element type
-template <float_element T, float_element TOut>
-void unpermute(Host, RoutingPlan const& plan, MatrixView<T const> expert_out, MatrixView<float const> topk_weights,
+template <class TIn, float_element TOut>
+  requires float_element<TIn>
+void unpermute(Host, RoutingPlan const& plan, MatrixView<TIn> expert_out_in, MatrixView<float const> topk_weights,
                MatrixView<TOut> y) {
+  using T = std::remove_const_t<TIn>;
+  MatrixView<T const> const expert_out(expert_out_in);
   std::int64_t const num_rows = plan.expert_offsets.back();
   detail::check_unpermute_args(plan, num_rows, expert_out, topk_weights, y);
   std::vector<float> acc(static_cast<std::size_t>(y.cols));

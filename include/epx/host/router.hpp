@@ -25,8 +25,9 @@ namespace epx {
 //! Synchronous on the calling thread; uses O(num_experts) host scratch, no workspace.
 template <class L>
   requires detail::router_logit<L>
-void route(Host, RouterConfig const& config, MatrixView<L const> logits, std::span<float const> correction_bias,
+void route(Host, RouterConfig const& config, MatrixView<L> logits_in, std::span<float const> correction_bias,
            MatrixView<std::int32_t> topk_ids, MatrixView<float> topk_weights) {
+  MatrixView<std::remove_const_t<L> const> const logits(logits_in);  // read only, mutable views welcome
   detail::check_route_args(config, logits, correction_bias, topk_ids, topk_weights);
   for (std::size_t e = 0; e < correction_bias.size(); ++e)
     detail::require(std::isfinite(correction_bias[e]), Errc::kInvalidArgument, "route",

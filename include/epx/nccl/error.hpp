@@ -8,7 +8,6 @@
 
 #include <nccl.h>
 
-#include <source_location>
 #include <string_view>
 
 namespace epx::detail {
@@ -16,7 +15,7 @@ namespace epx::detail {
 //! Throws Error(kNccl) for a failed NCCL call, with NCCL's own last-error text for `comm` (which
 //! may be null) when it has one. Never exits or aborts.
 [[noreturn]] inline void throw_nccl_error(ncclResult_t code, ncclComm_t comm, std::string_view call,
-                                          std::source_location loc) {
+                                          SourceLocation loc) {
   char const* last = ncclGetLastError(comm);
   throw_error(Errc::kNccl,
               fmt::format("NCCL call `{}` failed: {} ({}){}{}", call, ncclGetErrorString(code), static_cast<int>(code),
@@ -32,7 +31,7 @@ namespace epx::detail {
   do {                                                                                                     \
     ncclResult_t const epx_nccl_check_status_ = (call);                                                    \
     if (epx_nccl_check_status_ != ncclSuccess && epx_nccl_check_status_ != ncclInProgress)                 \
-      ::epx::detail::throw_nccl_error(epx_nccl_check_status_, (comm), #call, std::source_location::current()); \
+      ::epx::detail::throw_nccl_error(epx_nccl_check_status_, (comm), #call, ::epx::detail::SourceLocation::current()); \
   } while (0)
 
 //! EPX_NCCL_CHECK_COMM without a communicator for the last-error text.

@@ -46,6 +46,14 @@ inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
           where, "weights.num_local_experts", config.weights.num_local_experts,
           fmt::format("placement.num_local_experts(rank {}) = {}", comm.rank(),
                       config.placement.num_local_experts(comm.rank())));
+  if (config.weights.num_local_experts > 0) {
+    require(config.weights.gate_up != nullptr, Errc::kInvalidArgument, where, "weights.gate_up", "nullptr",
+            fmt::format("the [{}, {}, {}] gate_up weights of this rank's experts", config.weights.num_local_experts,
+                        config.mlp.gate_up_rows(), config.mlp.hidden));
+    require(config.weights.down != nullptr, Errc::kInvalidArgument, where, "weights.down", "nullptr",
+            fmt::format("the [{}, {}, {}] down weights of this rank's experts", config.weights.num_local_experts,
+                        config.mlp.hidden, config.mlp.intermediate));
+  }
   return config;
 }
 

@@ -85,14 +85,16 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
         auto const id = ids[r][static_cast<std::size_t>(t) * k + j];
         if (id < 0 || id >= layer.num_experts) continue;
         float const w = weights[r][static_cast<std::size_t>(t) * k + j];
-        for (std::size_t c = 0; c < h; ++c) finite = finite && std::isfinite(x[r][static_cast<std::size_t>(t) * h + c]);
-        finite = finite && std::isfinite(w) && std::abs(w) < 1e6f;
+        // Compare only where fp32 cannot overflow inside the expert (|x|, |w| < 1e3 with these small
+        // weights); a huge finite input may rightly give inf/NaN in fp32 but not in the double reference.
+        for (std::size_t c = 0; c < h; ++c) finite = finite && std::abs(x[r][static_cast<std::size_t>(t) * h + c]) < 1e3f;
+        finite = finite && std::abs(w) < 1e3f;
         if (!finite) break;
         auto const out = layer.expert(id, x[r].data() + static_cast<std::size_t>(t) * h);
         for (std::size_t c = 0; c < h; ++c) want[c] += double(w) * out[c];
       }
       double scale = 1.0;
-      for (double v : want) scale = std::max(scale, std::abs(v));
+      for (double v : want) scale = std::isnan(v) ? INFINITY : std::max(scale, std::abs(v));
       for (std::size_t c = 0; c < h; ++c) {
         float const got = y[r][static_cast<std::size_t>(t) * h + c];
         // y was poisoned with NaN, so this also proves the row was written.

@@ -327,8 +327,8 @@ TEST_CASE("LocalGroup::collectives: local misuse stops the peers with the first 
   });
   CHECK_EPX_ERROR(Errc::kInvalidArgument, "LocalGroup: rank 0: all_gather: send = nullptr, expected 4 bytes",
                   rethrow(errors[0]));
-  // The peer stops at once (not at the timeout) and carries the first failure's code and text.
-  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+  // The peer stops at once (not at the timeout) with kPeerFailed and the first failure's text.
+  CHECK_EPX_ERROR(Errc::kPeerFailed,
                   "LocalGroup: rank 1 stopped: the group was aborted: LocalGroup: rank 0: all_gather: send = nullptr",
                   rethrow(errors[1]));
 }
@@ -455,10 +455,9 @@ TEST_CASE("ExpertParallel::workspace_bytes: a non-float weight dtype and too man
   LocalGroup group(1, {.timeout = 10s});
   auto& comm = group.communicator(0);
   auto c = layer.config(comm);
-  c.weights.dtype = DType::kI32;  // the constructor does not look at the dtype; sizing does
-  ExpertParallel<Grouped, AllToAll, Host> const ints(c, comm);
+  c.weights.dtype = DType::kI32;  // refused at construction, before any forward
   CHECK_EPX_ERROR(Errc::kInvalidArgument, "ExpertParallel: weights.dtype = i32, expected f32, f16 or bf16",
-                  ints.workspace_bytes(4));
+                  (ExpertParallel<Grouped, AllToAll, Host>(c, comm)));
   ExpertParallel<Grouped, AllToAll, Host> const ep(layer.config(comm), comm);
   CHECK_EPX_ERROR(Errc::kInvalidArgument,
                   "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * top_k (2) < 2^31 - 1",

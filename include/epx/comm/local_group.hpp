@@ -76,11 +76,12 @@ struct LocalGroupState {
     throw_error(failure_code, fmt::format("LocalGroup: rank {} stopped: the group was aborted: {}", rank, failure));
   }
 
-  //! Aborts the group with `message` and throws it as this rank's error.
+  //! Aborts the group with `message` and throws it as this rank's error. The other ranks see
+  //! Errc::kPeerFailed, except for a collective mismatch, which is every rank's own verdict.
   [[noreturn]] void fail(int rank, Errc code, std::string const& message) {
     {
       std::unique_lock lock(mutex);
-      fail_locked(rank, code, message);
+      fail_locked(rank, code == Errc::kCollectiveMismatch ? code : Errc::kPeerFailed, message);
     }
     throw_error(code, message);
   }
@@ -237,14 +238,15 @@ class LocalGroup {
 
     void all_to_all(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) override {
       check_local(stream, "all_to_all");
-      check_buffer("all_to_all", "send", send, bytes_per_rank);
-      check_buffer("all_to_all", "recv", recv, bytes_per_rank);
+      auto const all_bytes = bytes_per_rank * static_cast<std::size_t>(size());
+      check_buffer("all_to_all", "send", send, all_bytes);
+      check_buffer("all_to_all", "recv", recv, all_bytes);
       collective({.op = detail::CollectiveOp::kAllToAll, .send = send, .recv = recv, .bytes = bytes_per_rank});
     }
 
     void all_reduce_sum(void* data, std::size_t count, DType dtype, StreamRef stream) override {
       check_local(stream, "all_reduce_sum");
-      check_buffer("all_reduce_sum", "data", data, count);
+      check_buffer("all_reduce_sum", "data", data, count * size_of(dtype));
       collective({.op = detail::CollectiveOp::kAllReduceSum, .send = data, .recv = data, .count = count,
                   .dtype = dtype});
     }
@@ -252,7 +254,7 @@ class LocalGroup {
     void all_gather(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) override {
       check_local(stream, "all_gather");
       check_buffer("all_gather", "send", send, bytes_per_rank);
-      check_buffer("all_gather", "recv", recv, bytes_per_rank);
+      check_buffer("all_gather", "recv", recv, bytes_per_rank * static_cast<std::size_t>(size()));
       collective({.op = detail::CollectiveOp::kAllGather, .send = send, .recv = recv, .bytes = bytes_per_rank});
     }
 

@@ -91,6 +91,8 @@ class ExpertPlacement {
 
  private:
   std::size_t check_rank(std::int32_t rank) const {
+    detail::require(!empty(), Errc::kInvalidArgument, "ExpertPlacement", "placement", "empty",
+                    "one built by ExpertPlacement::contiguous or ::from_counts");
     detail::require(rank >= 0 && rank < num_ranks(), Errc::kInvalidArgument, "ExpertPlacement", "rank", rank,
                     fmt::format("in [0, {})", num_ranks()));
     return static_cast<std::size_t>(rank);

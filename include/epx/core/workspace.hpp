@@ -44,7 +44,8 @@ class WorkspaceCarver {
   WorkspaceCarver(Workspace ws, std::size_t required, std::string_view where) : sizing_(false) {
     if (ws.size() < required)
       throw_error(Errc::kWorkspaceTooSmall,
-                  fmt::format("{}: workspace.size() = {} bytes, expected at least {} bytes (ask workspace_bytes())",
+                  fmt::format("{}: workspace.size() = {} bytes, expected at least {} bytes (size it with the matching "
+                              "*workspace_bytes function)",
                               where, ws.size(), required));
     if (required > 0 && ws.data() == nullptr)
       throw_error(Errc::kInvalidArgument,

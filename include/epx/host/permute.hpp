@@ -17,7 +17,7 @@ namespace epx {
 //! @param[out] x_perm  [>= plan rows, hidden]; rows past the plan's rows are left untouched
 template <float_element T>
 void permute(Host, RoutingPlan const& plan, std::type_identity_t<MatrixView<T const>> x, MatrixView<T> x_perm) {
-  std::int64_t const num_rows = plan.expert_offsets.back();
+  std::int64_t const num_rows = detail::plan_rows(plan, "permute");
   detail::check_permute_args(plan, num_rows, x, x_perm);
   for (std::int64_t row = 0; row < num_rows; ++row) {
     std::int64_t const token = plan.sorted_slots[static_cast<std::size_t>(row)] / plan.top_k;
@@ -37,7 +37,7 @@ void unpermute(Host, RoutingPlan const& plan, MatrixView<TIn> expert_out_in, Mat
                MatrixView<TOut> y) {
   using T = std::remove_const_t<TIn>;
   MatrixView<T const> const expert_out(expert_out_in);
-  std::int64_t const num_rows = plan.expert_offsets.back();
+  std::int64_t const num_rows = detail::plan_rows(plan, "unpermute");
   detail::check_unpermute_args(plan, num_rows, expert_out, topk_weights, y);
   std::vector<float> acc(static_cast<std::size_t>(y.cols));
   for (std::int64_t t = 0; t < plan.num_tokens; ++t) {

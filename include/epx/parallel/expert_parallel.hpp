@@ -36,6 +36,9 @@ inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
   constexpr std::string_view where = "ExpertParallel";
   validate(config.router, where);
   validate(config.mlp, where);
+  require(config.weights.dtype == DType::kF32 || config.weights.dtype == DType::kF16 ||
+              config.weights.dtype == DType::kBF16,
+          Errc::kInvalidArgument, where, "weights.dtype", config.weights.dtype, "f32, f16 or bf16");
   if (config.placement.empty()) config.placement = ExpertPlacement::contiguous(config.router.num_experts, comm.size());
   require(config.placement.num_experts() == config.router.num_experts, Errc::kInvalidArgument, where,
           "placement.num_experts()", config.placement.num_experts(),

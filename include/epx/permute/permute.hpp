@@ -13,6 +13,13 @@
 
 namespace epx::detail {
 
+//! The routed rows of a plan; throws for a plan that make_plan did not fill in.
+inline std::int64_t plan_rows(RoutingPlan const& plan, std::string_view where) {
+  require(!plan.expert_offsets.empty(), Errc::kInvalidArgument, where, "plan.expert_offsets.size()", 0,
+          ">= 1 (a plan made by make_plan)");
+  return plan.expert_offsets.back();
+}
+
 template <class T>
 void check_permute_args(RoutingPlan const& plan, std::int64_t num_rows, MatrixView<T const> x,
                         MatrixView<T> x_perm) {

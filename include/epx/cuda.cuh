@@ -1,0 +1,14 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! Umbrella for the CUDA backend (compile with nvcc, link epx::cuda). Everything of
+//! <epx/epx.hpp> plus the CUDA stage functions, which take a StreamRef as their execution context.
+//! Today: make_plan (CUB radix sort), permute, unpermute. Not yet run on a GPU; see README.
+
+#include <epx/epx.hpp>
+
+#include <epx/cuda/element.cuh>
+#include <epx/cuda/error.hpp>
+#include <epx/cuda/permute.cuh>
+#include <epx/cuda/plan.cuh>

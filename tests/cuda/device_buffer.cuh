@@ -1,0 +1,49 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+// A test-only owner of device memory, filled from and read back into host vectors.
+
+#include <epx/cuda/error.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <vector>
+
+namespace epx::test {
+
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t count) : count_(count) {
+    if (count > 0) EPX_CUDA_CHECK(cudaMalloc(&data_, count * sizeof(T)));
+  }
+  explicit DeviceBuffer(std::vector<T> const& host) : DeviceBuffer(host.size()) {
+    if (count_ > 0) EPX_CUDA_CHECK(cudaMemcpy(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  DeviceBuffer(DeviceBuffer const&) = delete;
+  DeviceBuffer& operator=(DeviceBuffer const&) = delete;
+  ~DeviceBuffer() {
+    if (data_ != nullptr && cudaFree(data_) != cudaSuccess) std::fprintf(stderr, "epx test: cudaFree failed\n");
+  }
+
+  //! Fills every byte with `byte` (a poison pattern, so unwritten outputs are caught).
+  void poison(int byte) {
+    if (count_ > 0) EPX_CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
+  }
+  [[nodiscard]] std::vector<T> to_host() const {
+    std::vector<T> out(count_);
+    if (count_ > 0) EPX_CUDA_CHECK(cudaMemcpy(out.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return out;
+  }
+  [[nodiscard]] T* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return count_; }
+
+ private:
+  T* data_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+}  // namespace epx::test

@@ -4,7 +4,7 @@
 
 //! Umbrella for the CUDA backend (compile with nvcc, link epx::cuda). Everything of
 //! <epx/epx.hpp> plus the CUDA stage functions, which take a StreamRef as their execution context.
-//! Today: make_plan (CUB radix sort), permute, unpermute. Not yet run on a GPU; see README.
+//! Today: route, make_plan (CUB radix sort), permute, unpermute. Not yet run on a GPU; see README.
 
 #include <epx/epx.hpp>
 
@@ -12,3 +12,4 @@
 #include <epx/cuda/error.hpp>
 #include <epx/cuda/permute.cuh>
 #include <epx/cuda/plan.cuh>
+#include <epx/cuda/router.cuh>

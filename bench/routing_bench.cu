@@ -1,0 +1,338 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+//
+// Router, plan, permute and unpermute on the four model shapes x T in {128, 4096, 16384}, uniform
+// and Zipf(1.2)-skewed routing. Counters (../shared/PERFORMANCE.md):
+//   us          median time per call (CUDA events around a CUDA-graph replay of 20 calls)
+//   hbm_ratio   minimum bytes / time / copy bandwidth measured in this process (D2D memcpy)
+//   speedup     baseline time / epx time, the baseline measured in the same run:
+//               plan+permute: thrust::stable_sort_by_key + gather; unpermute: a thrust
+//               scatter of weighted rows into fp32 + a conversion pass (what PyTorch's index_add does)
+//   max_over_mean  tokens of the busiest expert / mean tokens per expert (routing skew)
+// Output: --benchmark_format=json > bench/results/routing-h100.json (see bench/README.md).
+
+#include <epx/cuda.cuh>
+
+#include <benchmark/benchmark.h>
+#include <thrust/device_ptr.h>
+#include <thrust/execution_policy.h>
+#include <thrust/gather.h>
+#include <thrust/sequence.h>
+#include <thrust/sort.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cmath>
+#include <random>
+#include <vector>
+
+namespace {
+
+using epx::bfloat16;
+
+struct Shape {
+  char const* name;
+  int hidden, num_experts, top_k;
+  bool deepseek;  // sigmoid + bias, 8 groups, top-4 groups
+};
+constexpr Shape kShapes[] = {{"qwen3-30b-a3b", 2048, 128, 8, false},
+                             {"mixtral-8x7b", 4096, 8, 2, false},
+                             {"gpt-oss-120b", 2880, 128, 4, false},
+                             {"deepseek-v3", 7168, 256, 8, true}};
+constexpr int kTokens[] = {128, 4096, 16384};
+
+#define BENCH_CHECK(call) EPX_CUDA_CHECK(call)
+
+template <class T>
+T* device_alloc(std::size_t n) {
+  T* p = nullptr;
+  BENCH_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
+  return p;
+}
+
+template <class T>
+T* device_copy(std::vector<T> const& v) {
+  T* p = device_alloc<T>(v.size());
+  BENCH_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+// Device-to-device copy bandwidth (read + write), bytes per second, measured once.
+double copy_bandwidth() {
+  static double const bw = [] {
+    std::size_t const bytes = std::size_t{1} << 30;
+    void *a = device_alloc<std::byte>(bytes), *b = device_alloc<std::byte>(bytes);
+    cudaEvent_t start, stop;
+    BENCH_CHECK(cudaEventCreate(&start));
+    BENCH_CHECK(cudaEventCreate(&stop));
+    BENCH_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    std::vector<float> ms;
+    for (int i = 0; i < 10; ++i) {
+      BENCH_CHECK(cudaEventRecord(start));
+      BENCH_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+      BENCH_CHECK(cudaEventRecord(stop));
+      BENCH_CHECK(cudaEventSynchronize(stop));
+      float t = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    BENCH_CHECK(cudaFree(a));
+    BENCH_CHECK(cudaFree(b));
+    return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3);
+  }();
+  return bw;
+}
+
+// Routing ids: uniform, or Zipf(s) over experts (k distinct per token).
+std::vector<std::int32_t> make_ids(int t, int k, int e, bool zipf, std::mt19937_64& rng) {
+  std::vector<double> cdf(static_cast<std::size_t>(e));
+  double acc = 0;
+  for (int i = 0; i < e; ++i) cdf[static_cast<std::size_t>(i)] = (acc += zipf ? 1.0 / std::pow(i + 1, 1.2) : 1.0);
+  std::uniform_real_distribution<double> u(0, acc);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(t) * static_cast<std::size_t>(k));
+  for (int tok = 0; tok < t; ++tok)
+    for (int j = 0; j < k; ++j) {
+      std::int32_t id;
+      do {
+        id = static_cast<std::int32_t>(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin());
+      } while (std::find(ids.begin() + tok * k, ids.begin() + tok * k + j, id) != ids.begin() + tok * k + j);
+      ids[static_cast<std::size_t>(tok * k + j)] = id;
+    }
+  return ids;
+}
+
+double max_over_mean(std::vector<std::int32_t> const& ids, int e) {
+  std::vector<int> c(static_cast<std::size_t>(e));
+  for (auto id : ids) ++c[static_cast<std::size_t>(id)];
+  return *std::max_element(c.begin(), c.end()) / (static_cast<double>(ids.size()) / e);
+}
+
+// Median microseconds per call of `body`, captured 20 times into one CUDA graph.
+template <class Body>
+double time_us(cudaStream_t s, Body&& body) {
+  constexpr int kCalls = 20;
+  body();  // warm-up, and any lazy initialisation outside the capture
+  BENCH_CHECK(cudaStreamSynchronize(s));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  BENCH_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < kCalls; ++i) body();
+  BENCH_CHECK(cudaStreamEndCapture(s, &graph));
+  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  for (int rep = 0; rep < 7; ++rep) {
+    BENCH_CHECK(cudaEventRecord(start, s));
+    BENCH_CHECK(cudaGraphLaunch(exec, s));
+    BENCH_CHECK(cudaEventRecord(stop, s));
+    BENCH_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  BENCH_CHECK(cudaGraphExecDestroy(exec));
+  BENCH_CHECK(cudaGraphDestroy(graph));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2] * 1e3 / kCalls;
+}
+
+// Everything one (shape, T, routing) case needs on the device.
+struct Case {
+  Shape shape;
+  int t;
+  bool zipf;
+  cudaStream_t s{};
+  std::int32_t* ids{};
+  float* weights{};
+  float* logits{};
+  float* bias{};
+  bfloat16 *x{}, *x_perm{}, *y{};
+  std::byte* ws{};
+  std::size_t ws_bytes{};
+  epx::Status* status{};
+  double skew{};
+
+  Case(Shape sh, int tokens, bool skewed) : shape(sh), t(tokens), zipf(skewed) {
+    std::mt19937_64 rng(2026);
+    BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    auto const host_ids = make_ids(t, shape.top_k, shape.num_experts, zipf, rng);
+    skew = max_over_mean(host_ids, shape.num_experts);
+    std::normal_distribution<float> n01;
+    std::vector<float> w(host_ids.size()), l(static_cast<std::size_t>(t) * shape.num_experts), b(shape.num_experts);
+    for (auto& v : w) v = std::abs(n01(rng));
+    for (auto& v : l) v = n01(rng);
+    for (auto& v : b) v = 0.1f * n01(rng);
+    std::vector<bfloat16> hx(static_cast<std::size_t>(t) * shape.hidden);
+    for (auto& v : hx) v = bfloat16(n01(rng));
+    ids = device_copy(host_ids);
+    weights = device_copy(w);
+    logits = device_copy(l);
+    bias = device_copy(b);
+    x = device_copy(hx);
+    std::size_t const slots = static_cast<std::size_t>(t) * shape.top_k;
+    x_perm = device_alloc<bfloat16>(slots * shape.hidden);
+    y = device_alloc<bfloat16>(static_cast<std::size_t>(t) * shape.hidden);
+    ws_bytes = epx::cuda_plan_workspace_bytes(t, shape.top_k, shape.num_experts);
+    ws = device_alloc<std::byte>(ws_bytes);
+    status = device_alloc<epx::Status>(1);
+    BENCH_CHECK(cudaMemset(status, 0, sizeof(epx::Status)));
+    BENCH_CHECK(cudaMemset(x_perm, 0x3c, slots * shape.hidden * sizeof(bfloat16)));
+  }
+  ~Case() {
+    for (void* p : std::initializer_list<void*>{ids, weights, logits, bias, x, x_perm, y, ws, status}) (void)cudaFree(p);
+    (void)cudaStreamDestroy(s);
+  }
+  epx::RoutingPlan plan() const {
+    return epx::make_plan(epx::StreamRef(s), epx::MatrixView<std::int32_t const>(ids, t, shape.top_k),
+                          shape.num_experts, {0, shape.num_experts}, epx::Workspace(ws, ws_bytes), status);
+  }
+  epx::RouterConfig router() const {
+    if (shape.deepseek)
+      return {.num_experts = shape.num_experts, .top_k = shape.top_k, .scoring = epx::Scoring::kSigmoidTopK,
+              .renormalize = true, .num_groups = 8, .topk_groups = 4, .routed_scaling_factor = 2.5f};
+    return {.num_experts = shape.num_experts, .top_k = shape.top_k, .renormalize = true};
+  }
+};
+
+void set_counters(benchmark::State& state, Case const& c, double us, double bytes, double baseline_us) {
+  state.counters["us"] = us;
+  state.counters["hbm_ratio"] = bytes > 0 ? bytes / (us * 1e-6) / copy_bandwidth() : 0.0;
+  if (baseline_us > 0) state.counters["speedup"] = baseline_us / us;
+  state.counters["max_over_mean"] = c.skew;
+  state.counters["copy_TBps"] = copy_bandwidth() / 1e12;
+}
+
+void bm_router(benchmark::State& state, Shape shape, int t) {
+  Case c(shape, t, false);
+  auto const cfg = c.router();
+  std::span<float const> bias = shape.deepseek ? std::span<float const>(c.bias, shape.num_experts) : std::span<float const>{};
+  double us = 0;
+  for (auto _ : state) {
+    us = time_us(c.s, [&] {
+      epx::route(epx::StreamRef(c.s), cfg, epx::MatrixView<float const>(c.logits, t, shape.num_experts), bias,
+                 epx::MatrixView<std::int32_t>(c.ids, t, shape.top_k), epx::MatrixView<float>(c.weights, t, shape.top_k));
+    });
+    state.SetIterationTime(us * 1e-6);
+  }
+  set_counters(state, c, us, 4.0 * t * shape.num_experts + 8.0 * t * shape.top_k, 0);
+}
+
+// Baseline permute: stable sort of the slot keys with thrust, then a gather of the rows.
+double baseline_permute_us(Case& c) {
+  std::size_t const slots = static_cast<std::size_t>(c.t) * c.shape.top_k;
+  auto* keys = device_alloc<std::int32_t>(slots);
+  auto* order = device_alloc<std::int32_t>(slots);
+  auto* rows = device_alloc<std::int32_t>(slots);
+  auto const policy = thrust::cuda::par_nosync.on(c.s);
+  double const us = time_us(c.s, [&] {
+    BENCH_CHECK(cudaMemcpyAsync(keys, c.ids, slots * sizeof(std::int32_t), cudaMemcpyDeviceToDevice, c.s));
+    thrust::sequence(policy, order, order + slots);
+    thrust::stable_sort_by_key(policy, keys, keys + slots, order);
+    // each row of the hidden vector, gathered as 16-byte words
+    int const words = c.shape.hidden * 2 / 16;
+    auto const* src = reinterpret_cast<uint4 const*>(c.x);
+    auto* dst = reinterpret_cast<uint4*>(c.x_perm);
+    int const k = c.shape.top_k;
+    thrust::for_each_n(policy, thrust::counting_iterator<std::size_t>(0), slots * words,
+                       [=] __device__(std::size_t i) { dst[i] = src[(order[i / words] / k) * words + i % words]; });
+  });
+  (void)rows;
+  for (void* p : {static_cast<void*>(keys), static_cast<void*>(order), static_cast<void*>(rows)}) (void)cudaFree(p);
+  return us;
+}
+
+void bm_plan_permute(benchmark::State& state, Shape shape, int t, bool zipf) {
+  Case c(shape, t, zipf);
+  double const base = baseline_permute_us(c);
+  double plan_us = 0, us = 0;
+  for (auto _ : state) {
+    plan_us = time_us(c.s, [&] { (void)c.plan(); });
+    us = time_us(c.s, [&] {
+      auto const p = c.plan();
+      epx::permute(epx::StreamRef(c.s), p, epx::MatrixView<bfloat16 const>(c.x, t, shape.hidden),
+                   epx::MatrixView<bfloat16>(c.x_perm, static_cast<std::int64_t>(t) * shape.top_k, shape.hidden));
+    });
+    state.SetIterationTime(us * 1e-6);
+  }
+  set_counters(state, c, us, (1.0 + shape.top_k) * t * shape.hidden * 2, base);
+  state.counters["plan_us"] = plan_us;
+}
+
+void bm_unpermute(benchmark::State& state, Shape shape, int t, bool zipf) {
+  Case c(shape, t, zipf);
+  auto const p = c.plan();
+  BENCH_CHECK(cudaStreamSynchronize(c.s));
+  // Baseline: scatter-add of weighted rows into fp32 (index_add style, atomics), then to bf16.
+  std::size_t const n = static_cast<std::size_t>(t) * shape.hidden;
+  float* acc = device_alloc<float>(n);
+  auto const policy = thrust::cuda::par_nosync.on(c.s);
+  int const h = shape.hidden, k = shape.top_k;
+  auto const* xp = c.x_perm;
+  auto const* rows = p.slot_rows.data();
+  auto const* w = c.weights;
+  auto* y = c.y;
+  double const base = time_us(c.s, [&] {
+    BENCH_CHECK(cudaMemsetAsync(acc, 0, n * sizeof(float), c.s));
+    thrust::for_each_n(policy, thrust::counting_iterator<std::size_t>(0), static_cast<std::size_t>(t) * k * h,
+                       [=] __device__(std::size_t i) {
+                         std::size_t const slot = i / h, col = i % h;
+                         int const row = rows[slot];
+                         if (row >= 0)
+                           atomicAdd(acc + (slot / k) * h + col, w[slot] * __uint_as_float(std::uint32_t{xp[std::size_t(row) * h + col].bits} << 16));
+                       });
+    thrust::for_each_n(policy, thrust::counting_iterator<std::size_t>(0), n, [=] __device__(std::size_t i) {
+      y[i] = epx::detail::device_from_float<bfloat16>(acc[i]);
+    });
+  });
+  double us = 0;
+  for (auto _ : state) {
+    us = time_us(c.s, [&] {
+      epx::unpermute(epx::StreamRef(c.s), p, epx::MatrixView<bfloat16 const>(c.x_perm, static_cast<std::int64_t>(t) * k, h),
+                     epx::MatrixView<float const>(c.weights, t, k), epx::MatrixView<bfloat16>(c.y, t, h));
+    });
+    state.SetIterationTime(us * 1e-6);
+  }
+  (void)cudaFree(acc);
+  set_counters(state, c, us, (k + 1.0) * t * h * 2 + 4.0 * t * k, base);
+}
+
+int register_all() {
+  for (auto const& shape : kShapes)
+    for (int t : kTokens) {
+      std::string const base = std::string(shape.name) + "/T=" + std::to_string(t);
+      benchmark::RegisterBenchmark(("router/" + base).c_str(), bm_router, shape, t)->UseManualTime()->Iterations(1);
+      for (bool zipf : {false, true}) {
+        std::string const suffix = base + (zipf ? "/zipf1.2" : "/uniform");
+        benchmark::RegisterBenchmark(("plan+permute/" + suffix).c_str(), bm_plan_permute, shape, t, zipf)
+            ->UseManualTime()->Iterations(1);
+        benchmark::RegisterBenchmark(("unpermute/" + suffix).c_str(), bm_unpermute, shape, t, zipf)
+            ->UseManualTime()->Iterations(1);
+      }
+    }
+  return 0;
+}
+int const registered = register_all();
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    (void)cudaGetLastError();
+    std::fprintf(stderr, "routing_bench needs a CUDA GPU; none is visible\n");
+    return 1;
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  try {
+    benchmark::RunSpecifiedBenchmarks();
+  } catch (epx::Error const& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+  benchmark::Shutdown();
+  return 0;
+}

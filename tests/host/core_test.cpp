@@ -187,3 +187,9 @@ TEST_CASE("Math::bit_width: bits of the largest key") {
   CHECK(ceil_div(7, 2) == 4);
   CHECK(align_up<std::size_t>(257, 256) == 512);
 }
+
+TEST_CASE("ExpertPlacement::from_counts: a total past int32 is refused") {
+  std::vector<std::int32_t> const huge{std::numeric_limits<std::int32_t>::max(), 1};
+  CHECK_THROWS_WITH_AS(ExpertPlacement::from_counts(huge), doctest::Contains("sum(experts_per_rank) = 2147483648, expected < 2^31"),
+                       Error);
+}

@@ -124,3 +124,8 @@ TEST_CASE("ExpertMlp::run: bad weights and workspace are named") {
                                   Workspace(ws.data(), ws.size())),
                        doctest::Contains("intermediate = 0, expected > 0"), Error);
 }
+
+TEST_CASE("ExpertMlp::run: widths whose gate/up rows overflow int32 are refused") {
+  ExpertMlpConfig const mlp{.hidden = 8, .intermediate = 1 << 30};
+  CHECK_THROWS_WITH_AS(detail::validate(mlp), doctest::Contains("intermediate = 1073741824, expected <= 2^29"), Error);
+}

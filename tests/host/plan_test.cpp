@@ -192,3 +192,13 @@ TEST_CASE("Stages::host: read-only inputs accept mutable views and a null bias")
   }
   CHECK(y[0] == doctest::Approx(want).epsilon(1e-5));
 }
+
+TEST_CASE("Plan::make_plan: an expert range whose end overflows int32 is refused") {
+  std::vector<std::int32_t> ids{0, 1};
+  std::vector<std::byte> ws(1 << 12);
+  Status st;
+  CHECK_THROWS_WITH_AS(make_plan(Host{}, MatrixView<std::int32_t const>(ids.data(), 1, 2), 8,
+                                 ExpertRange{4, std::numeric_limits<std::int32_t>::max()},
+                                 Workspace(ws.data(), ws.size()), st),
+                       doctest::Contains("experts = [4, 2147483651), expected a range inside [0, num_experts = 8)"), Error);
+}

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -49,6 +50,9 @@ class ExpertPlacement {
     for (std::size_t r = 0; r < experts_per_rank.size(); ++r) {
       detail::require(experts_per_rank[r] >= 0, Errc::kInvalidArgument, "ExpertPlacement::from_counts",
                       fmt::format("experts_per_rank[{}]", r), experts_per_rank[r], ">= 0");
+      detail::require(std::int64_t{p.first_.back()} + experts_per_rank[r] <= std::numeric_limits<std::int32_t>::max(),
+                      Errc::kInvalidArgument, "ExpertPlacement::from_counts", "sum(experts_per_rank)",
+                      std::int64_t{p.first_.back()} + experts_per_rank[r], "< 2^31");
       p.first_.push_back(p.first_.back() + experts_per_rank[r]);
     }
     detail::require(p.first_.back() > 0, Errc::kInvalidArgument, "ExpertPlacement::from_counts",

@@ -70,6 +70,9 @@ struct TypedExpertWeights {
 inline void validate(ExpertMlpConfig const& c, std::string_view where = "ExpertMlpConfig") {
   require(c.hidden > 0, Errc::kInvalidArgument, where, "hidden", c.hidden, "> 0");
   require(c.intermediate > 0, Errc::kInvalidArgument, where, "intermediate", c.intermediate, "> 0");
+  require(c.intermediate <= (1 << 29), Errc::kInvalidArgument, where, "intermediate", c.intermediate,
+          "<= 2^29 (2 * intermediate gate/up rows must fit in int32)");
+  require(c.hidden <= (1 << 29), Errc::kInvalidArgument, where, "hidden", c.hidden, "<= 2^29");
 }
 
 template <class T>

@@ -121,8 +121,7 @@ class ExpertParallel<Experts, Dispatch, Host> {
     static_assert(detail::router_logit<Logit>, "epx: router logits are float or epx::bfloat16");
     detail::check_matrix("forward", "router_logits", MatrixView<Logit const>(router_logits), x.rows,
                          config_.router.num_experts);
-    return run<T>(x, y, workspace, [&](auto const& parts, MatrixView<std::int32_t> ids, MatrixView<float> weights) {
-      (void)parts;
+    return run<T>(x, y, workspace, [&](MatrixView<std::int32_t> ids, MatrixView<float> weights) {
       std::span<float const> bias;
       if (config_.correction_bias != nullptr)
         bias = {config_.correction_bias, static_cast<std::size_t>(config_.router.num_experts)};
@@ -139,7 +138,7 @@ class ExpertParallel<Experts, Dispatch, Host> {
                  std::type_identity_t<MatrixView<T const>> x, MatrixView<T> y, Workspace workspace) {
     detail::check_matrix("forward", "topk_ids", topk_ids, x.rows, config_.router.top_k);
     detail::check_matrix("forward", "topk_weights", topk_weights, x.rows, config_.router.top_k);
-    return run<T>(x, y, workspace, [&](auto const&, MatrixView<std::int32_t> ids, MatrixView<float> weights) {
+    return run<T>(x, y, workspace, [&](MatrixView<std::int32_t> ids, MatrixView<float> weights) {
       for (std::int64_t t = 0; t < ids.rows; ++t) {
         std::copy_n(topk_ids.row(t), ids.cols, ids.row(t));
         std::copy_n(topk_weights.row(t), weights.cols, weights.row(t));
@@ -217,7 +216,7 @@ class ExpertParallel<Experts, Dispatch, Host> {
     return lo;
   }
 
-  // Shared by both forwards: `fill_routing(parts, ids, weights)` writes this rank's routing.
+  // Shared by both forwards: `fill_routing(ids, weights)` writes this rank's routing.
   template <class T, class FillRouting>
   Status run(MatrixView<T const> x, MatrixView<T> y, Workspace workspace, FillRouting&& fill_routing) {
     detail::require(config_.weights.dtype == dtype_of_v<T>, Errc::kInvalidArgument, "forward", "x's element type",
@@ -230,9 +229,9 @@ class ExpertParallel<Experts, Dispatch, Host> {
     auto const k = config_.router.top_k;
     MatrixView<std::int32_t> ids(parts.topk_ids.data(), fits ? num_tokens : 0, k);
     MatrixView<float> weights(parts.topk_weights.data(), fits ? num_tokens : 0, k);
-    if (fits) fill_routing(parts, ids, weights);
+    if (fits) fill_routing(ids, weights);
     Status status = kAllToAll ? all_to_all<T>(parts, fits, num_tokens, capacity, ids, weights, x, y)
-                              : all_gather<T>(parts, fits, num_tokens, capacity, ids, weights, x, y);
+                              : all_gather<T>(parts, num_tokens, capacity, ids, weights, x, y);
     if (status.invalid_ids > 0 && config_.on_invalid_ids == InvalidIds::kThrow)
       detail::throw_error(Errc::kInvalidExpertId,
                           fmt::format("forward: topk_ids held {} invalid expert id(s) (first: {}), expected -1 or an "
@@ -287,7 +286,8 @@ class ExpertParallel<Experts, Dispatch, Host> {
   }
 
   template <class T>
-  Status all_gather(Parts<T> const& parts, bool fits, std::int64_t num_tokens, std::int64_t capacity,
+  // Every rank's tokens are checked against every rank's capacity first, so no `fits` flag is needed.
+  Status all_gather(Parts<T> const& parts, std::int64_t num_tokens, std::int64_t capacity,
                     MatrixView<std::int32_t const> ids, MatrixView<float const> weights, MatrixView<T const> x,
                     MatrixView<T> y) {
     auto const hidden = config_.mlp.hidden;
@@ -306,7 +306,6 @@ class ExpertParallel<Experts, Dispatch, Host> {
                             fmt::format("forward: rank {}: num_tokens = {}, expected <= {} (the tokens its workspace "
                                         "holds; ask workspace_bytes(max_tokens))", q, tokens_q, capacity_q));
     }
-    (void)fits;  // the check above threw on every rank if some rank's tokens did not fit
     // 2. This rank's experts only.
     Status status;
     ExpertRange const local = local_experts();

@@ -4,12 +4,16 @@
 
 //! Umbrella for the CUDA backend (compile with nvcc, link epx::cuda). Everything of
 //! <epx/epx.hpp> plus the CUDA stage functions, which take a StreamRef as their execution context.
-//! Today: route, make_plan (CUB radix sort), permute, unpermute. Not yet run on a GPU; see README.
+//! Today: route, make_plan (CUB radix sort), permute, unpermute, grouped_gemm, expert_mlp (Grouped and
+//! CublasGrouped). Not yet run on a GPU; see README.
 
 #include <epx/epx.hpp>
 
+#include <epx/cuda/cublas_grouped.cuh>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/expert_mlp.cuh>
+#include <epx/cuda/grouped_gemm.cuh>
 #include <epx/cuda/permute.cuh>
 #include <epx/cuda/plan.cuh>
 #include <epx/cuda/router.cuh>

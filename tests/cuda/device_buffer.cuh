@@ -4,6 +4,7 @@
 
 // A test-only owner of device memory, filled from and read back into host vectors.
 
+#include <epx/core/stream.hpp>
 #include <epx/cuda/error.hpp>
 
 #include <cuda_runtime.h>
@@ -44,6 +45,17 @@ class DeviceBuffer {
  private:
   T* data_ = nullptr;
   std::size_t count_ = 0;
+};
+
+//! A test-only non-blocking CUDA stream.
+struct CudaStream {
+  cudaStream_t s = nullptr;
+  CudaStream() { EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  CudaStream(CudaStream const&) = delete;
+  CudaStream& operator=(CudaStream const&) = delete;
+  ~CudaStream() { (void)cudaStreamDestroy(s); }
+  [[nodiscard]] StreamRef ref() const { return StreamRef(s); }
+  void sync() const { EPX_CUDA_CHECK(cudaStreamSynchronize(s)); }
 };
 
 }  // namespace epx::test

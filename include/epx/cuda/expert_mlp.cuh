@@ -1,0 +1,145 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! The expert MLP on the GPU with epx's grouped GEMM (expert policy Grouped): two launches.
+//!   GEMM 1: x · gate_upᵀ (+ bias), activation fused in the epilogue -> a [rows, I] (stored as T)
+//!   GEMM 2: a · downᵀ (+ bias) (· row_scale)                          -> out [rows, H]
+//! The gate_up product never reaches memory in fp32 or in T: the epilogue activates it from the
+//! accumulators, as the Host reference does from its fp32 scratch (gemm/expert_mlp.hpp).
+
+#include <epx/core/space.hpp>
+#include <epx/core/workspace.hpp>
+#include <epx/cuda/grouped_gemm.cuh>
+#include <epx/gemm/expert_mlp.hpp>
+#include <epx/parallel/expert_parallel.hpp>
+
+#include <cstdint>
+#include <span>
+
+namespace epx {
+
+//! Options of expert_mlp(StreamRef, ...).
+struct ExpertMlpOptions {
+  //! [x.rows] device memory or nullptr: each output row is multiplied by it (the routing weight
+  //! of the permuted row, when the caller wants it applied here instead of in unpermute).
+  float const* row_scale = nullptr;
+  //! Rows the experts are expected to hold in total (picks the GEMM tiles); -1: x.rows.
+  std::int64_t rows_hint = -1;
+};
+
+namespace detail {
+
+template <class T, class Carver>
+std::span<T> carve_cuda_expert_mlp(Carver& carver, ExpertMlpConfig const& c, std::int64_t max_rows) {
+  return carver.template take<T>(static_cast<std::size_t>(max_rows) * static_cast<std::size_t>(c.intermediate));
+}
+
+}  // namespace detail
+
+//! Device workspace bytes of expert_mlp(StreamRef, ...) for up to `max_rows` rows (host arithmetic).
+template <float_element T>
+[[nodiscard]] std::size_t cuda_expert_mlp_workspace_bytes(ExpertMlpConfig const& config, std::int64_t max_rows) {
+  return detail::layout_bytes([&](auto& c) { return detail::carve_cuda_expert_mlp<T>(c, config, max_rows); });
+}
+
+//! @brief The expert MLP on the GPU over rows grouped by local expert (semantics of
+//! gemm/expert_mlp.hpp; the Host twin is its oracle).
+//! @param[in]  stream          the caller's stream; no sync, no allocation, capturable in a CUDA graph
+//! @param[in]  weights         device memory, K-major, dtype == T (bf16/fp16 need hidden and intermediate
+//!                             multiples of 8, 16-byte aligned weights)
+//! @param[in]  x               [rows, hidden] device memory
+//! @param[in]  expert_offsets  [num_local_experts + 1] **device** memory
+//! @param[out] out             [rows, hidden] device memory; rows outside the offsets' range untouched
+//! @param[in]  workspace       device memory, >= cuda_expert_mlp_workspace_bytes<T>(config, x.rows)
+template <float_element T>
+void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights const& weights,
+                std::type_identity_t<MatrixView<T const>> x, std::span<std::int32_t const> expert_offsets,
+                MatrixView<T> out, Workspace workspace, ExpertMlpOptions const& options = {}) {
+  constexpr std::string_view where = "expert_mlp";
+  detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
+                  "a CUDA stream (device memory in, device memory out)");
+  detail::validate(config, where);
+  auto const w = detail::typed_weights<T>(config, weights, where);
+  detail::check_matrix(where, "x", x, -1, config.hidden);
+  detail::check_matrix(where, "out", out, x.rows, config.hidden);
+  detail::require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1,
+                  Errc::kShapeMismatch, where, "expert_offsets.size()", expert_offsets.size(),
+                  fmt::format("num_local_experts + 1 = {}", weights.num_local_experts + 1));
+  detail::require(expert_offsets.data() != nullptr, Errc::kInvalidArgument, where, "expert_offsets.data()", "nullptr",
+                  "device memory holding num_local_experts + 1 offsets");
+  auto const activated = detail::carve_layout(
+      workspace, where, [&](auto& c) { return detail::carve_cuda_expert_mlp<T>(c, config, x.rows); });
+  detail::check_gemm_layout<T>(where, "config.hidden", config.hidden, x, w.gate_up.data, weights.num_local_experts);
+  MatrixView<T> const act(activated.data(), x.rows, config.intermediate);
+  detail::check_gemm_layout<T>(where, "config.intermediate", config.intermediate, MatrixView<T const>(act), w.down.data,
+                               weights.num_local_experts);
+  if (x.rows == 0 || weights.num_local_experts == 0) return;
+  auto* const s = reinterpret_cast<cudaStream_t>(stream.get());
+
+  // GEMM 1 + activation.
+  detail::GroupedGemmArgs<T, T> up;
+  up.a = x.data;
+  up.lda = x.ld;
+  up.num_rows = x.rows;
+  up.b = w.gate_up.data;
+  up.offsets = expert_offsets.data();
+  up.num_groups = weights.num_local_experts;
+  up.n = config.gate_up_rows();
+  up.k = config.hidden;
+  up.epilogue.c = act.data;
+  up.epilogue.ldc = act.ld;
+  up.epilogue.bias = w.gate_up_bias;
+  up.epilogue.n = up.n;
+  up.epilogue.concatenated = config.gate_up_layout == GateUpLayout::kConcatenated;
+  up.epilogue.activation = config.activation;
+  up.epilogue.clamped = config.clamped_swiglu;
+  if (is_gated(config.activation)) {
+    detail::run_grouped_gemm<T, T, true>(up, options.rows_hint, s, where);
+  } else {
+    up.epilogue.relu = true;
+    up.epilogue.paired_stores = detail::paired_stores_ok(act);
+    detail::run_grouped_gemm<T, T, false>(up, options.rows_hint, s, where);
+  }
+
+  // GEMM 2 (+ bias, row scale).
+  detail::GroupedGemmArgs<T, T> down;
+  down.a = act.data;
+  down.lda = act.ld;
+  down.num_rows = act.rows;
+  down.b = w.down.data;
+  down.offsets = expert_offsets.data();
+  down.num_groups = weights.num_local_experts;
+  down.n = config.hidden;
+  down.k = config.intermediate;
+  down.epilogue.c = out.data;
+  down.epilogue.ldc = out.ld;
+  down.epilogue.bias = w.down_bias;
+  down.epilogue.row_scale = options.row_scale;
+  down.epilogue.n = down.n;
+  down.epilogue.paired_stores = detail::paired_stores_ok(out);
+  detail::run_grouped_gemm<T, T, false>(down, options.rows_hint, s, where);
+}
+
+namespace detail {
+
+//! Grouped on Cuda: epx's grouped GEMM, no sync.
+struct CudaGroupedExperts {
+  template <class T>
+  [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
+    return cuda_expert_mlp_workspace_bytes<T>(mlp, max_rows);
+  }
+  template <class T>
+  void run(StreamRef stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+           std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint) {
+    expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
+  }
+};
+
+template <>
+struct ExpertKernelSelector<Grouped, Cuda> {
+  using type = CudaGroupedExperts;
+};
+
+}  // namespace detail
+}  // namespace epx

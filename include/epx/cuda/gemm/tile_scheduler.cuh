@@ -1,0 +1,98 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! The grouped GEMM's device-side tile scheduler. The groups' row ranges (the experts' segments of
+//! the permuted rows) exist only on the device, so the host cannot size the grid to the work: a
+//! persistent grid walks one linear list of output tiles, ordered (group, n-block, m-block) with
+//! the m-block fastest, so neighbouring CTAs share a weight slice [BN, K] through L2.
+//!
+//! Each CTA builds the list's prefix in shared memory from the offsets (one block scan over the
+//! groups), then maps its tile numbers to tiles with a monotone walk: O(groups) per CTA in total.
+
+#include <epx/core/math.hpp>
+
+#include <cub/block/block_scan.cuh>
+
+#include <cstdint>
+
+namespace epx::detail {
+
+//! Most groups one grouped-GEMM call takes (their tile prefix lives in shared memory: 8 bytes each).
+inline constexpr int kMaxGemmGroups = 4096;
+
+//! Rows [begin, end) of one group, clamped into [0, num_rows]: offsets that decrease or leave the
+//! buffer give empty or shortened groups, never an access outside A or C.
+struct GroupRows {
+  std::int64_t begin;
+  std::int64_t end;
+};
+
+__device__ __forceinline__ GroupRows group_rows(std::int32_t const* offsets, int group, std::int64_t num_rows) {
+  std::int64_t begin = offsets[group], end = offsets[group + 1];
+  begin = begin < 0 ? 0 : (begin > num_rows ? num_rows : begin);
+  end = end < begin ? begin : (end > num_rows ? num_rows : end);
+  return {begin, end};
+}
+
+//! One output tile: rows [row_begin, row_end) of `group` (at most BM of them), columns from n_begin.
+struct GemmTile {
+  int group;
+  std::int64_t row_begin;
+  std::int64_t row_end;
+  int n_begin;
+};
+
+template <int kThreads, int kBM, int kBN>
+class TileScheduler {
+ public:
+  //! `tile_start` is shared memory for num_groups + 1 entries. Every thread of the block must call
+  //! the constructor (it synchronises the block).
+  __device__ TileScheduler(long long* tile_start, std::int32_t const* offsets, int num_groups, std::int64_t num_rows,
+                           int n)
+      : tile_start_(tile_start), offsets_(offsets), num_groups_(num_groups), num_rows_(num_rows),
+        n_blocks_(ceil_div(n, kBN)) {
+    using Scan = cub::BlockScan<long long, kThreads>;
+    __shared__ typename Scan::TempStorage temp;
+    long long running = 0;
+    for (int base = 0; base < num_groups; base += kThreads) {
+      int const g = base + static_cast<int>(threadIdx.x);
+      long long tiles = 0;
+      if (g < num_groups) {
+        GroupRows const r = group_rows(offsets, g, num_rows);
+        tiles = ceil_div<long long>(r.end - r.begin, kBM) * n_blocks_;
+      }
+      long long prefix = 0, total = 0;
+      Scan(temp).ExclusiveSum(tiles, prefix, total);
+      if (g < num_groups) tile_start[g] = running + prefix;
+      running += total;
+      __syncthreads();  // the scan's temporary storage is reused by the next chunk
+    }
+    if (threadIdx.x == 0) tile_start[num_groups] = running;
+    __syncthreads();
+  }
+
+  [[nodiscard]] __device__ long long num_tiles() const { return tile_start_[num_groups_]; }
+
+  //! The tile numbered `t` (< num_tiles()); successive calls must pass non-decreasing t.
+  [[nodiscard]] __device__ GemmTile tile(long long t) {
+    while (tile_start_[group_ + 1] <= t) ++group_;
+    long long const local = t - tile_start_[group_];
+    long long const m_blocks = (tile_start_[group_ + 1] - tile_start_[group_]) / n_blocks_;
+    long long const m_block = local % m_blocks, n_block = local / m_blocks;
+    GroupRows const r = group_rows(offsets_, group_, num_rows_);
+    std::int64_t const row_begin = r.begin + m_block * kBM;
+    std::int64_t const row_end = row_begin + kBM < r.end ? row_begin + kBM : r.end;
+    return {group_, row_begin, row_end, static_cast<int>(n_block) * kBN};
+  }
+
+ private:
+  long long const* tile_start_;
+  std::int32_t const* offsets_;
+  int num_groups_;
+  std::int64_t num_rows_;
+  int n_blocks_;
+  int group_ = 0;
+};
+
+}  // namespace epx::detail

@@ -1,0 +1,194 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! grouped_gemm on the GPU (semantics of gemm/grouped_gemm.hpp), with the groups' row ranges in
+//! device memory: no host copy of the counts, no sync, capturable in a CUDA graph.
+//!
+//! bf16 and fp16 run on tensor cores (mma.sync, sm_80+; gemm/mma_sm80.cuh); fp32 runs on CUDA
+//! cores in k order (gemm/simt.cuh). The tile shape is picked from the expected rows per group:
+//! decode-like calls (few rows per expert) are bound by reading the weights and use 16-row tiles,
+//! so that each weight tile is read by one CTA; larger calls use 64- or 128-row tiles.
+
+#include <epx/core/math.hpp>
+#include <epx/core/stream.hpp>
+#include <epx/cuda/error.hpp>
+#include <epx/cuda/gemm/mma_sm80.cuh>
+#include <epx/cuda/gemm/simt.cuh>
+#include <epx/gemm/grouped_gemm.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <type_traits>
+
+namespace epx {
+
+//! Options of grouped_gemm(StreamRef, ...).
+struct GroupedGemmOptions {
+  //! [a.rows] device memory, or nullptr: row r of c is multiplied by row_scale[r] after the bias
+  //! (e.g. the routing weight of each permuted row, in the down projection).
+  float const* row_scale = nullptr;
+  //! The rows the groups are expected to hold in total (picks the tile shape); -1: a.rows.
+  std::int64_t rows_hint = -1;
+};
+
+namespace detail {
+
+//! The tile shapes of the tensor-core mainloop.
+enum class MmaTile : std::uint8_t { kDecode, kMedium, kLarge };
+
+//! Average rows per group decide: up to 16 rows one 16-row tile reads each weight tile once; up
+//! to 64, 64-row tiles; beyond, 128-row tiles. (Tuned on no GPU yet: see bench/NOTES.md.)
+inline MmaTile pick_mma_tile(std::int64_t rows, int groups) {
+  std::int64_t const per_group = groups > 0 ? ceil_div<std::int64_t>(rows, groups) : rows;
+  if (per_group <= 16) return MmaTile::kDecode;
+  if (per_group <= 64) return MmaTile::kMedium;
+  return MmaTile::kLarge;
+}
+
+//! The device's SM count and compute capability (cheap attribute reads, no sync).
+struct DeviceTraits {
+  int device = 0;
+  int sms = 0;
+  int major = 0;
+  int minor = 0;
+};
+
+inline DeviceTraits current_device_traits() {
+  DeviceTraits d;
+  EPX_CUDA_CHECK(cudaGetDevice(&d.device));
+  EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.device));
+  EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device));
+  EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, d.device));
+  return d;
+}
+
+//! Launches a persistent grid of `kernel`: as many CTAs as fit on the device at once, or fewer
+//! when the tiles (bounded on the host by rows / BM + groups per n-block) are fewer.
+template <class Kernel, class Args>
+void launch_persistent(Kernel kernel, Args const& args, int threads, std::size_t smem_bytes, long long max_tiles,
+                       cudaStream_t stream, std::string_view where) {
+  if (max_tiles <= 0) return;
+  DeviceTraits const dev = current_device_traits();
+  EPX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  int per_sm = 0;
+  EPX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
+  require(per_sm > 0, Errc::kUnsupported, where, "shared memory per CTA (bytes)", smem_bytes,
+          fmt::format("a size that fits on device {} (the tile shape or the number of groups is too large)",
+                      dev.device));
+  long long const grid = std::min<long long>(max_tiles, static_cast<long long>(dev.sms) * per_sm);
+  kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, stream>>>(args);
+  EPX_CUDA_CHECK_LAUNCH(grouped_gemm_kernel);
+}
+
+//! Runs one grouped GEMM with the epilogue in `args` (kGated: paired columns, see epilogue.cuh).
+template <class T, class TC, bool kGated>
+void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint, cudaStream_t stream,
+                      std::string_view where) {
+  if (args.num_groups == 0 || args.num_rows == 0 || args.n == 0) return;
+  std::size_t const prefix_bytes = (static_cast<std::size_t>(args.num_groups) + 1) * sizeof(long long);
+  auto max_tiles = [&](int bm, int bn) {
+    return (ceil_div<long long>(args.num_rows, bm) + args.num_groups) * ceil_div<long long>(args.n, bn);
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    using S = SimtTileShape;
+    launch_persistent(grouped_gemm_simt_kernel<TC, kGated>, args, S::kThreads, prefix_bytes, max_tiles(S::kBM, S::kBN),
+                      stream, where);
+  } else {
+    DeviceTraits const dev = current_device_traits();
+    require(dev.major >= 8, Errc::kUnsupported, where, "device compute capability",
+            fmt::format("{}.{}", dev.major, dev.minor), ">= 8.0 (bf16/fp16 tensor cores: mma.sync m16n8k16)");
+    auto launch = [&]<class Shape>(Shape*) {
+      launch_persistent(grouped_gemm_mma_kernel<Shape, T, TC, kGated>, args, Shape::kThreads,
+                        Shape::kSmemBytes + prefix_bytes, max_tiles(Shape::kBM, Shape::kBN), stream, where);
+    };
+    switch (pick_mma_tile(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups)) {
+      case MmaTile::kDecode: launch(static_cast<MmaDecodeTile*>(nullptr)); break;
+      case MmaTile::kMedium: launch(static_cast<MmaMediumTile*>(nullptr)); break;
+      case MmaTile::kLarge: launch(static_cast<MmaLargeTile*>(nullptr)); break;
+    }
+  }
+}
+
+inline bool aligned_to(void const* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+//! The layout requirements of the mainloops, checked at the call: K-rows of 16 bytes for the
+//! tensor-core copies, and aligned bases.
+template <class T>
+void check_gemm_layout(std::string_view where, std::string_view k_name, std::int64_t k, MatrixView<T const> a,
+                       void const* b, int num_groups) {
+  require(num_groups <= kMaxGemmGroups, Errc::kUnsupported, where, "number of groups", num_groups,
+          fmt::format("<= {}", kMaxGemmGroups));
+  require(k <= std::numeric_limits<int>::max(), Errc::kUnsupported, where, k_name, k, "< 2^31");
+  if constexpr (!std::is_same_v<T, float>) {
+    constexpr std::int64_t kChunk = 16 / static_cast<std::int64_t>(sizeof(T));
+    require(k % kChunk == 0, Errc::kInvalidArgument, where, k_name, k,
+            fmt::format("a multiple of {} (rows of 16-byte chunks for the tensor-core kernel)", kChunk));
+    require(a.rows == 0 || (aligned_to(a.data, 16) && a.ld % kChunk == 0), Errc::kInvalidArgument, where,
+            "a (data, ld)", fmt::format("({}, {})", static_cast<void const*>(a.data), a.ld),
+            fmt::format("16-byte aligned data and ld a multiple of {}", kChunk));
+    require(b == nullptr || aligned_to(b, 16), Errc::kInvalidArgument, where, "b.data", b, "16-byte aligned");
+  }
+}
+
+template <class TC>
+bool paired_stores_ok(MatrixView<TC> c) {
+  return aligned_to(c.data, 2 * sizeof(TC)) && c.ld % 2 == 0;
+}
+
+}  // namespace detail
+
+//! @brief grouped_gemm on the GPU: c[r, :] = (a[r, :] · b[g]ᵀ + bias[g]) · row_scale[r] for the rows r of
+//! group g, fp32 accumulation, one rounding to TC.
+//! @param[in]  stream   the caller's stream; nothing syncs
+//! @param[in]  a        [M, K] device memory; bf16/fp16 need K % 8 == 0, 16-byte aligned data and ld % 8 == 0
+//! @param[in]  b        [G, N, K] device memory, K-major, 16-byte aligned (bf16/fp16)
+//! @param[in]  bias     [G, N] device memory or nullptr
+//! @param[in]  offsets  [G + 1] **device** memory: the row ranges of the groups. Values are expected
+//!                      non-decreasing in [0, M]; others are clamped (never read out of bounds)
+//! @param[out] c        [M, N] device memory; rows outside [offsets[0], offsets[G]) are left untouched
+//! @throws Error on bad shapes or layouts (before any work), Errc::kUnsupported on devices below sm_80 (bf16/fp16)
+template <class TA, class TB, float_element TC>
+  requires float_element<TA> && float_element<TB>
+void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b_in,
+                  std::type_identity_t<std::remove_const_t<TB> const*> bias, std::span<std::int32_t const> offsets,
+                  MatrixView<TC> c, GroupedGemmOptions const& options = {}) {
+  using T = std::remove_const_t<TA>;
+  static_assert(std::is_same_v<T, std::remove_const_t<TB>>,
+                "epx: grouped_gemm on CUDA needs a and b of one element type (bf16, fp16 or fp32)");
+  constexpr std::string_view where = "grouped_gemm";
+  MatrixView<T const> const a(a_in);
+  BatchedMatrixView<T const> const b{b_in.data, b_in.batch, b_in.rows, b_in.cols};
+  detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
+                  "a CUDA stream (device memory in, device memory out)");
+  detail::check_grouped_gemm_args(a, b, bias, offsets, c);
+  detail::require(b.rows <= std::numeric_limits<int>::max(), Errc::kUnsupported, where, "b.rows (n)", b.rows,
+                  "< 2^31");
+  detail::require(offsets.data() != nullptr || offsets.empty(), Errc::kInvalidArgument, where, "offsets.data()",
+                  "nullptr", "device memory holding G + 1 offsets");
+  detail::check_gemm_layout<T>(where, "a.cols (k)", a.cols, a, b.data, static_cast<int>(b.batch));
+  detail::GroupedGemmArgs<T, TC> args;
+  args.a = a.data;
+  args.lda = a.ld;
+  args.num_rows = a.rows;
+  args.b = b.data;
+  args.offsets = offsets.data();
+  args.num_groups = static_cast<int>(b.batch);
+  args.n = static_cast<int>(b.rows);
+  args.k = static_cast<int>(a.cols);
+  args.epilogue.c = c.data;
+  args.epilogue.ldc = c.ld;
+  args.epilogue.bias = bias;
+  args.epilogue.row_scale = options.row_scale;
+  args.epilogue.n = args.n;
+  args.epilogue.paired_stores = detail::paired_stores_ok(c);
+  detail::run_grouped_gemm<T, TC, false>(args, options.rows_hint, reinterpret_cast<cudaStream_t>(stream.get()), where);
+}
+
+}  // namespace epx

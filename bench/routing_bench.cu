@@ -11,6 +11,8 @@
 //   max_over_mean  tokens of the busiest expert / mean tokens per expert (routing skew)
 // Output: --benchmark_format=json > bench/results/routing-h100.json (see bench/README.md).
 
+#include "bench_common.cuh"
+
 #include <epx/cuda.cuh>
 
 #include <benchmark/benchmark.h>
@@ -28,116 +30,8 @@
 
 namespace {
 
+using namespace epx::bench;
 using epx::bfloat16;
-
-struct Shape {
-  char const* name;
-  int hidden, num_experts, top_k;
-  bool deepseek;  // sigmoid + bias, 8 groups, top-4 groups
-};
-constexpr Shape kShapes[] = {{"qwen3-30b-a3b", 2048, 128, 8, false},
-                             {"mixtral-8x7b", 4096, 8, 2, false},
-                             {"gpt-oss-120b", 2880, 128, 4, false},
-                             {"deepseek-v3", 7168, 256, 8, true}};
-constexpr int kTokens[] = {128, 4096, 16384};
-
-#define BENCH_CHECK(call) EPX_CUDA_CHECK(call)
-
-template <class T>
-T* device_alloc(std::size_t n) {
-  T* p = nullptr;
-  BENCH_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
-  return p;
-}
-
-template <class T>
-T* device_copy(std::vector<T> const& v) {
-  T* p = device_alloc<T>(v.size());
-  BENCH_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-
-// Device-to-device copy bandwidth (read + write), bytes per second, measured once.
-double copy_bandwidth() {
-  static double const bw = [] {
-    std::size_t const bytes = std::size_t{1} << 30;
-    void *a = device_alloc<std::byte>(bytes), *b = device_alloc<std::byte>(bytes);
-    cudaEvent_t start, stop;
-    BENCH_CHECK(cudaEventCreate(&start));
-    BENCH_CHECK(cudaEventCreate(&stop));
-    BENCH_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-    std::vector<float> ms;
-    for (int i = 0; i < 10; ++i) {
-      BENCH_CHECK(cudaEventRecord(start));
-      BENCH_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-      BENCH_CHECK(cudaEventRecord(stop));
-      BENCH_CHECK(cudaEventSynchronize(stop));
-      float t = 0;
-      BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    BENCH_CHECK(cudaFree(a));
-    BENCH_CHECK(cudaFree(b));
-    return 2.0 * bytes / (ms[ms.size() / 2] * 1e-3);
-  }();
-  return bw;
-}
-
-// Routing ids: uniform, or Zipf(s) over experts (k distinct per token).
-std::vector<std::int32_t> make_ids(int t, int k, int e, bool zipf, std::mt19937_64& rng) {
-  std::vector<double> cdf(static_cast<std::size_t>(e));
-  double acc = 0;
-  for (int i = 0; i < e; ++i) cdf[static_cast<std::size_t>(i)] = (acc += zipf ? 1.0 / std::pow(i + 1, 1.2) : 1.0);
-  std::uniform_real_distribution<double> u(0, acc);
-  std::vector<std::int32_t> ids(static_cast<std::size_t>(t) * static_cast<std::size_t>(k));
-  for (int tok = 0; tok < t; ++tok)
-    for (int j = 0; j < k; ++j) {
-      std::int32_t id;
-      do {
-        id = static_cast<std::int32_t>(std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin());
-      } while (std::find(ids.begin() + tok * k, ids.begin() + tok * k + j, id) != ids.begin() + tok * k + j);
-      ids[static_cast<std::size_t>(tok * k + j)] = id;
-    }
-  return ids;
-}
-
-double max_over_mean(std::vector<std::int32_t> const& ids, int e) {
-  std::vector<int> c(static_cast<std::size_t>(e));
-  for (auto id : ids) ++c[static_cast<std::size_t>(id)];
-  return *std::max_element(c.begin(), c.end()) / (static_cast<double>(ids.size()) / e);
-}
-
-// Median microseconds per call of `body`, captured 20 times into one CUDA graph.
-template <class Body>
-double time_us(cudaStream_t s, Body&& body) {
-  constexpr int kCalls = 20;
-  body();  // warm-up, and any lazy initialisation outside the capture
-  BENCH_CHECK(cudaStreamSynchronize(s));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  BENCH_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < kCalls; ++i) body();
-  BENCH_CHECK(cudaStreamEndCapture(s, &graph));
-  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  std::vector<float> ms;
-  for (int rep = 0; rep < 7; ++rep) {
-    BENCH_CHECK(cudaEventRecord(start, s));
-    BENCH_CHECK(cudaGraphLaunch(exec, s));
-    BENCH_CHECK(cudaEventRecord(stop, s));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  BENCH_CHECK(cudaGraphExecDestroy(exec));
-  BENCH_CHECK(cudaGraphDestroy(graph));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2] * 1e3 / kCalls;
-}
 
 // Everything one (shape, T, routing) case needs on the device.
 struct Case {

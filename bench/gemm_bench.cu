@@ -1,0 +1,308 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+//
+// The expert GEMMs on the four model shapes x T in {128, 4096, 16384}, uniform and Zipf(1.2)
+// routing, all experts on one GPU (ep = 1), bf16. Rows per expert come from real routing ids.
+//   gemm1       gate_up with the SwiGLU epilogue fused: [rows, H] -> [rows, I]   (epx Grouped)
+//   gemm2       down: [rows, I] -> [rows, H]                                    (epx Grouped)
+//   expert_mlp  both, through expert_mlp(StreamRef, ...) (Grouped) and CublasGrouped
+// Counters (../shared/PERFORMANCE.md):
+//   us, tflops      median time per call (CUDA-graph replays; CublasGrouped eagerly: it syncs)
+//   tc_ratio        dense cuBLAS time / epx time for the same FLOPs ([rows, N, K] in one cublasGemmEx,
+//                   random data, measured in this process): the fraction of the dense rate reached
+//   hbm_ratio       (weights of the experts that have rows + activations in and out) / time / copy bandwidth
+//   vs_cublas_grouped  cublasGemmGroupedBatchedEx time / epx time (gemm1: without activation, so the
+//                      baseline does less work; expert_mlp: the CublasGrouped policy, its sync included)
+//   vs_cublas_loop  a loop of cublasGemmEx, one per expert with rows / epx time
+// Output: --benchmark_format=json > bench/results/gemm-h100.json (see bench/README.md).
+
+#include "bench_common.cuh"
+
+#include <epx/cuda.cuh>
+
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+
+#include <cstdio>
+#include <map>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace epx::bench;
+using epx::bfloat16;
+
+// Uniform in [-scale, scale) from a hash of the index: random data without a host copy of the
+// 22 GB of DeepSeek-V3's experts.
+__global__ void fill_random_kernel(bfloat16* p, std::size_t n, std::uint64_t seed, float scale) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x) {
+    std::uint64_t z = seed + i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    float const u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+    p[i] = epx::detail::device_from_float<bfloat16>((2.0f * u - 1.0f) * scale);
+  }
+}
+
+bfloat16* random_device(std::size_t n, std::uint64_t seed, float scale) {
+  auto* p = device_alloc<bfloat16>(n);
+  fill_random_kernel<<<1024, 256>>>(p, n, seed, scale);
+  BENCH_CHECK(cudaGetLastError());
+  BENCH_CHECK(cudaDeviceSynchronize());
+  return p;
+}
+
+// Every expert's weights of one shape, allocated once per process (DeepSeek-V3: 22 GB).
+struct ExpertWeightsOnDevice {
+  bfloat16* gate_up;  // [E, 2I, H]
+  bfloat16* down;     // [E, H, I]
+};
+
+ExpertWeightsOnDevice const& weights_of(Shape const& shape) {
+  static std::map<std::string, ExpertWeightsOnDevice> cache;
+  auto it = cache.find(shape.name);
+  if (it == cache.end()) {
+    std::size_t const e = shape.num_experts, h = shape.hidden, i = shape.intermediate;
+    it = cache.emplace(shape.name, ExpertWeightsOnDevice{random_device(e * 2 * i * h, 11, 1.0f / std::sqrt(float(h))),
+                                                          random_device(e * h * i, 12, 1.0f / std::sqrt(float(i)))})
+             .first;
+  }
+  return it->second;
+}
+
+#define BENCH_CUBLAS(call) EPX_CUBLAS_CHECK(call)
+
+// Rows per expert from real routing, and the buffers of one (shape, T, routing) case.
+struct GemmCase {
+  Shape shape;
+  int t;
+  cudaStream_t s{};
+  cublasHandle_t blas{};
+  std::vector<std::int32_t> offsets;  // [E + 1], host copy (baselines only: epx reads the device copy)
+  std::int32_t* d_offsets{};
+  std::int64_t rows{};
+  int touched{};  // experts with at least one row
+  double skew{};
+  bfloat16 *x{}, *act{}, *h{}, *out{};
+  std::byte* ws{};
+  std::size_t ws_bytes{};
+  ExpertWeightsOnDevice w;
+
+  GemmCase(Shape sh, int tokens, bool zipf) : shape(sh), t(tokens), w(weights_of(sh)) {
+    std::mt19937_64 rng(2026);
+    auto const ids = make_ids(t, shape.top_k, shape.num_experts, zipf, rng);
+    skew = max_over_mean(ids, shape.num_experts);
+    std::vector<std::int32_t> counts(static_cast<std::size_t>(shape.num_experts));
+    for (auto id : ids) ++counts[static_cast<std::size_t>(id)];
+    offsets.assign(counts.size() + 1, 0);
+    std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1);
+    rows = offsets.back();
+    touched = static_cast<int>(std::count_if(counts.begin(), counts.end(), [](int c) { return c > 0; }));
+    d_offsets = device_copy(offsets);
+    std::size_t const r = static_cast<std::size_t>(rows), hh = shape.hidden, ii = shape.intermediate;
+    x = random_device(r * hh, 21, 1.0f);
+    act = random_device(r * ii, 22, 1.0f);
+    h = device_alloc<bfloat16>(r * 2 * ii);
+    out = device_alloc<bfloat16>(r * hh);
+    ws_bytes = epx::cuda_expert_mlp_workspace_bytes<bfloat16>(mlp(), rows);
+    ws = device_alloc<std::byte>(ws_bytes);
+    BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    BENCH_CUBLAS(cublasCreate(&blas));
+    BENCH_CUBLAS(cublasSetStream(blas, s));
+  }
+  ~GemmCase() {
+    for (void* p : std::initializer_list<void*>{d_offsets, x, act, h, out, ws}) (void)cudaFree(p);
+    (void)cublasDestroy(blas);
+    (void)cudaStreamDestroy(s);
+  }
+  [[nodiscard]] epx::ExpertMlpConfig mlp() const { return {.hidden = shape.hidden, .intermediate = shape.intermediate}; }
+  [[nodiscard]] epx::ExpertWeights weights() const {
+    return epx::expert_weights<bfloat16>(shape.num_experts, w.gate_up, w.down);
+  }
+  [[nodiscard]] std::span<std::int32_t const> device_offsets() const {
+    return {d_offsets, offsets.size()};
+  }
+
+  // c[rows, n] = a[rows, k] · b[n, k]ᵀ as one dense cuBLAS call (column-major: cᵀ = b · aᵀ).
+  void dense(bfloat16 const* a, bfloat16 const* b, bfloat16* c, int n, int k, int m) const {
+    float const one = 1.0f, zero = 0.0f;
+    BENCH_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_16BF, k, a, CUDA_R_16BF, k,
+                              &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  // One cublasGemmEx per expert with rows.
+  void loop(bfloat16 const* a, bfloat16 const* b, bfloat16* c, int n, int k) const {
+    for (int e = 0; e < shape.num_experts; ++e) {
+      int const m = offsets[e + 1] - offsets[e];
+      if (m > 0) dense(a + std::int64_t{offsets[e]} * k, b + std::int64_t{e} * n * k, c + std::int64_t{offsets[e]} * n, n, k, m);
+    }
+  }
+  // cublasGemmGroupedBatchedEx over the experts with rows; pointer arrays built once (capturable).
+  struct Grouped {
+    std::vector<int> m, n, k, lda, ldb, ldc, size;
+    std::vector<float> alpha, beta;
+    std::vector<cublasOperation_t> ta, tb;
+    void const** ptrs{};
+    int groups{};
+  };
+  Grouped grouped(bfloat16 const* a, bfloat16 const* b, bfloat16* c, int n, int k) const {
+    Grouped g;
+    std::vector<void const*> pa, pb, pc;
+    for (int e = 0; e < shape.num_experts; ++e) {
+      int const m = offsets[e + 1] - offsets[e];
+      if (m == 0) continue;
+      pa.push_back(b + std::int64_t{e} * n * k);
+      pb.push_back(a + std::int64_t{offsets[e]} * k);
+      pc.push_back(c + std::int64_t{offsets[e]} * n);
+      g.m.push_back(n), g.n.push_back(m), g.k.push_back(k), g.lda.push_back(k), g.ldb.push_back(k), g.ldc.push_back(n);
+      g.size.push_back(1), g.alpha.push_back(1.0f), g.beta.push_back(0.0f);
+      g.ta.push_back(CUBLAS_OP_T), g.tb.push_back(CUBLAS_OP_N);
+    }
+    g.groups = static_cast<int>(pa.size());
+    pa.insert(pa.end(), pb.begin(), pb.end());
+    pa.insert(pa.end(), pc.begin(), pc.end());
+    g.ptrs = device_copy(pa);
+    return g;
+  }
+  void run(Grouped const& g) const {
+    BENCH_CUBLAS(cublasGemmGroupedBatchedEx(blas, g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(),
+                                            g.alpha.data(), g.ptrs, CUDA_R_16BF, g.lda.data(), g.ptrs + g.groups,
+                                            CUDA_R_16BF, g.ldb.data(), g.beta.data(),
+                                            const_cast<void* const*>(g.ptrs + 2 * g.groups), CUDA_R_16BF,
+                                            g.ldc.data(), g.groups, g.size.data(), CUBLAS_COMPUTE_32F));
+  }
+};
+
+void set_counters(benchmark::State& state, GemmCase const& c, double us, double flops, double bytes, double dense_us,
+                  double grouped_us, double loop_us) {
+  state.counters["us"] = us;
+  state.counters["tflops"] = flops / (us * 1e-6) / 1e12;
+  state.counters["tc_ratio"] = dense_us / us;
+  state.counters["dense_tflops"] = flops / (dense_us * 1e-6) / 1e12;
+  state.counters["hbm_ratio"] = bytes / (us * 1e-6) / copy_bandwidth();
+  state.counters["vs_cublas_grouped"] = grouped_us / us;
+  if (loop_us > 0) state.counters["vs_cublas_loop"] = loop_us / us;
+  state.counters["rows"] = static_cast<double>(c.rows);
+  state.counters["max_over_mean"] = c.skew;
+}
+
+void bm_gemm1(benchmark::State& state, Shape shape, int t, bool zipf) {
+  GemmCase c(shape, t, zipf);
+  int const n = 2 * shape.intermediate, k = shape.hidden;
+  auto const m = static_cast<int>(c.rows);
+  epx::detail::GroupedGemmArgs<bfloat16, bfloat16> args;
+  args.a = c.x;
+  args.lda = k;
+  args.num_rows = c.rows;
+  args.b = c.w.gate_up;
+  args.offsets = c.d_offsets;
+  args.num_groups = shape.num_experts;
+  args.n = n;
+  args.k = k;
+  args.epilogue.c = c.act;
+  args.epilogue.ldc = shape.intermediate;
+  args.epilogue.n = n;
+  args.epilogue.concatenated = true;
+  auto const g = c.grouped(c.x, c.w.gate_up, c.h, n, k);
+  double const dense_us = time_us(c.s, [&] { c.dense(c.x, c.w.gate_up, c.h, n, k, m); });
+  double const grouped_us = time_us(c.s, [&] { c.run(g); });
+  double const loop_us = time_us(c.s, [&] { c.loop(c.x, c.w.gate_up, c.h, n, k); });
+  double us = 0;
+  for (auto _ : state) {
+    us = time_us(c.s, [&] { epx::detail::run_grouped_gemm<bfloat16, bfloat16, true>(args, c.rows, c.s, "gemm1"); });
+    state.SetIterationTime(us * 1e-6);
+  }
+  (void)cudaFree(g.ptrs);
+  double const bytes = 2.0 * (double(c.touched) * n * k + double(m) * k + double(m) * shape.intermediate);
+  set_counters(state, c, us, 2.0 * m * n * k, bytes, dense_us, grouped_us, loop_us);
+}
+
+void bm_gemm2(benchmark::State& state, Shape shape, int t, bool zipf) {
+  GemmCase c(shape, t, zipf);
+  int const n = shape.hidden, k = shape.intermediate;
+  auto const m = static_cast<int>(c.rows);
+  auto const g = c.grouped(c.act, c.w.down, c.out, n, k);
+  double const dense_us = time_us(c.s, [&] { c.dense(c.act, c.w.down, c.out, n, k, m); });
+  double const grouped_us = time_us(c.s, [&] { c.run(g); });
+  double const loop_us = time_us(c.s, [&] { c.loop(c.act, c.w.down, c.out, n, k); });
+  double us = 0;
+  for (auto _ : state) {
+    us = time_us(c.s, [&] {
+      epx::grouped_gemm(epx::StreamRef(c.s), epx::MatrixView<bfloat16 const>(c.act, c.rows, k),
+                        epx::BatchedMatrixView<bfloat16 const>{c.w.down, shape.num_experts, n, k}, nullptr,
+                        c.device_offsets(), epx::MatrixView<bfloat16>(c.out, c.rows, n));
+    });
+    state.SetIterationTime(us * 1e-6);
+  }
+  (void)cudaFree(g.ptrs);
+  double const bytes = 2.0 * (double(c.touched) * n * k + double(m) * k + double(m) * n);
+  set_counters(state, c, us, 2.0 * m * n * k, bytes, dense_us, grouped_us, loop_us);
+}
+
+void bm_expert_mlp(benchmark::State& state, Shape shape, int t, bool zipf) {
+  GemmCase c(shape, t, zipf);
+  int const h = shape.hidden, i = shape.intermediate;
+  auto const m = static_cast<int>(c.rows);
+  double const dense_us = time_us(c.s, [&] {
+    c.dense(c.x, c.w.gate_up, c.h, 2 * i, h, m);
+    c.dense(c.act, c.w.down, c.out, h, i, m);
+  });
+  epx::detail::CudaCublasGroupedExperts cublas_experts;
+  epx::Workspace const ws(c.ws, c.ws_bytes);
+  std::size_t const cublas_ws_bytes = cublas_experts.workspace_bytes<bfloat16>(c.mlp(), c.rows);
+  auto* cublas_ws = device_alloc<std::byte>(cublas_ws_bytes);
+  double const cublas_us = time_eager_us(c.s, [&] {
+    cublas_experts.run<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(), epx::MatrixView<bfloat16 const>(c.x, c.rows, h),
+                                 c.device_offsets(), epx::MatrixView<bfloat16>(c.out, c.rows, h),
+                                 epx::Workspace(cublas_ws, cublas_ws_bytes), c.rows);
+  });
+  double us = 0;
+  for (auto _ : state) {
+    us = time_us(c.s, [&] {
+      epx::expert_mlp<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(), epx::MatrixView<bfloat16 const>(c.x, c.rows, h),
+                                c.device_offsets(), epx::MatrixView<bfloat16>(c.out, c.rows, h), ws);
+    });
+    state.SetIterationTime(us * 1e-6);
+  }
+  (void)cudaFree(cublas_ws);
+  double const flops = 2.0 * m * (2.0 * i) * h + 2.0 * m * h * i;
+  double const bytes = 2.0 * (double(c.touched) * 3.0 * i * h + 2.0 * double(m) * h + 2.0 * double(m) * i);
+  set_counters(state, c, us, flops, bytes, dense_us, cublas_us, 0);
+}
+
+int register_all() {
+  for (auto const& shape : kShapes)
+    for (int t : kTokens)
+      for (bool zipf : {false, true}) {
+        std::string const name = std::string(shape.name) + "/T=" + std::to_string(t) + (zipf ? "/zipf1.2" : "/uniform");
+        benchmark::RegisterBenchmark(("gemm1/" + name).c_str(), bm_gemm1, shape, t, zipf)->UseManualTime()->Iterations(1);
+        benchmark::RegisterBenchmark(("gemm2/" + name).c_str(), bm_gemm2, shape, t, zipf)->UseManualTime()->Iterations(1);
+        benchmark::RegisterBenchmark(("expert_mlp/" + name).c_str(), bm_expert_mlp, shape, t, zipf)
+            ->UseManualTime()->Iterations(1);
+      }
+  return 0;
+}
+int const registered = register_all();
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    (void)cudaGetLastError();
+    std::fprintf(stderr, "gemm_bench needs a CUDA GPU; none is visible\n");
+    return 1;
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  try {
+    benchmark::RunSpecifiedBenchmarks();
+  } catch (epx::Error const& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+  benchmark::Shutdown();
+  return 0;
+}

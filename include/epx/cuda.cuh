@@ -14,6 +14,7 @@
 #include <epx/cuda/error.hpp>
 #include <epx/cuda/expert_mlp.cuh>
 #include <epx/cuda/grouped_gemm.cuh>
+#include <epx/cuda/local_group.cuh>
 #include <epx/cuda/permute.cuh>
 #include <epx/cuda/plan.cuh>
 #include <epx/cuda/router.cuh>

@@ -30,9 +30,12 @@ class DeviceBuffer {
     if (data_ != nullptr && cudaFree(data_) != cudaSuccess) std::fprintf(stderr, "epx test: cudaFree failed\n");
   }
 
-  //! Fills every byte with `byte` (a poison pattern, so unwritten outputs are caught).
+  //! Fills every byte with `byte` (a poison pattern, so unwritten outputs are caught). Waits for
+  //! the fill: cudaMemset may return early, and the tests' non-blocking streams do not wait for it.
   void poison(int byte) {
-    if (count_ > 0) EPX_CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
+    if (count_ == 0) return;
+    EPX_CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
   }
   [[nodiscard]] std::vector<T> to_host() const {
     std::vector<T> out(count_);

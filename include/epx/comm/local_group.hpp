@@ -12,7 +12,9 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -45,9 +47,11 @@ struct CollectivePost {
   DType dtype = DType::kF32;                            // all_reduce_sum
 };
 
-//! The state the ranks of a LocalGroup share: a generation-counted barrier with a deadline, the
-//! posts of the current collective, and the failure that aborted the group, if any.
+//! The state the ranks of a LocalGroup (host memory) or CudaLocalGroup (device memory) share: a
+//! generation-counted barrier with a deadline, the posts of the current collective, and the
+//! failure that aborted the group, if any.
 struct LocalGroupState {
+  std::string_view name = "LocalGroup";  // the group's class, first word of its messages
   int num_ranks = 0;
   std::chrono::milliseconds timeout{};
   std::mutex mutex;
@@ -73,7 +77,7 @@ struct LocalGroupState {
   }
 
   [[noreturn]] void throw_failure_locked(int rank) const {
-    throw_error(failure_code, fmt::format("LocalGroup: rank {} stopped: the group was aborted: {}", rank, failure));
+    throw_error(failure_code, fmt::format("{}: rank {} stopped: the group was aborted: {}", name, rank, failure));
   }
 
   //! Aborts the group with `message` and throws it as this rank's error. The other ranks see
@@ -84,6 +88,24 @@ struct LocalGroupState {
       fail_locked(rank, code == Errc::kCollectiveMismatch ? code : Errc::kPeerFailed, message);
     }
     throw_error(code, message);
+  }
+
+  //! Aborts the group on behalf of `rank`: every rank waiting in or later calling a collective
+  //! throws Errc::kPeerFailed with `reason`.
+  void abort(int rank, std::string_view reason) noexcept {
+    try {
+      std::unique_lock lock(mutex);
+      fail_locked(rank, Errc::kPeerFailed, fmt::format("rank {} failed: {}", rank, reason));
+    } catch (...) {  // formatting failed (out of memory): mark the group failed all the same
+      std::unique_lock lock(mutex);
+      failed = true;
+      cv.notify_all();
+    }
+  }
+
+  [[nodiscard]] bool aborted() {
+    std::unique_lock lock(mutex);
+    return failed;
   }
 
   //! Posts this rank's part (unless `post` is null) and waits until every rank has arrived.
@@ -107,8 +129,8 @@ struct LocalGroupState {
         for (int q = 0; q < num_ranks; ++q)
           if (!arrived[static_cast<std::size_t>(q)]) missing += fmt::format("{}{}", missing.empty() ? "" : ", ", q);
         fail_locked(rank, Errc::kTimeout,
-                    fmt::format("LocalGroup: rank {} waited {} ms in {} (collective #{}) for rank(s) [{}], which "
-                                "never arrived", rank, timeout.count(), what, sequence, missing));
+                    fmt::format("{}: rank {} waited {} ms in {} (collective #{}) for rank(s) [{}], which "
+                                "never arrived", name, rank, timeout.count(), what, sequence, missing));
         std::string const message = failure;
         lock.unlock();
         throw_error(Errc::kTimeout, message);
@@ -116,6 +138,230 @@ struct LocalGroupState {
     }
     if (generation == my_generation) throw_failure_locked(rank);
   }
+};
+
+//! A LocalGroup's ranks and what they share: validates the construction arguments, owns the
+//! state, and runs one thread per rank. Both LocalGroup and CudaLocalGroup are built on it.
+class LocalGroupCore {
+ public:
+  LocalGroupCore(std::string_view name, int num_ranks, std::chrono::milliseconds timeout)
+      : state_(std::make_unique<LocalGroupState>()) {
+    require(num_ranks >= 1, Errc::kInvalidArgument, name, "num_ranks", num_ranks, ">= 1");
+    require(timeout.count() > 0, Errc::kInvalidArgument, name, "options.timeout (ms)", timeout.count(), "> 0");
+    state_->name = name;
+    state_->num_ranks = num_ranks;
+    state_->timeout = timeout;
+    state_->posts.resize(static_cast<std::size_t>(num_ranks));
+    state_->arrived.assign(static_cast<std::size_t>(num_ranks), 0);
+  }
+
+  [[nodiscard]] int size() const noexcept { return state_->num_ranks; }
+  [[nodiscard]] LocalGroupState& state() const noexcept { return *state_; }
+
+  void check_rank(int rank, std::string_view where) const {
+    require(rank >= 0 && rank < size(), Errc::kInvalidArgument, where, "rank", rank,
+            fmt::format("in [0, {})", size()));
+  }
+
+  //! Runs `body(rank)` on one thread per rank and joins them. A rank whose body throws aborts the
+  //! group; once all threads end, the first failure's exception is rethrown.
+  template <class Body>
+  void run(Body&& body) {
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(size()));
+    {
+      std::vector<std::jthread> threads;
+      for (int r = 0; r < size(); ++r) {
+        threads.emplace_back([&, r] {
+          try {
+            body(r);
+          } catch (...) {
+            errors[static_cast<std::size_t>(r)] = std::current_exception();
+            state_->abort(r, describe(errors[static_cast<std::size_t>(r)]));
+          }
+        });
+      }
+    }
+    int root = -1;
+    {
+      std::unique_lock lock(state_->mutex);
+      root = state_->first_failed_rank;
+    }
+    if (root >= 0 && errors[static_cast<std::size_t>(root)]) std::rethrow_exception(errors[static_cast<std::size_t>(root)]);
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+  }
+
+  static std::string describe(std::exception_ptr const& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (std::exception const& ex) {
+      return ex.what();
+    } catch (...) {
+      return "an exception not derived from std::exception";
+    }
+  }
+
+ private:
+  std::unique_ptr<LocalGroupState> state_;  // on the heap: the ranks keep a reference to it
+};
+
+//! A collective disagreement: empty `message` when the posts agree.
+struct CollectiveVerdict {
+  Errc code = Errc::kCollectiveMismatch;
+  std::string message;
+};
+
+//! Checks every post against `mine` and each other. Every rank checks every post, so all ranks
+//! reach the same verdict; `rank` is the caller, named first in an operation mismatch.
+inline CollectiveVerdict check_posts(std::span<CollectivePost const> posts, CollectivePost const& mine, int rank) {
+  auto const n = posts.size();
+  auto const what = to_string(mine.op);
+  for (std::size_t q = 0; q < n; ++q)
+    if (posts[q].op != mine.op)
+      return {Errc::kCollectiveMismatch, fmt::format("collective #{}: rank {} called {}, rank {} called {}", mine.sequence,
+                                                     rank, what, q, to_string(posts[q].op))};
+  switch (mine.op) {
+    case CollectiveOp::kAllToAllV:
+      for (std::size_t p = 0; p < n; ++p)
+        for (std::size_t q = 0; q < n; ++q)
+          if (posts[p].send_bytes[q] != posts[q].recv_bytes[p])
+            return {Errc::kCollectiveMismatch,
+                    fmt::format("all_to_all_v (collective #{}): rank {} sends {} bytes to rank {}, which expects {} "
+                                "bytes", mine.sequence, p, posts[p].send_bytes[q], q, posts[q].recv_bytes[p])};
+      break;
+    case CollectiveOp::kAllToAll:
+    case CollectiveOp::kAllGather:
+      for (std::size_t q = 0; q < n; ++q)
+        if (posts[q].bytes != posts[0].bytes)
+          return {Errc::kCollectiveMismatch, fmt::format("{} (collective #{}): rank 0 passes {} bytes per rank, rank {} "
+                                                         "passes {}", what, mine.sequence, posts[0].bytes, q,
+                                                         posts[q].bytes)};
+      break;
+    case CollectiveOp::kAllReduceSum:
+      for (std::size_t q = 0; q < n; ++q)
+        if (posts[q].count != posts[0].count || posts[q].dtype != posts[0].dtype)
+          return {Errc::kCollectiveMismatch,
+                  fmt::format("all_reduce_sum (collective #{}): rank 0 reduces {} x {}, rank {} reduces {} x {}",
+                              mine.sequence, posts[0].count, posts[0].dtype, q, posts[q].count, posts[q].dtype)};
+      break;
+    case CollectiveOp::kBarrier: break;
+  }
+  return {};
+}
+
+//! @brief One rank of a LocalGroup: the argument checks and the two-phase protocol both the host
+//! and the CUDA group run; a subclass only moves the bytes (`exchange`, `complete`).
+//!
+//! Phase A: every rank posts. Then each rank checks the posts and, when they agree, moves what it
+//! receives (`exchange`). Phase B: nobody leaves (freeing or reusing what it posted) until
+//! everybody is done reading; only then does a disagreement abort the group, on every rank alike.
+//! An exception from a hook aborts the group before it propagates, so peers stop at once instead
+//! of waiting out the deadline.
+class LocalRank : public Communicator {
+ public:
+  [[nodiscard]] int rank() const noexcept final { return rank_; }
+  [[nodiscard]] int size() const noexcept final { return state_.num_ranks; }
+
+  void all_to_all_v(void const* send, std::span<std::size_t const> send_bytes, void* recv,
+                    std::span<std::size_t const> recv_bytes, StreamRef stream) final {
+    auto const n = static_cast<std::size_t>(size());
+    check_stream(stream, "all_to_all_v");
+    if (send_bytes.size() != n || recv_bytes.size() != n)
+      fail_local(Errc::kInvalidArgument, fmt::format("all_to_all_v: send_bytes.size() = {}, recv_bytes.size() = {}, "
+                                                     "expected both = group size {}", send_bytes.size(),
+                                                     recv_bytes.size(), n));
+    check_buffer("all_to_all_v", "send", send, sum(send_bytes));
+    check_buffer("all_to_all_v", "recv", recv, sum(recv_bytes));
+    collective({.op = CollectiveOp::kAllToAllV, .send = send, .recv = recv, .send_bytes = send_bytes,
+                .recv_bytes = recv_bytes}, stream);
+  }
+
+  void all_to_all(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) final {
+    check_stream(stream, "all_to_all");
+    auto const all_bytes = bytes_per_rank * static_cast<std::size_t>(size());
+    check_buffer("all_to_all", "send", send, all_bytes);
+    check_buffer("all_to_all", "recv", recv, all_bytes);
+    collective({.op = CollectiveOp::kAllToAll, .send = send, .recv = recv, .bytes = bytes_per_rank}, stream);
+  }
+
+  void all_reduce_sum(void* data, std::size_t count, DType dtype, StreamRef stream) final {
+    check_stream(stream, "all_reduce_sum");
+    check_buffer("all_reduce_sum", "data", data, count * size_of(dtype));
+    collective({.op = CollectiveOp::kAllReduceSum, .send = data, .recv = data, .count = count, .dtype = dtype},
+               stream);
+  }
+
+  void all_gather(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) final {
+    check_stream(stream, "all_gather");
+    check_buffer("all_gather", "send", send, bytes_per_rank);
+    check_buffer("all_gather", "recv", recv, bytes_per_rank * static_cast<std::size_t>(size()));
+    collective({.op = CollectiveOp::kAllGather, .send = send, .recv = recv, .bytes = bytes_per_rank}, stream);
+  }
+
+  void barrier(StreamRef stream) final {
+    check_stream(stream, "barrier");
+    collective({.op = CollectiveOp::kBarrier}, stream);
+  }
+
+ protected:
+  LocalRank(LocalGroupState& state, int rank) : state_(state), rank_(rank) {}
+
+  //! Refuses a stream of the wrong kind (through fail_local).
+  virtual void check_stream(StreamRef stream, std::string_view what) = 0;
+  //! Before phase A, on this rank alone (e.g. ordering the rank's stream).
+  virtual void prepare(CollectivePost const& /*mine*/, StreamRef /*stream*/) {}
+  //! Between the phases, when all posts agree: receive this rank's part from the peers' posts,
+  //! which stay valid until phase B.
+  virtual void exchange(std::span<CollectivePost const> posts, CollectivePost const& mine, StreamRef stream) = 0;
+  //! After phase B, when all posts agreed: nobody reads this rank's buffers any more.
+  virtual void complete(CollectivePost const& /*mine*/, StreamRef /*stream*/) {}
+
+  //! Aborts the group (peers: kPeerFailed) and throws `what` as this rank's `code`.
+  [[noreturn]] void fail_local(Errc code, std::string const& what) {
+    state_.fail(rank_, code, fmt::format("{}: rank {}: {}", state_.name, rank_, what));
+  }
+
+  [[nodiscard]] LocalGroupState& state() const noexcept { return state_; }
+
+ private:
+  static std::size_t sum(std::span<std::size_t const> v) {
+    std::size_t s = 0;
+    for (auto x : v) s += x;
+    return s;
+  }
+
+  void check_buffer(std::string_view what, std::string_view name, void const* p, std::size_t bytes) {
+    if (p == nullptr && bytes > 0)
+      fail_local(Errc::kInvalidArgument, fmt::format("{}: {} = nullptr, expected {} bytes", what, name, bytes));
+  }
+
+  // Runs a hook; if it throws, aborts the group on this rank's behalf before rethrowing.
+  template <class Hook>
+  void guarded(Hook&& hook) {
+    try {
+      hook();
+    } catch (...) {
+      state_.abort(rank_, LocalGroupCore::describe(std::current_exception()));
+      throw;
+    }
+  }
+
+  void collective(CollectivePost post, StreamRef stream) {
+    post.sequence = ++sequence_;
+    auto const what = to_string(post.op);
+    guarded([&] { prepare(post, stream); });
+    state_.arrive_and_wait(rank_, &post, what, sequence_);
+    std::span<CollectivePost const> const posts(state_.posts);
+    CollectiveVerdict const verdict = check_posts(posts, post, rank_);
+    if (verdict.message.empty()) guarded([&] { exchange(posts, post, stream); });
+    state_.arrive_and_wait(rank_, nullptr, what, sequence_);
+    if (!verdict.message.empty()) fail_local(verdict.code, verdict.message);
+    guarded([&] { complete(post, stream); });
+  }
+
+  LocalGroupState& state_;
+  int rank_;
+  std::uint64_t sequence_ = 0;
 };
 
 }  // namespace detail
@@ -136,236 +382,76 @@ class LocalGroup {
  public:
   using Options = LocalGroupOptions;
 
-  explicit LocalGroup(int num_ranks, Options options = {}) : state_(std::make_unique<detail::LocalGroupState>()) {
-    detail::require(num_ranks >= 1, Errc::kInvalidArgument, "LocalGroup", "num_ranks", num_ranks, ">= 1");
-    detail::require(options.timeout.count() > 0, Errc::kInvalidArgument, "LocalGroup", "options.timeout (ms)",
-                    options.timeout.count(), "> 0");
-    state_->num_ranks = num_ranks;
-    state_->timeout = options.timeout;
-    state_->posts.resize(static_cast<std::size_t>(num_ranks));
-    state_->arrived.assign(static_cast<std::size_t>(num_ranks), 0);
-    for (int r = 0; r < num_ranks; ++r) ranks_.push_back(std::make_unique<Rank>(*state_, r));
+  explicit LocalGroup(int num_ranks, Options options = {}) : core_("LocalGroup", num_ranks, options.timeout) {
+    for (int r = 0; r < num_ranks; ++r) ranks_.push_back(std::make_unique<Rank>(core_.state(), r));
   }
   LocalGroup(LocalGroup const&) = delete;
   LocalGroup& operator=(LocalGroup const&) = delete;
 
-  [[nodiscard]] int size() const noexcept { return state_->num_ranks; }
+  [[nodiscard]] int size() const noexcept { return core_.size(); }
 
   [[nodiscard]] Communicator& communicator(int rank) {
-    detail::require(rank >= 0 && rank < size(), Errc::kInvalidArgument, "LocalGroup::communicator", "rank", rank,
-                    fmt::format("in [0, {})", size()));
+    core_.check_rank(rank, "LocalGroup::communicator");
     return *ranks_[static_cast<std::size_t>(rank)];
   }
 
   //! Aborts the group on behalf of `rank`: every rank waiting in or later calling a collective
   //! throws Errc::kPeerFailed with `reason`.
-  void abort(int rank, std::string_view reason) noexcept {
-    try {
-      std::unique_lock lock(state_->mutex);
-      state_->fail_locked(rank, Errc::kPeerFailed, fmt::format("rank {} failed: {}", rank, reason));
-    } catch (...) {  // formatting failed (out of memory): mark the group failed all the same
-      std::unique_lock lock(state_->mutex);
-      state_->failed = true;
-      state_->cv.notify_all();
-    }
-  }
+  void abort(int rank, std::string_view reason) noexcept { core_.state().abort(rank, reason); }
 
-  [[nodiscard]] bool aborted() const {
-    std::unique_lock lock(state_->mutex);
-    return state_->failed;
-  }
+  [[nodiscard]] bool aborted() const { return core_.state().aborted(); }
 
   //! Runs `fn(rank, communicator(rank))` on one thread per rank and joins them. A rank whose fn
   //! throws aborts the group; once all threads end, the first failure's exception is rethrown.
   template <class Fn>
   void run(Fn&& fn) {
-    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(size()));
-    {
-      std::vector<std::jthread> threads;
-      for (int r = 0; r < size(); ++r) {
-        threads.emplace_back([&, r] {
-          try {
-            fn(r, communicator(r));
-          } catch (...) {
-            errors[static_cast<std::size_t>(r)] = std::current_exception();
-            abort(r, describe(errors[static_cast<std::size_t>(r)]));
-          }
-        });
-      }
-    }
-    int root = -1;
-    {
-      std::unique_lock lock(state_->mutex);
-      root = state_->first_failed_rank;
-    }
-    if (root >= 0 && errors[static_cast<std::size_t>(root)]) std::rethrow_exception(errors[static_cast<std::size_t>(root)]);
-    for (auto& e : errors)
-      if (e) std::rethrow_exception(e);
+    core_.run([&](int r) { fn(r, communicator(r)); });
   }
 
  private:
-  static std::string describe(std::exception_ptr const& e) {
-    try {
-      std::rethrow_exception(e);
-    } catch (std::exception const& ex) {
-      return ex.what();
-    } catch (...) {
-      return "an exception not derived from std::exception";
-    }
-  }
-
-  class Rank final : public Communicator {
+  class Rank final : public detail::LocalRank {
    public:
-    Rank(detail::LocalGroupState& state, int rank) : state_(state), rank_(rank) {}
+    Rank(detail::LocalGroupState& state, int rank) : LocalRank(state, rank) {}
 
-    [[nodiscard]] int rank() const noexcept override { return rank_; }
-    [[nodiscard]] int size() const noexcept override { return state_.num_ranks; }
     [[nodiscard]] MemorySpace memory_space() const noexcept override { return MemorySpace::kHost; }
 
-    void all_to_all_v(void const* send, std::span<std::size_t const> send_bytes, void* recv,
-                      std::span<std::size_t const> recv_bytes, StreamRef stream) override {
-      auto const n = static_cast<std::size_t>(size());
-      check_local(stream, "all_to_all_v");
-      if (send_bytes.size() != n || recv_bytes.size() != n)
-        fail_local(Errc::kInvalidArgument, fmt::format("all_to_all_v: send_bytes.size() = {}, recv_bytes.size() = {}, "
-                                                       "expected both = group size {}", send_bytes.size(),
-                                                       recv_bytes.size(), n));
-      check_buffer("all_to_all_v", "send", send, sum(send_bytes));
-      check_buffer("all_to_all_v", "recv", recv, sum(recv_bytes));
-      collective({.op = detail::CollectiveOp::kAllToAllV, .send = send, .recv = recv, .send_bytes = send_bytes,
-                  .recv_bytes = recv_bytes});
-    }
-
-    void all_to_all(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) override {
-      check_local(stream, "all_to_all");
-      auto const all_bytes = bytes_per_rank * static_cast<std::size_t>(size());
-      check_buffer("all_to_all", "send", send, all_bytes);
-      check_buffer("all_to_all", "recv", recv, all_bytes);
-      collective({.op = detail::CollectiveOp::kAllToAll, .send = send, .recv = recv, .bytes = bytes_per_rank});
-    }
-
-    void all_reduce_sum(void* data, std::size_t count, DType dtype, StreamRef stream) override {
-      check_local(stream, "all_reduce_sum");
-      check_buffer("all_reduce_sum", "data", data, count * size_of(dtype));
-      collective({.op = detail::CollectiveOp::kAllReduceSum, .send = data, .recv = data, .count = count,
-                  .dtype = dtype});
-    }
-
-    void all_gather(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) override {
-      check_local(stream, "all_gather");
-      check_buffer("all_gather", "send", send, bytes_per_rank);
-      check_buffer("all_gather", "recv", recv, bytes_per_rank * static_cast<std::size_t>(size()));
-      collective({.op = detail::CollectiveOp::kAllGather, .send = send, .recv = recv, .bytes = bytes_per_rank});
-    }
-
-    void barrier(StreamRef stream) override {
-      check_local(stream, "barrier");
-      collective({.op = detail::CollectiveOp::kBarrier});
-    }
-
    private:
-    static std::size_t sum(std::span<std::size_t const> v) {
-      std::size_t s = 0;
-      for (auto x : v) s += x;
-      return s;
-    }
-
-    [[noreturn]] void fail_local(Errc code, std::string const& what) {
-      state_.fail(rank_, code, fmt::format("LocalGroup: rank {}: {}", rank_, what));
-    }
-
-    void check_local(StreamRef stream, std::string_view what) {
+    void check_stream(StreamRef stream, std::string_view what) override {
       if (!stream.is_host())
         fail_local(Errc::kInvalidArgument, fmt::format("{}: stream is a CUDA stream, expected StreamRef::host() "
                                                        "(this LocalGroup moves host memory)", what));
     }
 
-    void check_buffer(std::string_view what, std::string_view name, void const* p, std::size_t bytes) {
-      if (p == nullptr && bytes > 0)
-        fail_local(Errc::kInvalidArgument, fmt::format("{}: {} = nullptr, expected {} bytes", what, name, bytes));
-    }
-
-    struct Mismatch {
-      Errc code = Errc::kCollectiveMismatch;
-      std::string message;  // empty: the posts agree
-    };
-
-    // Every rank checks every post, so all ranks reach the same verdict.
-    Mismatch check_posts(detail::CollectivePost const& mine) const {
-      auto const& posts = state_.posts;
-      auto const n = static_cast<std::size_t>(size());
-      auto const what = to_string(mine.op);
-      for (std::size_t q = 0; q < n; ++q)
-        if (posts[q].op != mine.op)
-          return {Errc::kCollectiveMismatch, fmt::format("collective #{}: rank {} called {}, rank {} called {}", mine.sequence,
-                                                         rank_, what, q, to_string(posts[q].op))};
-      switch (mine.op) {
-        case detail::CollectiveOp::kAllToAllV:
-          for (std::size_t p = 0; p < n; ++p)
-            for (std::size_t q = 0; q < n; ++q)
-              if (posts[p].send_bytes[q] != posts[q].recv_bytes[p])
-                return {Errc::kCollectiveMismatch,
-                        fmt::format("all_to_all_v (collective #{}): rank {} sends {} bytes to rank {}, which expects {} "
-                                    "bytes", mine.sequence, p, posts[p].send_bytes[q], q, posts[q].recv_bytes[p])};
+    void exchange(std::span<detail::CollectivePost const> posts, detail::CollectivePost const& post,
+                  StreamRef) override {
+      auto const n = posts.size();
+      auto const me = static_cast<std::size_t>(rank());
+      switch (post.op) {
+        case detail::CollectiveOp::kAllToAllV: {
+          std::size_t dst = 0;
+          for (std::size_t q = 0; q < n; ++q) {
+            std::size_t src = 0;
+            for (std::size_t p = 0; p < me; ++p) src += posts[q].send_bytes[p];
+            copy(static_cast<std::byte*>(post.recv) + dst, static_cast<std::byte const*>(posts[q].send) + src,
+                 post.recv_bytes[q]);
+            dst += post.recv_bytes[q];
+          }
           break;
+        }
         case detail::CollectiveOp::kAllToAll:
-        case detail::CollectiveOp::kAllGather:
+        case detail::CollectiveOp::kAllGather: {
+          std::size_t const offset = post.op == detail::CollectiveOp::kAllToAll ? me * post.bytes : 0;
           for (std::size_t q = 0; q < n; ++q)
-            if (posts[q].bytes != posts[0].bytes)
-              return {Errc::kCollectiveMismatch, fmt::format("{} (collective #{}): rank 0 passes {} bytes per rank, rank {} "
-                                                             "passes {}", what, mine.sequence, posts[0].bytes, q,
-                                                             posts[q].bytes)};
+            copy(static_cast<std::byte*>(post.recv) + q * post.bytes,
+                 static_cast<std::byte const*>(posts[q].send) + offset, post.bytes);
           break;
-        case detail::CollectiveOp::kAllReduceSum:
-          for (std::size_t q = 0; q < n; ++q)
-            if (posts[q].count != posts[0].count || posts[q].dtype != posts[0].dtype)
-              return {Errc::kCollectiveMismatch,
-                      fmt::format("all_reduce_sum (collective #{}): rank 0 reduces {} x {}, rank {} reduces {} x {}",
-                                  mine.sequence, posts[0].count, posts[0].dtype, q, posts[q].count, posts[q].dtype)};
-          break;
+        }
+        case detail::CollectiveOp::kAllReduceSum: reduce(posts, post); break;
         case detail::CollectiveOp::kBarrier: break;
       }
-      return {};
     }
 
-    // Phase A: every rank posts. Then each rank checks the posts and, when they agree, moves what
-    // it receives. Phase B: nobody leaves (freeing or reusing what it posted) until everybody is
-    // done reading; only then does a disagreement abort the group, on every rank alike.
-    void collective(detail::CollectivePost post) {
-      post.sequence = ++sequence_;
-      auto const what = to_string(post.op);
-      state_.arrive_and_wait(rank_, &post, what, sequence_);
-      auto const& posts = state_.posts;
-      auto const n = static_cast<std::size_t>(size());
-      auto const me = static_cast<std::size_t>(rank_);
-      Mismatch const mismatch = check_posts(post);
-      if (mismatch.message.empty()) {
-        switch (post.op) {
-          case detail::CollectiveOp::kAllToAllV: {
-            std::size_t dst = 0;
-            for (std::size_t q = 0; q < n; ++q) {
-              std::size_t src = 0;
-              for (std::size_t p = 0; p < me; ++p) src += posts[q].send_bytes[p];
-              copy(static_cast<std::byte*>(post.recv) + dst, static_cast<std::byte const*>(posts[q].send) + src,
-                   post.recv_bytes[q]);
-              dst += post.recv_bytes[q];
-            }
-            break;
-          }
-          case detail::CollectiveOp::kAllToAll:
-          case detail::CollectiveOp::kAllGather: {
-            std::size_t const offset = post.op == detail::CollectiveOp::kAllToAll ? me * post.bytes : 0;
-            for (std::size_t q = 0; q < n; ++q)
-              copy(static_cast<std::byte*>(post.recv) + q * post.bytes,
-                   static_cast<std::byte const*>(posts[q].send) + offset, post.bytes);
-            break;
-          }
-          case detail::CollectiveOp::kAllReduceSum: reduce(post); break;
-          case detail::CollectiveOp::kBarrier: break;
-        }
-      }
-      state_.arrive_and_wait(rank_, nullptr, what, sequence_);
-      if (!mismatch.message.empty()) fail_local(mismatch.code, mismatch.message);
+    void complete(detail::CollectivePost const& post, StreamRef) override {
       if (post.op == detail::CollectiveOp::kAllReduceSum) copy(post.recv, scratch_.data(), post.count * size_of(post.dtype));
     }
 
@@ -375,23 +461,23 @@ class LocalGroup {
 
     // Sums every rank's buffer in rank order into scratch_ (written back after phase B, since the
     // buffers are read by every rank until then).
-    void reduce(detail::CollectivePost const& post) {
+    void reduce(std::span<detail::CollectivePost const> posts, detail::CollectivePost const& post) {
       scratch_.resize(post.count * size_of(post.dtype));
       switch (post.dtype) {
-        case DType::kF32: reduce_as<float, float>(post); break;
-        case DType::kF16: reduce_as<half, float>(post); break;
-        case DType::kBF16: reduce_as<bfloat16, float>(post); break;
-        case DType::kI32: reduce_as<std::int32_t, std::int32_t>(post); break;
-        case DType::kI64: reduce_as<std::int64_t, std::int64_t>(post); break;
+        case DType::kF32: reduce_as<float, float>(posts, post); break;
+        case DType::kF16: reduce_as<half, float>(posts, post); break;
+        case DType::kBF16: reduce_as<bfloat16, float>(posts, post); break;
+        case DType::kI32: reduce_as<std::int32_t, std::int32_t>(posts, post); break;
+        case DType::kI64: reduce_as<std::int64_t, std::int64_t>(posts, post); break;
       }
     }
 
     template <class T, class Acc>
-    void reduce_as(detail::CollectivePost const& post) {
+    void reduce_as(std::span<detail::CollectivePost const> posts, detail::CollectivePost const& post) {
       auto* out = reinterpret_cast<T*>(scratch_.data());
       for (std::size_t i = 0; i < post.count; ++i) {
-        Acc acc = load<T, Acc>(state_.posts[0].recv, i);
-        for (int q = 1; q < size(); ++q) acc += load<T, Acc>(state_.posts[static_cast<std::size_t>(q)].recv, i);
+        Acc acc = load<T, Acc>(posts[0].recv, i);
+        for (std::size_t q = 1; q < posts.size(); ++q) acc += load<T, Acc>(posts[q].recv, i);
         if constexpr (std::is_same_v<T, Acc>) out[i] = acc;
         else out[i] = T(acc);
       }
@@ -405,13 +491,10 @@ class LocalGroup {
       else return static_cast<Acc>(value);
     }
 
-    detail::LocalGroupState& state_;
-    int rank_;
-    std::uint64_t sequence_ = 0;
     std::vector<std::byte> scratch_;
   };
 
-  std::unique_ptr<detail::LocalGroupState> state_;
+  detail::LocalGroupCore core_;
   std::vector<std::unique_ptr<Rank>> ranks_;
 };
 

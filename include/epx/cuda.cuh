@@ -18,3 +18,4 @@
 #include <epx/cuda/permute.cuh>
 #include <epx/cuda/plan.cuh>
 #include <epx/cuda/router.cuh>
+#include <epx/cuda/expert_parallel.cuh>

@@ -87,6 +87,7 @@ class DeviceMemoryComm final : public Communicator {
   void all_reduce_sum(void*, std::size_t, DType, StreamRef) override { unexpected(); }
   void all_gather(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
   void barrier(StreamRef) override { unexpected(); }
+  void wait(StreamRef) override { unexpected(); }
 
  private:
   [[noreturn]] static void unexpected() { throw std::logic_error("DeviceMemoryComm: no collective expected"); }

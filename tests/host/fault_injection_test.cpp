@@ -56,6 +56,7 @@ class FaultyCommunicator final : public Communicator {
     inject();
     inner_.barrier(stream);
   }
+  void wait(StreamRef stream) override { inner_.wait(stream); }
 
  private:
   // Counts calls; throws for kThrowAtCall, returns true when another fault is due now.

@@ -48,6 +48,14 @@ class Communicator {
   //! Returns (host) or orders the stream (device) after every rank has arrived.
   virtual void barrier(StreamRef stream) = 0;
 
+  //! Blocks the calling thread until the work enqueued on `stream` so far (collectives included)
+  //! has finished; throws instead (Errc::kTimeout, kPeerFailed, kNccl, kCuda) when it cannot finish
+  //! within the implementation's deadline, e.g. because a peer died. Host-memory communicators
+  //! return at once (their collectives finish before they return). Callers that must wait for a
+  //! collective's result on the host (ExpertParallel's one sync) use this, never a bare
+  //! cudaStreamSynchronize, so that a lost peer is an Error and not a hang.
+  virtual void wait(StreamRef stream) = 0;
+
  protected:
   Communicator() = default;
   Communicator(Communicator const&) = default;

@@ -308,6 +308,16 @@ class LocalRank : public Communicator {
 
   //! Refuses a stream of the wrong kind (through fail_local).
   virtual void check_stream(StreamRef stream, std::string_view what) = 0;
+
+ public:
+  //! Host ranks have nothing in flight; device ranks wait for their stream (see Communicator::wait).
+  void wait(StreamRef stream) override {
+    check_stream(stream, "wait");
+    wait_stream(stream);
+  }
+
+ protected:
+  virtual void wait_stream(StreamRef /*stream*/) {}
   //! Before phase A, on this rank alone (e.g. ordering the rank's stream).
   virtual void prepare(CollectivePost const& /*mine*/, StreamRef /*stream*/) {}
   //! Between the phases, when all posts agree: receive this rank's part from the peers' posts,

@@ -253,6 +253,13 @@ class CudaLocalGroup {
    private:
     static cudaStream_t cuda(StreamRef stream) { return reinterpret_cast<cudaStream_t>(stream.get()); }
 
+    // Every pull a peer makes is enqueued before its host call returns, so the stream's work always
+    // completes: a plain synchronisation has no deadline to enforce here.
+    void wait_stream(StreamRef stream) override {
+      detail::ScopedDevice const on(device_);
+      EPX_CUDA_CHECK(cudaStreamSynchronize(cuda(stream)));
+    }
+
     void check_stream(StreamRef stream, std::string_view what) override {
       if (stream.is_host())
         fail_local(Errc::kInvalidArgument, fmt::format("{}: stream = StreamRef::host(), expected a CUDA stream of "

@@ -356,7 +356,7 @@ class NcclCommunicator final : public Communicator {
   //! kernel on the stream throws Errc::kCuda (the communicator is left alone). The deadline
   //! covers all work on the stream, not only NCCL's.
   //! @pre `stream` is not being captured into a graph (refused: querying it would end the capture)
-  void wait(StreamRef stream) {
+  void wait(StreamRef stream) override {
     constexpr std::string_view where = "NcclCommunicator::wait";
     check_call(where, stream);
     auto* const s = stream.get();

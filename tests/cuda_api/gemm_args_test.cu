@@ -95,3 +95,38 @@ TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: widths the tensor-core kernel canno
   });
   CHECK(contains(e.what(), "expert_mlp: stream = StreamRef::host()"));
 }
+
+TEST_CASE("Routing::stages[cuda-args]: route, make_plan and permute refuse bad arguments before any GPU work") {
+  RouterConfig const router{.num_experts = 600, .top_k = 2};
+  auto route_call = [&](StreamRef s, RouterConfig const& c) {
+    route(s, c, MatrixView<float const>(fake<float const>(), 4, c.num_experts), {},
+          MatrixView<std::int32_t>(fake<std::int32_t>(), 4, 2), MatrixView<float>(fake<float>(), 4, 2));
+  };
+  Error e = caught([&] { route_call(fake_stream(), router); });
+  CHECK(e.code() == Errc::kUnsupported);
+  CHECK(contains(e.what(), "route: num_experts = 600, expected <= 512 on CUDA"));
+  e = caught([&] { route_call(StreamRef::host(), {.num_experts = 16, .top_k = 2}); });
+  CHECK(e.code() == Errc::kInvalidArgument);
+  CHECK(contains(e.what(), "route: stream = StreamRef::host(), expected a CUDA stream"));
+
+  MatrixView<std::int32_t const> const ids(fake<std::int32_t const>(), 4, 2);
+  e = caught([&] { (void)make_plan(StreamRef::host(), ids, 16, {0, 16}, Workspace(fake<std::byte>(), 1 << 20), fake<Status>()); });
+  CHECK(contains(e.what(), "make_plan: stream = StreamRef::host(), expected a CUDA stream"));
+  e = caught([&] { (void)make_plan(fake_stream(), ids, 16, {0, 16}, Workspace(fake<std::byte>(), 1 << 20), nullptr); });
+  CHECK(e.code() == Errc::kInvalidArgument);
+  CHECK(contains(e.what(), "make_plan: status = nullptr, expected a device pointer to an epx::Status"));
+
+  RoutingPlan plan;  // a plan not made by make_plan
+  plan.num_tokens = 4;
+  plan.top_k = 2;
+  e = caught([&] {
+    permute(fake_stream(), plan, MatrixView<bfloat16 const>(fake<bfloat16 const>(), 4, 8),
+            MatrixView<bfloat16>(fake<bfloat16>(), 8, 8));
+  });
+  CHECK(contains(e.what(), "permute: plan.expert_offsets.size() = 0, expected >= 1 (a plan made by make_plan)"));
+  e = caught([&] {
+    permute(StreamRef::host(), plan, MatrixView<bfloat16 const>(fake<bfloat16 const>(), 4, 8),
+            MatrixView<bfloat16>(fake<bfloat16>(), 8, 8));
+  });
+  CHECK(contains(e.what(), "permute: stream = StreamRef::host(), expected a CUDA stream"));
+}

@@ -302,7 +302,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
   [[nodiscard]] Status status(StreamRef stream) {
     if constexpr (!kAllToAll) {
       if (last_control_ != nullptr) {
-        cudaStream_t const s = cuda_stream(stream);
+        cudaStream_t const s = cuda_stream(stream, "status");
         EPX_CUDA_CHECK(cudaMemcpyAsync(host_control_.data(), last_control_, sizeof(detail::DeviceControl),
                                        cudaMemcpyDeviceToHost, s));
         comm_->wait(stream);  // the sync this accessor is for, bounded by the communicator's deadline
@@ -337,7 +337,9 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
     Workspace experts;
   };
 
-  static cudaStream_t cuda_stream(StreamRef stream) { return detail::cuda_stream(stream, "forward"); }
+  static cudaStream_t cuda_stream(StreamRef stream, std::string_view where = "forward") {
+    return detail::cuda_stream(stream, where);
+  }
   template <class T>
   static detail::DeviceControl* control(Parts<T> const& parts) {
     return reinterpret_cast<detail::DeviceControl*>(parts.control.data());

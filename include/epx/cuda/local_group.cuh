@@ -12,6 +12,7 @@
 #include <epx/core/stream.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/scoped_device.hpp>
 
 #include <cuda_runtime.h>
 
@@ -70,26 +71,6 @@ __global__ void rank_order_sum_kernel(T* __restrict__ data, T const* __restrict_
     data[i] = rank_sum_store<T>(acc);
   }
 }
-
-//! Makes `device` current for a scope, restoring the previous device after (collectives may be
-//! called from threads whose current device is another one).
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) {
-    EPX_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) EPX_CUDA_CHECK(cudaSetDevice(device));
-    changed_ = previous_ != device;
-  }
-  ScopedDevice(ScopedDevice const&) = delete;
-  ScopedDevice& operator=(ScopedDevice const&) = delete;
-  ~ScopedDevice() {
-    if (changed_) (void)cudaSetDevice(previous_);  // a destructor must not throw; the next CUDA call reports
-  }
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-};
 
 }  // namespace detail
 

@@ -9,6 +9,7 @@
 #include <epx/core/error.hpp>
 #include <epx/core/stream.hpp>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/scoped_device.hpp>
 #include <epx/nccl/bootstrap.hpp>
 #include <epx/nccl/error.hpp>
 #include <epx/nccl/launch_env.hpp>
@@ -30,24 +31,6 @@ namespace epx {
 
 namespace detail {
 
-//! Makes `device` current for a scope and restores the caller's device after, so that creating a
-//! communicator does not move the caller's thread to another GPU behind its back.
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) : device_(device) {
-    EPX_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device_) EPX_CUDA_CHECK(cudaSetDevice(device_));
-  }
-  ScopedDevice(ScopedDevice const&) = delete;
-  ScopedDevice& operator=(ScopedDevice const&) = delete;
-  ~ScopedDevice() {
-    if (previous_ != device_) (void)cudaSetDevice(previous_);
-  }
-
- private:
-  int device_;
-  int previous_ = 0;
-};
 
 //! cudaFree as a deleter (never throws; a failure here has nobody left to report to).
 struct CudaFreeDeleter {

@@ -17,6 +17,7 @@
 // Output: --benchmark_format=json > bench/results/gemm-h100.json (see bench/README.md).
 
 #include "bench_common.cuh"
+#include "device_random.cuh"
 
 #include <epx/cuda.cuh>
 
@@ -33,27 +34,6 @@ namespace {
 
 using namespace epx::bench;
 using epx::bfloat16;
-
-// Uniform in [-scale, scale) from a hash of the index: random data without a host copy of the
-// 22 GB of DeepSeek-V3's experts.
-__global__ void fill_random_kernel(bfloat16* p, std::size_t n, std::uint64_t seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n; i += std::size_t{gridDim.x} * blockDim.x) {
-    std::uint64_t z = seed + i * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    float const u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-    p[i] = epx::detail::device_from_float<bfloat16>((2.0f * u - 1.0f) * scale);
-  }
-}
-
-bfloat16* random_device(std::size_t n, std::uint64_t seed, float scale) {
-  auto* p = device_alloc<bfloat16>(n);
-  fill_random_kernel<<<1024, 256>>>(p, n, seed, scale);
-  BENCH_CHECK(cudaGetLastError());
-  BENCH_CHECK(cudaDeviceSynchronize());
-  return p;
-}
 
 // Every expert's weights of one shape, allocated once per process (DeepSeek-V3: 22 GB).
 struct ExpertWeightsOnDevice {

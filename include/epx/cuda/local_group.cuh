@@ -293,6 +293,7 @@ class CudaLocalGroup {
           break;
         }
         case detail::CollectiveOp::kAllReduceSum: {
+          if (n == 1) break;  // one rank: its data is the sum; no scratch, no wait (so a 1-rank group captures)
           // The scratch may still be read by this rank's previous sum kernel if that ran on another stream.
           EPX_CUDA_CHECK(cudaStreamWaitEvent(s, scratch_free_, 0));
           std::size_t const bytes = post.count * size_of(post.dtype);
@@ -313,7 +314,7 @@ class CudaLocalGroup {
       auto const me = static_cast<std::size_t>(rank());
       for (std::size_t q = 0; q < static_cast<std::size_t>(size()); ++q)
         if (q != me) EPX_CUDA_CHECK(cudaStreamWaitEvent(s, peer(q).done_, 0));
-      if (post.op != detail::CollectiveOp::kAllReduceSum || post.count == 0) return;
+      if (post.op != detail::CollectiveOp::kAllReduceSum || post.count == 0 || size() == 1) return;
       switch (post.dtype) {
         case DType::kF32: launch_sum<float>(post, s); break;
         case DType::kF16: launch_sum<half>(post, s); break;

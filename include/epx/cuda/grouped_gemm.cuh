@@ -15,6 +15,7 @@
 #include <epx/cuda/error.hpp>
 #include <epx/cuda/gemm/mma_sm80.cuh>
 #include <epx/cuda/gemm/simt.cuh>
+#include <epx/cuda/gemm/wgmma_sm90.cuh>
 #include <epx/gemm/grouped_gemm.hpp>
 
 #include <cuda_runtime.h>
@@ -106,7 +107,16 @@ void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint
       launch_persistent(grouped_gemm_mma_kernel<Shape, T, TC, kGated>, args, Shape::kThreads,
                         Shape::kSmemBytes + prefix_bytes, max_tiles(Shape::kBM, Shape::kBN), stream, where);
     };
-    switch (pick_mma_tile(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups)) {
+    MmaTile const tile = pick_mma_tile(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups);
+#if defined(EPX_ENABLE_WGMMA)
+    if (dev.major == 9 && tile == MmaTile::kLarge) {  // opt-in Hopper mainloop (wgmma_sm90.cuh)
+      using W = WgmmaTileShape;
+      launch_persistent(grouped_gemm_wgmma_kernel<T, TC, kGated>, args, W::kThreads,
+                        W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), stream, where);
+      return;
+    }
+#endif
+    switch (tile) {
       case MmaTile::kDecode: launch(static_cast<MmaDecodeTile*>(nullptr)); break;
       case MmaTile::kMedium: launch(static_cast<MmaMediumTile*>(nullptr)); break;
       case MmaTile::kLarge: launch(static_cast<MmaLargeTile*>(nullptr)); break;

@@ -22,7 +22,10 @@ class DeviceBuffer {
     if (count > 0) EPX_CUDA_CHECK(cudaMalloc(&data_, count * sizeof(T)));
   }
   explicit DeviceBuffer(std::vector<T> const& host) : DeviceBuffer(host.size()) {
-    if (count_ > 0) EPX_CUDA_CHECK(cudaMemcpy(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
+    if (count_ == 0) return;
+    EPX_CUDA_CHECK(cudaMemcpy(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
+    // A pageable upload may return before the copy lands; the tests' non-blocking streams would not wait.
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
   }
   DeviceBuffer(DeviceBuffer const&) = delete;
   DeviceBuffer& operator=(DeviceBuffer const&) = delete;

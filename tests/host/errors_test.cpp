@@ -461,8 +461,18 @@ TEST_CASE("ExpertParallel::workspace_bytes: a non-float weight dtype and too man
                   (ExpertParallel<Grouped, AllToAll, Host>(c, comm)));
   ExpertParallel<Grouped, AllToAll, Host> const ep(layer.config(comm), comm);
   CHECK_EPX_ERROR(Errc::kInvalidArgument,
-                  "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * top_k (2) < 2^31 - 1",
+                  "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * ranks * top_k (2) < 2^31 - 1",
                   ep.workspace_bytes(std::int64_t{1} << 30));
+  // AllToAll's dropless worst case receives every rank's slots: 4 ranks x top_k 2 rows per token.
+  LocalGroup four(4, {.timeout = 10s});
+  ExpertParallel<Grouped, AllToAll, Host> const ep4(layer.config(four.communicator(0)), four.communicator(0));
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "workspace_bytes: max_tokens = 268435456, expected >= 0 with max_tokens * ranks * top_k (8) < 2^31 - 1",
+                  ep4.workspace_bytes(std::int64_t{1} << 28));
+  ExpertParallel<Grouped, AllGather, Host> const ag4(layer.config(four.communicator(0)), four.communicator(0));
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * top_k (2) < 2^31 - 1",
+                  ag4.workspace_bytes(std::int64_t{1} << 30));
 }
 
 TEST_CASE("ExpertParallel::forward: router logits of the wrong shape are named") {

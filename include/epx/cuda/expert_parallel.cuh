@@ -232,9 +232,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
   //! with the device of forward current. No allocation, no synchronisation.
   //! With AllToAll, `max_tokens` must bound every rank's num_tokens.
   [[nodiscard]] std::size_t workspace_bytes(std::int64_t max_tokens) const {
-    detail::require(max_tokens >= 0 && max_tokens * config_.router.top_k < std::numeric_limits<std::int32_t>::max(),
-                    Errc::kInvalidArgument, "workspace_bytes", "max_tokens", max_tokens,
-                    fmt::format(">= 0 with max_tokens * top_k ({}) < 2^31 - 1", config_.router.top_k));
+    detail::check_max_tokens(max_tokens, kAllToAll, comm_->size(), config_.router.top_k);
     return dispatch_on_dtype([&]<class T>(T*) { return layout_bytes<T>(max_tokens); });
   }
 
@@ -414,7 +412,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
                           fmt::format("forward: workspace.size() = {} bytes, expected at least {} bytes "
                                       "(workspace_bytes(0); ask workspace_bytes(max_tokens))",
                                       workspace.size(), layout_bytes<T>(0)));
-    std::int64_t lo = 0, hi = (std::numeric_limits<std::int32_t>::max() - 1) / std::max(1, config_.router.top_k);
+    std::int64_t lo = 0, hi = detail::max_tokens_limit(kAllToAll, comm_->size(), config_.router.top_k);
     while (lo < hi) {
       std::int64_t const mid = lo + (hi - lo + 1) / 2;
       if (layout_bytes<T>(mid) <= workspace.size()) lo = mid;

@@ -23,6 +23,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <span>
 #include <type_traits>
 
@@ -68,6 +71,20 @@ inline DeviceTraits current_device_traits() {
   return d;
 }
 
+//! Lets `kernel` launch with `bytes` of dynamic shared memory on `device`. The attribute is one
+//! value per kernel and device, shared by every thread (the ranks of a CudaLocalGroup launch the
+//! same kernel with different group counts at once), so it only ever grows, under a lock: a
+//! thread can never lower it between another thread's setting and launch.
+inline void allow_dynamic_smem(void const* kernel, int device, std::size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<void const*, int>, std::size_t> allowed;
+  std::lock_guard const lock(mutex);
+  std::size_t& current = allowed[{kernel, device}];
+  if (bytes <= current) return;
+  EPX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  current = bytes;
+}
+
 //! Launches a persistent grid of `kernel`: as many CTAs as fit on the device at once, or fewer
 //! when the tiles (bounded on the host by rows / BM + groups per n-block) are fewer.
 template <class Kernel, class Args>
@@ -75,7 +92,7 @@ void launch_persistent(Kernel kernel, Args const& args, int threads, std::size_t
                        cudaStream_t stream, std::string_view where) {
   if (max_tiles <= 0) return;
   DeviceTraits const dev = current_device_traits();
-  EPX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  allow_dynamic_smem(reinterpret_cast<void const*>(kernel), dev.device, smem_bytes);
   int per_sm = 0;
   EPX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
   require(per_sm > 0, Errc::kUnsupported, where, "shared memory per CTA (bytes)", smem_bytes,

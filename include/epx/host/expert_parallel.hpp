@@ -98,9 +98,7 @@ class ExpertParallel<Experts, Dispatch, Host> {
   //! Workspace bytes for forward calls of up to `max_tokens` tokens on every rank of the group
   //! (pure host arithmetic). With AllToAll, `max_tokens` must bound every rank's num_tokens.
   [[nodiscard]] std::size_t workspace_bytes(std::int64_t max_tokens) const {
-    detail::require(max_tokens >= 0 && max_tokens * config_.router.top_k < std::numeric_limits<std::int32_t>::max(),
-                    Errc::kInvalidArgument, "workspace_bytes", "max_tokens", max_tokens,
-                    fmt::format(">= 0 with max_tokens * top_k ({}) < 2^31 - 1", config_.router.top_k));
+    detail::check_max_tokens(max_tokens, kAllToAll, comm_->size(), config_.router.top_k);
     return dispatch_on_dtype([&]<class T>(T*) {
       return detail::layout_bytes([&](auto& c) { return carve<T>(c, max_tokens); });
     });
@@ -207,7 +205,7 @@ class ExpertParallel<Experts, Dispatch, Host> {
       detail::throw_error(Errc::kWorkspaceTooSmall,
                           fmt::format("forward: workspace.size() = {} bytes, expected at least {} bytes "
                                       "(workspace_bytes(0); ask workspace_bytes(max_tokens))", workspace.size(), bytes(0)));
-    std::int64_t lo = 0, hi = std::numeric_limits<std::int32_t>::max() / std::max(1, config_.router.top_k);
+    std::int64_t lo = 0, hi = detail::max_tokens_limit(kAllToAll, comm_->size(), config_.router.top_k);
     while (lo < hi) {
       std::int64_t const mid = lo + (hi - lo + 1) / 2;
       if (bytes(mid) <= workspace.size()) lo = mid;

@@ -14,7 +14,9 @@
 #include <epx/gemm/expert_mlp.hpp>
 #include <epx/parallel/tags.hpp>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace epx {
 
@@ -58,6 +60,26 @@ inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
                         config.mlp.hidden, config.mlp.intermediate));
   }
   return config;
+}
+
+//! Rows one rank's buffers may hold per token it is sized for: the dropless AllToAll worst case
+//! receives every rank's slots (ranks x top_k); AllGather routes its own (top_k). Row indices and
+//! offsets are int32, so max_tokens times this must stay below 2^31 - 1.
+constexpr std::int64_t rows_per_token(bool all_to_all, std::int32_t num_ranks, std::int32_t top_k) noexcept {
+  return (all_to_all ? std::int64_t{num_ranks} : std::int64_t{1}) * top_k;
+}
+
+//! The largest max_tokens whose rows fit in int32.
+constexpr std::int64_t max_tokens_limit(bool all_to_all, std::int32_t num_ranks, std::int32_t top_k) noexcept {
+  return (std::int64_t{std::numeric_limits<std::int32_t>::max()} - 1) /
+         std::max<std::int64_t>(1, rows_per_token(all_to_all, num_ranks, top_k));
+}
+
+inline void check_max_tokens(std::int64_t max_tokens, bool all_to_all, std::int32_t num_ranks, std::int32_t top_k) {
+  require(max_tokens >= 0 && max_tokens <= max_tokens_limit(all_to_all, num_ranks, top_k), Errc::kInvalidArgument,
+          "workspace_bytes", "max_tokens", max_tokens,
+          fmt::format(">= 0 with max_tokens * {} ({}) < 2^31 - 1 (the rows a rank may hold are indexed with int32)",
+                      all_to_all ? "ranks * top_k" : "top_k", rows_per_token(all_to_all, num_ranks, top_k)));
 }
 
 //! Maps an expert policy and an execution space to the code that runs the experts. Each space

@@ -8,11 +8,14 @@
 
 #include <epx/cuda/error.hpp>
 
+#include <benchmark/benchmark.h>
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <vector>
 
@@ -156,6 +159,34 @@ double time_eager_us(cudaStream_t s, Body&& body) {
   (void)cudaEventDestroy(stop);
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2] * 1e3 / kCalls;
+}
+
+// The main of every benchmark: exits 1 with a message without a GPU, runs the registered
+// benchmarks, turns an epx::Error into a message and exit code 1, and calls `before_exit` (e.g. to
+// free cached weights while the CUDA runtime is still up).
+template <class BeforeExit>
+int run_benchmarks(int argc, char** argv, char const* name, BeforeExit&& before_exit) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    (void)cudaGetLastError();
+    std::fprintf(stderr, "%s needs a CUDA GPU; none is visible\n", name);
+    return 1;
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  try {
+    benchmark::RunSpecifiedBenchmarks();
+  } catch (epx::Error const& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+  before_exit();
+  benchmark::Shutdown();
+  return 0;
+}
+
+inline int run_benchmarks(int argc, char** argv, char const* name) {
+  return run_benchmarks(argc, argv, name, [] {});
 }
 
 }  // namespace epx::bench

@@ -268,21 +268,4 @@ int const registered = register_all();
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    (void)cudaGetLastError();
-    std::fprintf(stderr, "gemm_bench needs a CUDA GPU; none is visible\n");
-    return 1;
-  }
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  try {
-    benchmark::RunSpecifiedBenchmarks();
-  } catch (epx::Error const& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 1;
-  }
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return epx::bench::run_benchmarks(argc, argv, "gemm_bench"); }

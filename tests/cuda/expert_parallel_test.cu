@@ -23,14 +23,7 @@ using test::GlobalWeights;
 
 namespace {
 
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  Stream(Stream const&) = delete;
-  Stream& operator=(Stream const&) = delete;
-  ~Stream() { (void)cudaStreamDestroy(s); }
-  [[nodiscard]] StreamRef ref() const { return StreamRef(s); }
-};
+using Stream = test::CudaStream;
 
 template <class E, class D>
 struct Policies {

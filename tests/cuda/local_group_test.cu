@@ -50,15 +50,7 @@ __global__ void spin_kernel(long long cycles) {
 
 __global__ void set_flag_kernel(std::int32_t* flag, std::int32_t value) { *flag = value; }
 
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  Stream(Stream const&) = delete;
-  Stream& operator=(Stream const&) = delete;
-  ~Stream() { (void)cudaStreamDestroy(s); }
-  StreamRef ref() const { return StreamRef(s); }
-  void sync() const { EPX_CUDA_CHECK(cudaStreamSynchronize(s)); }
-};
+using Stream = test::CudaStream;
 
 void fill_pattern(std::uint8_t* p, std::size_t bytes, std::uint64_t seed, std::uint64_t call, int src, cudaStream_t s) {
   if (bytes == 0) return;

@@ -40,14 +40,7 @@ __global__ void spin_for(unsigned long long ns) {
 }
 
 // A non-blocking stream for one test case (never the legacy default stream).
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  Stream(Stream const&) = delete;
-  Stream& operator=(Stream const&) = delete;
-  ~Stream() { (void)cudaStreamDestroy(s); }
-  [[nodiscard]] StreamRef ref() const { return StreamRef(s); }
-};
+using Stream = test::CudaStream;
 
 // A fresh unique id: this process is rank 0 and hosts NCCL's root.
 ncclUniqueId fresh_id() {

@@ -13,12 +13,7 @@ using test::DeviceBuffer;
 
 namespace {
 
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
-  ~Stream() { (void)cudaStreamDestroy(s); }
-  StreamRef ref() const { return StreamRef(s); }
-};
+using Stream = test::CudaStream;
 
 template <class T>
 std::vector<T> span_to_vector(std::span<T> device_span) {

@@ -110,13 +110,8 @@ class CudaCublasGroupedExperts {
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/) {
     constexpr std::string_view where = "expert_mlp (CublasGrouped)";
     require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()", "a CUDA stream");
-    validate(mlp, where);
-    auto const w = typed_weights<T>(mlp, weights, where);
-    check_matrix(where, "x", x, -1, mlp.hidden);
-    check_matrix(where, "out", out, x.rows, mlp.hidden);
+    auto const w = check_expert_mlp_args<T>(where, mlp, weights, x, out, device_offsets);
     std::size_t const groups = static_cast<std::size_t>(weights.num_local_experts);
-    require(device_offsets.size() == groups + 1, Errc::kShapeMismatch, where, "expert_offsets.size()",
-            device_offsets.size(), fmt::format("num_local_experts + 1 = {}", groups + 1));
     auto const parts = carve_layout(ws, where, [&](auto& c) { return carve<T>(c, mlp, x.rows); });
     if (groups == 0 || x.rows == 0) return;
     auto* const s = reinterpret_cast<cudaStream_t>(stream.get());

@@ -59,13 +59,7 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
   constexpr std::string_view where = "expert_mlp";
   detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
                   "a CUDA stream (device memory in, device memory out)");
-  detail::validate(config, where);
-  auto const w = detail::typed_weights<T>(config, weights, where);
-  detail::check_matrix(where, "x", x, -1, config.hidden);
-  detail::check_matrix(where, "out", out, x.rows, config.hidden);
-  detail::require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1,
-                  Errc::kShapeMismatch, where, "expert_offsets.size()", expert_offsets.size(),
-                  fmt::format("num_local_experts + 1 = {}", weights.num_local_experts + 1));
+  auto const w = detail::check_expert_mlp_args<T>(where, config, weights, x, out, expert_offsets);
   detail::require(expert_offsets.data() != nullptr, Errc::kInvalidArgument, where, "expert_offsets.data()", "nullptr",
                   "device memory holding num_local_experts + 1 offsets");
   auto const activated = detail::carve_layout(

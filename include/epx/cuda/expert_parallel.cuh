@@ -233,7 +233,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
   //! With AllToAll, `max_tokens` must bound every rank's num_tokens.
   [[nodiscard]] std::size_t workspace_bytes(std::int64_t max_tokens) const {
     detail::check_max_tokens(max_tokens, kAllToAll, comm_->size(), config_.router.top_k);
-    return dispatch_on_dtype([&]<class T>(T*) { return layout_bytes<T>(max_tokens); });
+    return detail::dispatch_on_dtype(config_.weights.dtype, [&]<class T>(T*) { return layout_bytes<T>(max_tokens); });
   }
 
   //! @brief Forward from router logits: route on the device, then as the other overload.
@@ -389,18 +389,6 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
     return detail::layout_bytes([&](auto& c) { return carve<T>(c, max_tokens, plan_bytes); });
   }
 
-  // Calls f with a null pointer of the weights' element type.
-  template <class F>
-  decltype(auto) dispatch_on_dtype(F&& f) const {
-    switch (config_.weights.dtype) {
-      case DType::kF32: return f(static_cast<float*>(nullptr));
-      case DType::kF16: return f(static_cast<half*>(nullptr));
-      case DType::kBF16: return f(static_cast<bfloat16*>(nullptr));
-      default: break;
-    }
-    detail::throw_error(Errc::kInvalidArgument, fmt::format("ExpertParallel: weights.dtype = {}, expected f32, f16 "
-                                                            "or bf16", config_.weights.dtype));
-  }
 
   // The tokens this workspace holds: the largest M with layout_bytes(M) <= workspace.size().
   // A binary search of host arithmetic and CUB size queries, so it is cached per workspace size.

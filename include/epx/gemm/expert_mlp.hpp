@@ -93,6 +93,22 @@ TypedExpertWeights<T> typed_weights(ExpertMlpConfig const& c, ExpertWeights cons
           .down_bias = static_cast<T const*>(w.down_bias)};
 }
 
+//! The checks every backend's expert_mlp makes: the config, the weights, x and out [rows, hidden],
+//! one offset per local expert plus the end. Returns the typed weights.
+template <class T>
+TypedExpertWeights<T> check_expert_mlp_args(std::string_view where, ExpertMlpConfig const& config,
+                                            ExpertWeights const& weights, MatrixView<T const> x, MatrixView<T> out,
+                                            std::span<std::int32_t const> expert_offsets) {
+  validate(config, where);
+  auto const w = typed_weights<T>(config, weights, where);
+  check_matrix(where, "x", x, -1, config.hidden);
+  check_matrix(where, "out", out, x.rows, config.hidden);
+  require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1, Errc::kShapeMismatch,
+          where, "expert_offsets.size()", expert_offsets.size(),
+          fmt::format("num_local_experts + 1 = {}", weights.num_local_experts + 1));
+  return w;
+}
+
 //! Scratch of the reference expert MLP: the fp32 gate_up product and the activation.
 template <class T>
 struct ExpertMlpScratch {

@@ -21,13 +21,7 @@ void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weight
                 std::type_identity_t<MatrixView<T const>> x, std::span<std::int32_t const> expert_offsets,
                 MatrixView<T> out, Workspace workspace) {
   constexpr std::string_view where = "expert_mlp";
-  detail::validate(config, where);
-  auto const w = detail::typed_weights<T>(config, weights, where);
-  detail::check_matrix(where, "x", x, -1, config.hidden);
-  detail::check_matrix(where, "out", out, x.rows, config.hidden);
-  detail::require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1,
-                  Errc::kShapeMismatch, where, "expert_offsets.size()", expert_offsets.size(),
-                  fmt::format("num_local_experts + 1 = {}", weights.num_local_experts + 1));
+  auto const w = detail::check_expert_mlp_args<T>(where, config, weights, x, out, expert_offsets);
   auto const scratch = detail::carve_layout(
       workspace, where, [&](auto& c) { return detail::carve_expert_mlp<T>(c, config, x.rows); });
 

@@ -82,6 +82,18 @@ inline void check_max_tokens(std::int64_t max_tokens, bool all_to_all, std::int3
                       all_to_all ? "ranks * top_k" : "top_k", rows_per_token(all_to_all, num_ranks, top_k)));
 }
 
+//! Calls f with a null pointer of the element type `dtype` names (f32, f16, bf16).
+template <class F>
+decltype(auto) dispatch_on_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF32: return f(static_cast<float*>(nullptr));
+    case DType::kF16: return f(static_cast<half*>(nullptr));
+    case DType::kBF16: return f(static_cast<bfloat16*>(nullptr));
+    default: break;
+  }
+  throw_error(Errc::kInvalidArgument, fmt::format("ExpertParallel: weights.dtype = {}, expected f32, f16 or bf16", dtype));
+}
+
 //! Maps an expert policy and an execution space to the code that runs the experts. Each space
 //! specialises it for the policies it has.
 template <class Experts, class Space>

@@ -99,6 +99,34 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], std::uint32_t const (&a
 //! Element offset of (row, 16-byte chunk) in a swizzled [rows, 64] stage buffer.
 __device__ __forceinline__ int swizzled(int row, int chunk) { return (row * 8 + (chunk ^ (row & 7))) * 8; }
 
+//! Copies the k-slice `kt` (64 elements of K) of `tile`'s A rows and weight rows into one stage
+//! (128-byte rows, swizzled). Rows past the group's end, columns past n and K past the end are
+//! zero-filled, so partial tiles need no other path. Shared by the mma.sync and wgmma mainloops.
+template <int BM, int BN, int kThreads, bool kGated, class T, class TC>
+__device__ __forceinline__ void load_stage(GroupedGemmArgs<T, TC> const& args, GemmTile const& tile, T const* b_group,
+                                           T* stage_a, T* stage_b, int kt) {
+  constexpr int BK = 64;
+  int const k0 = kt * BK;
+  std::uint32_t const a_base = smem_address(stage_a);
+  std::uint32_t const b_base = smem_address(stage_b);
+#pragma unroll
+  for (int i = static_cast<int>(threadIdx.x); i < BM * 8; i += kThreads) {
+    int const r = i >> 3, c = i & 7;
+    std::int64_t const row = tile.row_begin + r;
+    bool const valid = row < tile.row_end && k0 + c * 8 < args.k;
+    cp_async_16(a_base + swizzled(r, c) * 2, valid ? args.a + row * args.lda + k0 + c * 8 : args.a, valid);
+  }
+#pragma unroll
+  for (int i = static_cast<int>(threadIdx.x); i < BN * 8; i += kThreads) {
+    int const r = i >> 3, c = i & 7;
+    int const p = tile.n_begin + r;
+    bool const valid = p < args.n && k0 + c * 8 < args.k;
+    T const* src = valid ? b_group + static_cast<std::int64_t>(args.epilogue.weight_row(p, kGated)) * args.k + k0 + c * 8
+                         : args.b;
+    cp_async_16(b_base + swizzled(r, c) * 2, src, valid);
+  }
+}
+
 }  // namespace mma
 
 template <class Shape, class T, class TC, bool kGated>
@@ -124,26 +152,8 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
     T const* const b_group = args.b + static_cast<std::int64_t>(tile.group) * args.n * args.k;
 
     auto load_stage = [&](int stage, int kt) {
-      int const k0 = kt * BK;
-      std::uint32_t const a_base = mma::smem_address(stage_a + stage * BM * BK);
-      std::uint32_t const b_base = mma::smem_address(stage_b + stage * BN * BK);
-#pragma unroll
-      for (int i = static_cast<int>(threadIdx.x); i < BM * 8; i += kThreads) {
-        int const r = i >> 3, c = i & 7;
-        std::int64_t const row = tile.row_begin + r;
-        bool const valid = row < tile.row_end && k0 + c * 8 < args.k;
-        T const* src = valid ? args.a + row * args.lda + k0 + c * 8 : args.a;
-        mma::cp_async_16(a_base + mma::swizzled(r, c) * 2, src, valid);
-      }
-#pragma unroll
-      for (int i = static_cast<int>(threadIdx.x); i < BN * 8; i += kThreads) {
-        int const r = i >> 3, c = i & 7;
-        int const p = tile.n_begin + r;
-        bool const valid = p < args.n && k0 + c * 8 < args.k;
-        T const* src = valid ? b_group + static_cast<std::int64_t>(epi.weight_row(p, kGated)) * args.k + k0 + c * 8
-                             : args.b;
-        mma::cp_async_16(b_base + mma::swizzled(r, c) * 2, src, valid);
-      }
+      mma::load_stage<BM, BN, kThreads, kGated>(args, tile, b_group, stage_a + stage * BM * BK,
+                                                stage_b + stage * BN * BK, kt);
     };
 
     float acc[MI][NI][4];

@@ -103,23 +103,8 @@ __global__ void __launch_bounds__(WgmmaTileShape::kThreads, 1)
     GemmTile const tile = scheduler.tile(t);
     T const* const b_group = args.b + static_cast<std::int64_t>(tile.group) * args.n * args.k;
     auto load_stage = [&](int stage, int kt) {
-      int const k0 = kt * BK;
-      std::uint32_t const a_base = mma::smem_address(stage_a + stage * BM * BK);
-      std::uint32_t const b_base = mma::smem_address(stage_b + stage * BN * BK);
-      for (int i = static_cast<int>(threadIdx.x); i < BM * 8; i += kThreads) {
-        int const r = i >> 3, c = i & 7;
-        std::int64_t const row = tile.row_begin + r;
-        bool const valid = row < tile.row_end && k0 + c * 8 < args.k;
-        mma::cp_async_16(a_base + mma::swizzled(r, c) * 2, valid ? args.a + row * args.lda + k0 + c * 8 : args.a, valid);
-      }
-      for (int i = static_cast<int>(threadIdx.x); i < BN * 8; i += kThreads) {
-        int const r = i >> 3, c = i & 7;
-        int const p = tile.n_begin + r;
-        bool const valid = p < args.n && k0 + c * 8 < args.k;
-        T const* src = valid ? b_group + static_cast<std::int64_t>(epi.weight_row(p, kGated)) * args.k + k0 + c * 8
-                             : args.b;
-        mma::cp_async_16(b_base + mma::swizzled(r, c) * 2, src, valid);
-      }
+      mma::load_stage<BM, BN, kThreads, kGated>(args, tile, b_group, stage_a + stage * BM * BK,
+                                                stage_b + stage * BN * BK, kt);
     };
 
     float acc[64];

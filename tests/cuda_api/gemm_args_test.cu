@@ -8,7 +8,10 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <random>
 #include <string>
+#include <vector>
 
 using namespace epx;
 
@@ -129,4 +132,82 @@ TEST_CASE("Routing::stages[cuda-args]: route, make_plan and permute refuse bad a
             MatrixView<bfloat16>(fake<bfloat16>(), 8, 8));
   });
   CHECK(contains(e.what(), "permute: stream = StreamRef::host(), expected a CUDA stream"));
+}
+
+namespace {
+
+// Walks every tile the way a persistent grid of `grid` CTAs does and counts how often each
+// (row, n-block) output cell is written.
+template <int BM, int BN>
+void check_tile_walk(std::vector<std::int32_t> const& offsets, std::int64_t num_rows, int n, int grid) {
+  CAPTURE(BM);
+  CAPTURE(BN);
+  CAPTURE(n);
+  CAPTURE(grid);
+  int const groups = static_cast<int>(offsets.size()) - 1;
+  int const n_blocks = ceil_div(n, BN);
+  std::vector<long long> start(static_cast<std::size_t>(groups) + 1);
+  detail::host_tile_prefix(start.data(), offsets.data(), groups, num_rows, BM, BN, n);
+  std::vector<int> written(static_cast<std::size_t>(num_rows * n_blocks), 0);
+  for (int cta = 0; cta < grid; ++cta) {
+    detail::TileWalker<BM, BN> walker(start.data(), offsets.data(), groups, num_rows, n);
+    for (long long t = cta; t < walker.num_tiles(); t += grid) {
+      detail::GemmTile const tile = walker.tile(t);
+      auto const rows = detail::group_rows(offsets.data(), tile.group, num_rows);
+      REQUIRE(tile.row_begin >= rows.begin);
+      REQUIRE(tile.row_end <= rows.end);
+      REQUIRE(tile.row_end - tile.row_begin <= BM);
+      REQUIRE(tile.row_end > tile.row_begin);
+      REQUIRE(tile.n_begin % BN == 0);
+      for (std::int64_t r = tile.row_begin; r < tile.row_end; ++r) ++written[static_cast<std::size_t>(r * n_blocks + tile.n_begin / BN)];
+    }
+  }
+  // Every row of every (clamped) group once per n-block; rows of no group never.
+  std::vector<int> expected(written.size(), 0);
+  for (int g = 0; g < groups; ++g) {
+    auto const rows = detail::group_rows(offsets.data(), g, num_rows);
+    for (std::int64_t r = rows.begin; r < rows.end; ++r)
+      for (int b = 0; b < n_blocks; ++b) ++expected[static_cast<std::size_t>(r * n_blocks + b)];
+  }
+  CHECK(written == expected);
+}
+
+}  // namespace
+
+TEST_CASE("GroupedGemm::tile_scheduler[cuda-host]: every output tile is computed exactly once, within its group") {
+  std::uint64_t const seed = std::random_device{}();
+  INFO("seed = " << seed);
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> rows_of(0, 300), groups_of(1, 40), grid_of(1, 300);
+  for (int round = 0; round < 30; ++round) {
+    std::vector<std::int32_t> offsets{std::uniform_int_distribution<int>(0, 5)(rng)};
+    int const groups = groups_of(rng);
+    for (int g = 0; g < groups; ++g) {
+      int rows = rows_of(rng);
+      if (g % 5 == 2) rows = 0;  // experts without tokens
+      offsets.push_back(offsets.back() + rows);
+    }
+    std::int64_t const num_rows = offsets.back() + std::uniform_int_distribution<int>(0, 7)(rng);
+    int const n = std::uniform_int_distribution<int>(1, 600)(rng);
+    int const grid = grid_of(rng);
+    check_tile_walk<16, 128>(offsets, num_rows, n, grid);
+    check_tile_walk<64, 128>(offsets, num_rows, n, grid);
+    check_tile_walk<128, 128>(offsets, num_rows, n, grid);
+    check_tile_walk<64, 64>(offsets, num_rows, n, grid);
+  }
+  // Offsets that decrease or leave [0, num_rows] are clamped: nothing outside A or C is touched.
+  check_tile_walk<64, 128>({-5, 10, 4, 300, 90}, 100, 256, 7);
+}
+
+TEST_CASE("GroupedGemm::paired_weight_row[cuda-host]: gated columns read gate i and up i side by side") {
+  int const inter = 40, n = 2 * inter;
+  std::vector<int> seen(n, 0);
+  for (int p = 0; p < n; ++p) {
+    int const concatenated = detail::paired_weight_row(p, n, true, true);
+    CHECK(concatenated == (p % 2 == 0 ? p / 2 : inter + p / 2));  // gate rows first, then up rows
+    ++seen[static_cast<std::size_t>(concatenated)];
+    CHECK(detail::paired_weight_row(p, n, true, false) == p);   // interleaved: already paired
+    CHECK(detail::paired_weight_row(p, n, false, true) == p);   // not gated: identity
+  }
+  CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));  // a permutation
 }

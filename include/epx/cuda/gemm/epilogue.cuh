@@ -13,12 +13,20 @@
 //! in that order; concatenated weights (gate rows [0, I), up rows [I, 2I)) are read in it by
 //! `weight_row`, so no repacking is needed.
 
+#include <epx/config.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/gemm/activation.hpp>
 
 #include <cstdint>
 
 namespace epx::detail {
+
+//! The weight row that product column p reads: gated GEMMs run over paired columns (2i = gate i,
+//! 2i + 1 = up i); concatenated weights keep gate rows in [0, n/2) and up rows in [n/2, n).
+EPX_HOST_DEVICE inline int paired_weight_row(int p, int n, bool gated, bool concatenated) {
+  if (!gated || !concatenated) return p;
+  return (p & 1) != 0 ? (n >> 1) + (p >> 1) : (p >> 1);
+}
 
 template <class TC, class TBias>
 struct GemmEpilogue {
@@ -35,8 +43,7 @@ struct GemmEpilogue {
 
   //! The weight row that product column p reads.
   [[nodiscard]] __device__ __forceinline__ int weight_row(int p, bool gated) const {
-    if (!gated || !concatenated) return p;
-    return (p & 1) != 0 ? (n >> 1) + (p >> 1) : (p >> 1);
+    return paired_weight_row(p, n, gated, concatenated);
   }
 
   [[nodiscard]] __device__ __forceinline__ float bias_at(int group, int wrow) const {

@@ -10,6 +10,7 @@
 //! Each CTA builds the list's prefix in shared memory from the offsets (one block scan over the
 //! groups), then maps its tile numbers to tiles with a monotone walk: O(groups) per CTA in total.
 
+#include <epx/config.hpp>
 #include <epx/core/math.hpp>
 
 #include <cub/block/block_scan.cuh>
@@ -28,7 +29,7 @@ struct GroupRows {
   std::int64_t end;
 };
 
-__device__ __forceinline__ GroupRows group_rows(std::int32_t const* offsets, int group, std::int64_t num_rows) {
+EPX_HOST_DEVICE inline GroupRows group_rows(std::int32_t const* offsets, int group, std::int64_t num_rows) {
   std::int64_t begin = offsets[group], end = offsets[group + 1];
   begin = begin < 0 ? 0 : (begin > num_rows ? num_rows : begin);
   end = end < begin ? begin : (end > num_rows ? num_rows : end);
@@ -43,43 +44,31 @@ struct GemmTile {
   int n_begin;
 };
 
-template <int kThreads, int kBM, int kBN>
-class TileScheduler {
- public:
-  //! `tile_start` is shared memory for num_groups + 1 entries. Every thread of the block must call
-  //! the constructor (it synchronises the block).
-  __device__ TileScheduler(long long* tile_start, std::int32_t const* offsets, int num_groups, std::int64_t num_rows,
-                           int n)
-      : tile_start_(tile_start), offsets_(offsets), num_groups_(num_groups), num_rows_(num_rows),
-        n_blocks_(ceil_div(n, kBN)) {
-    using Scan = cub::BlockScan<long long, kThreads>;
-    __shared__ typename Scan::TempStorage temp;
-    long long running = 0;
-    for (int base = 0; base < num_groups; base += kThreads) {
-      int const g = base + static_cast<int>(threadIdx.x);
-      long long tiles = 0;
-      if (g < num_groups) {
-        GroupRows const r = group_rows(offsets, g, num_rows);
-        tiles = ceil_div<long long>(r.end - r.begin, kBM) * n_blocks_;
-      }
-      long long prefix = 0, total = 0;
-      Scan(temp).ExclusiveSum(tiles, prefix, total);
-      if (g < num_groups) tile_start[g] = running + prefix;
-      running += total;
-      __syncthreads();  // the scan's temporary storage is reused by the next chunk
-    }
-    if (threadIdx.x == 0) tile_start[num_groups] = running;
-    __syncthreads();
-  }
+//! Tiles of one group: ceil(rows / BM) m-blocks times the n-blocks.
+EPX_HOST_DEVICE inline long long group_tiles(std::int32_t const* offsets, int group, std::int64_t num_rows, int bm,
+                                            int n_blocks) {
+  GroupRows const r = group_rows(offsets, group, num_rows);
+  return ceil_div<long long>(r.end - r.begin, bm) * n_blocks;
+}
 
-  [[nodiscard]] __device__ long long num_tiles() const { return tile_start_[num_groups_]; }
+//! Maps tile numbers to tiles over a prefix `tile_start[g]` (first tile of group g; [num_groups]
+//! = total). Host and device: the host tests check that it covers every output exactly once.
+template <int kBM, int kBN>
+class TileWalker {
+ public:
+  EPX_HOST_DEVICE TileWalker(long long const* tile_start, std::int32_t const* offsets, int num_groups,
+                             std::int64_t num_rows, int n)
+      : tile_start_(tile_start), offsets_(offsets), num_groups_(num_groups), num_rows_(num_rows),
+        n_blocks_(ceil_div(n, kBN)) {}
+
+  [[nodiscard]] EPX_HOST_DEVICE long long num_tiles() const { return tile_start_[num_groups_]; }
 
   //! The tile numbered `t` (< num_tiles()); successive calls must pass non-decreasing t.
-  [[nodiscard]] __device__ GemmTile tile(long long t) {
+  [[nodiscard]] EPX_HOST_DEVICE GemmTile tile(long long t) {
     while (tile_start_[group_ + 1] <= t) ++group_;
     long long const local = t - tile_start_[group_];
     long long const m_blocks = (tile_start_[group_ + 1] - tile_start_[group_]) / n_blocks_;
-    long long const m_block = local % m_blocks, n_block = local / m_blocks;
+    long long const m_block = local % m_blocks, n_block = local / m_blocks;  // m fastest: B slices reused via L2
     GroupRows const r = group_rows(offsets_, group_, num_rows_);
     std::int64_t const row_begin = r.begin + m_block * kBM;
     std::int64_t const row_end = row_begin + kBM < r.end ? row_begin + kBM : r.end;
@@ -93,6 +82,44 @@ class TileScheduler {
   std::int64_t num_rows_;
   int n_blocks_;
   int group_ = 0;
+};
+
+//! The host twin of TileScheduler's prefix (for tests and host-side planning).
+inline void host_tile_prefix(long long* tile_start, std::int32_t const* offsets, int num_groups, std::int64_t num_rows,
+                             int bm, int bn, int n) {
+  long long running = 0;
+  for (int g = 0; g < num_groups; ++g) {
+    tile_start[g] = running;
+    running += group_tiles(offsets, g, num_rows, bm, ceil_div(n, bn));
+  }
+  tile_start[num_groups] = running;
+}
+
+//! TileWalker over a prefix each CTA builds in shared memory with one block scan.
+template <int kThreads, int kBM, int kBN>
+class TileScheduler : public TileWalker<kBM, kBN> {
+ public:
+  //! `tile_start` is shared memory for num_groups + 1 entries. Every thread of the block must call
+  //! the constructor (it synchronises the block).
+  __device__ TileScheduler(long long* tile_start, std::int32_t const* offsets, int num_groups, std::int64_t num_rows,
+                           int n)
+      : TileWalker<kBM, kBN>(tile_start, offsets, num_groups, num_rows, n) {
+    using Scan = cub::BlockScan<long long, kThreads>;
+    __shared__ typename Scan::TempStorage temp;
+    int const n_blocks = ceil_div(n, kBN);
+    long long running = 0;
+    for (int base = 0; base < num_groups; base += kThreads) {
+      int const g = base + static_cast<int>(threadIdx.x);
+      long long const tiles = g < num_groups ? group_tiles(offsets, g, num_rows, kBM, n_blocks) : 0;
+      long long prefix = 0, total = 0;
+      Scan(temp).ExclusiveSum(tiles, prefix, total);
+      if (g < num_groups) tile_start[g] = running + prefix;
+      running += total;
+      __syncthreads();  // the scan's temporary storage is reused by the next chunk
+    }
+    if (threadIdx.x == 0) tile_start[num_groups] = running;
+    __syncthreads();
+  }
 };
 
 }  // namespace epx::detail

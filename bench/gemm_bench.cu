@@ -172,18 +172,11 @@ void bm_gemm1(benchmark::State& state, Shape shape, int t, bool zipf) {
   GemmCase c(shape, t, zipf);
   int const n = 2 * shape.intermediate, k = shape.hidden;
   auto const m = static_cast<int>(c.rows);
-  epx::detail::GroupedGemmArgs<bfloat16, bfloat16> args;
-  args.a = c.x;
-  args.lda = k;
-  args.num_rows = c.rows;
-  args.b = c.w.gate_up;
-  args.offsets = c.d_offsets;
-  args.num_groups = shape.num_experts;
-  args.n = n;
-  args.k = k;
-  args.epilogue.c = c.act;
-  args.epilogue.ldc = shape.intermediate;
-  args.epilogue.n = n;
+  // The expert MLP's first GEMM: gate_up with SwiGLU fused, [rows, H] -> [rows, I].
+  auto args = epx::detail::linear_gemm_args<bfloat16, bfloat16>(
+      epx::MatrixView<bfloat16 const>(c.x, c.rows, k),
+      epx::BatchedMatrixView<bfloat16 const>{c.w.gate_up, shape.num_experts, n, k}, nullptr, c.device_offsets(),
+      epx::MatrixView<bfloat16>(c.act, c.rows, shape.intermediate), nullptr);
   args.epilogue.concatenated = true;
   auto const g = c.grouped(c.x, c.w.gate_up, c.h, n, k);
   double const dense_us = time_us(c.s, [&] { c.dense(c.x, c.w.gate_up, c.h, n, k, m); });

@@ -31,6 +31,21 @@ inline std::uint64_t test_seed() {
   INFO("seed = " << rng##_seed << " (rerun with EPX_TEST_SEED=" << rng##_seed << ")"); \
   std::mt19937_64 rng(rng##_seed)
 
+//! Runs `f`, which must throw epx::Error with `code` and a message containing `part`.
+template <class F>
+void check_throws(Errc code, std::string const& part, F&& f) {
+  bool thrown = false;
+  try {
+    f();
+  } catch (Error const& e) {
+    thrown = true;
+    INFO(e.what());
+    CHECK(e.code() == code);
+    CHECK(std::string(e.what()).find(part) != std::string::npos);
+  }
+  CHECK(thrown);
+}
+
 template <class T>
 std::vector<T> random_vector(std::size_t n, std::mt19937_64& rng, float scale = 1.0f) {
   std::normal_distribution<float> dist(0.0f, scale);

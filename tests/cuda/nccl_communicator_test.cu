@@ -4,6 +4,7 @@
 // world size 1 (send/recv to self, a one-rank all-reduce and all-gather), against host results;
 // the deadline is tested with a 2-rank communicator whose rank 1 never joins.
 
+#include "../common/test_util.hpp"
 #include "device_buffer.cuh"
 
 #include <epx/nccl.hpp>
@@ -85,19 +86,7 @@ bool same_bits(std::vector<T> const& a, std::vector<T> const& b) {
 }
 
 // Runs `f`, expecting Error(code) whose message contains `part`.
-template <class F>
-void check_error(Errc code, std::string const& part, F&& f) {
-  bool thrown = false;
-  try {
-    f();
-  } catch (Error const& e) {
-    thrown = true;
-    INFO(e.what());
-    CHECK(e.code() == code);
-    CHECK(std::string(e.what()).find(part) != std::string::npos);
-  }
-  CHECK(thrown);
-}
+using test::check_throws;
 
 }  // namespace
 
@@ -178,7 +167,7 @@ TEST_CASE("NcclCommunicator::barrier: orders the stream and completes, also afte
   moved.barrier(stream.ref());
   moved.wait(stream.ref());
   CHECK(comm.aborted());
-  check_error(Errc::kPeerFailed, "NcclCommunicator::barrier: rank 0 of 1: the communicator was aborted (moved from)",
+  check_throws(Errc::kPeerFailed, "NcclCommunicator::barrier: rank 0 of 1: the communicator was aborted (moved from)",
               [&] { comm.barrier(stream.ref()); });
 }
 
@@ -189,27 +178,27 @@ TEST_CASE("NcclCommunicator::collectives: bad arguments are named and leave the 
   std::size_t const one[] = {64};
   std::size_t const two[] = {32, 32};
   std::size_t const other[] = {16};
-  check_error(Errc::kInvalidArgument,
+  check_throws(Errc::kInvalidArgument,
               "NcclCommunicator::all_to_all_v: stream = StreamRef::host(), expected a CUDA stream on device 0",
               [&] { comm.all_to_all_v(buf.data(), one, buf.data(), one, StreamRef::host()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: send_bytes.size() = 2, expected the group size 1",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: send_bytes.size() = 2, expected the group size 1",
               [&] { comm.all_to_all_v(buf.data(), two, buf.data(), one, stream.ref()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: recv_bytes.size() = 2, expected the group size 1",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: recv_bytes.size() = 2, expected the group size 1",
               [&] { comm.all_to_all_v(buf.data(), one, buf.data(), two, stream.ref()); });
-  check_error(Errc::kCollectiveMismatch,
+  check_throws(Errc::kCollectiveMismatch,
               "NcclCommunicator::all_to_all_v: send_bytes[rank 0] = 64, expected recv_bytes[rank 0] = 16",
               [&] { comm.all_to_all_v(buf.data(), one, buf.data(), other, stream.ref()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: send = nullptr, expected 64 bytes of device memory",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: send = nullptr, expected 64 bytes of device memory",
               [&] { comm.all_to_all_v(nullptr, one, buf.data(), one, stream.ref()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::all_to_all: recv = nullptr, expected 8 bytes",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all: recv = nullptr, expected 8 bytes",
               [&] { comm.all_to_all(buf.data(), nullptr, 8, stream.ref()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::all_reduce_sum: data = nullptr, expected 40 bytes",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_reduce_sum: data = nullptr, expected 40 bytes",
               [&] { comm.all_reduce_sum(nullptr, 10, DType::kF32, stream.ref()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::all_gather: send = nullptr, expected 4 bytes",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_gather: send = nullptr, expected 4 bytes",
               [&] { comm.all_gather(nullptr, buf.data(), 4, stream.ref()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::barrier: stream = StreamRef::host()",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::barrier: stream = StreamRef::host()",
               [&] { comm.barrier(StreamRef::host()); });
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::wait: stream = StreamRef::host()",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::wait: stream = StreamRef::host()",
               [&] { comm.wait(StreamRef::host()); });
   CHECK_FALSE(comm.aborted());
   comm.all_to_all_v(buf.data(), one, buf.data(), one, stream.ref());
@@ -255,10 +244,10 @@ TEST_CASE("NcclCommunicator::abort: every later call throws kPeerFailed naming t
   std::string const text =
       "NcclCommunicator::all_to_all_v: rank 0 of 1: the communicator was aborted (aborted by the caller: a peer "
       "reported a failure); destroy it and build a new one on every rank";
-  check_error(Errc::kPeerFailed, text, [&] { comm.all_to_all_v(buf.data(), bytes, buf.data(), bytes, stream.ref()); });
-  check_error(Errc::kPeerFailed, "NcclCommunicator::barrier: rank 0 of 1: the communicator was aborted",
+  check_throws(Errc::kPeerFailed, text, [&] { comm.all_to_all_v(buf.data(), bytes, buf.data(), bytes, stream.ref()); });
+  check_throws(Errc::kPeerFailed, "NcclCommunicator::barrier: rank 0 of 1: the communicator was aborted",
               [&] { comm.barrier(stream.ref()); });
-  check_error(Errc::kPeerFailed, "NcclCommunicator::wait: rank 0 of 1: the communicator was aborted",
+  check_throws(Errc::kPeerFailed, "NcclCommunicator::wait: rank 0 of 1: the communicator was aborted",
               [&] { comm.wait(stream.ref()); });
 }
 
@@ -269,7 +258,7 @@ TEST_CASE("NcclCommunicator::NcclCommunicator: a rank that never joins times out
   }
   auto const timeout = 2000ms;
   auto const start = std::chrono::steady_clock::now();
-  check_error(Errc::kTimeout,
+  check_throws(Errc::kTimeout,
               "NcclCommunicator: rank 0 of 2 (device 0): ncclCommInitRankConfig (creating the communicator: waiting for "
               "every rank to join): not finished within the deadline of 2000 ms",
               [&] { NcclCommunicator never(0, 2, fresh_id(), 0, NcclOptions{.timeout = timeout}); });
@@ -304,7 +293,7 @@ TEST_CASE("NcclCommunicator::all_to_all_v: captured into a CUDA graph and replay
   cudaGraphExec_t exec = nullptr;
   EPX_CUDA_CHECK(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeThreadLocal));
   comm.all_to_all_v(send.data(), bytes, recv.data(), bytes, stream.ref());
-  check_error(Errc::kInvalidArgument, "NcclCommunicator::wait: stream = a stream being captured",
+  check_throws(Errc::kInvalidArgument, "NcclCommunicator::wait: stream = a stream being captured",
               [&] { comm.wait(stream.ref()); });
   EPX_CUDA_CHECK(cudaStreamEndCapture(stream.s, &graph));
   EPX_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -328,13 +317,13 @@ TEST_CASE("NcclCommunicator::wait: stream work past the deadline aborts and thro
   spin_for<<<1, 1, 0, stream.s>>>(1'500'000'000ull);  // 1.5 s
   EPX_CUDA_CHECK_LAUNCH(spin_for);
   auto const start = std::chrono::steady_clock::now();
-  check_error(Errc::kTimeout,
+  check_throws(Errc::kTimeout,
               "NcclCommunicator: rank 0 of 1 (device 0), collective #1: NcclCommunicator::wait: not finished within the "
               "deadline of 300 ms: the stream's work did not finish",
               [&] { comm.wait(stream.ref()); });
   CHECK(std::chrono::steady_clock::now() - start >= 300ms);
   CHECK(comm.aborted());
-  check_error(Errc::kPeerFailed, "the communicator was aborted (NcclCommunicator: rank 0 of 1",
+  check_throws(Errc::kPeerFailed, "the communicator was aborted (NcclCommunicator: rank 0 of 1",
               [&] { comm.barrier(stream.ref()); });
   EPX_CUDA_CHECK(cudaStreamSynchronize(stream.s));  // let the spinning kernel end before the stream goes
 }
@@ -363,8 +352,8 @@ TEST_CASE("NcclCommunicator::NcclCommunicator: two ranks on one GPU fail with kN
   for (int r = 0; r < 2; ++r) {
     CAPTURE(r);
     REQUIRE(errors[r] != nullptr);
-    check_error(Errc::kNccl, "NCCL call `ncclCommGetAsyncError` failed: ", [&] { std::rethrow_exception(errors[r]); });
-    check_error(Errc::kNccl, "; the communicator was aborted: destroy it and build a new one on every rank",
+    check_throws(Errc::kNccl, "NCCL call `ncclCommGetAsyncError` failed: ", [&] { std::rethrow_exception(errors[r]); });
+    check_throws(Errc::kNccl, "; the communicator was aborted: destroy it and build a new one on every rank",
                 [&] { std::rethrow_exception(errors[r]); });
   }
 }
@@ -376,11 +365,11 @@ TEST_CASE("NcclCommunicator::from_env: a LOCAL_RANK beyond the visible devices i
   env.launcher = "torchrun";
   env.size = 5000;
   env.local_rank = 4096;
-  check_error(Errc::kInvalidArgument,
+  check_throws(Errc::kInvalidArgument,
               "NcclCommunicator::from_env: LOCAL_RANK = 4096, expected < " + std::to_string(count) +
                   ", the CUDA devices this process sees (one rank per GPU",
               [&] { detail::select_launch_device(env); });
   env.launcher = "mpirun";
-  check_error(Errc::kInvalidArgument, "from_env: OMPI_COMM_WORLD_LOCAL_RANK = 4096, expected < ",
+  check_throws(Errc::kInvalidArgument, "from_env: OMPI_COMM_WORLD_LOCAL_RANK = 4096, expected < ",
               [&] { detail::select_launch_device(env); });
 }

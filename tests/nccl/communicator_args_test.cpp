@@ -3,6 +3,8 @@
 // NcclCommunicator's argument checks that come before any CUDA or NCCL call, so they run on any
 // machine. Everything that needs a device is in tests/cuda/nccl_communicator_test.cu.
 
+#include "../common/test_util.hpp"
+
 #include <epx/nccl/communicator.hpp>
 
 #include <doctest/doctest.h>
@@ -16,16 +18,7 @@ namespace {
 
 template <class F>
 void check_refused(F&& make, Errc code, std::string const& part) {
-  bool thrown = false;
-  try {
-    make();
-  } catch (Error const& e) {
-    thrown = true;
-    INFO(e.what());
-    CHECK(e.code() == code);
-    CHECK(std::string(e.what()).find(part) != std::string::npos);
-  }
-  CHECK(thrown);
+  test::check_throws(code, part, make);
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 // The unique-id file exchange (include/epx/nccl/id_file.hpp) and the polling deadline
 // (include/epx/nccl/poll.hpp), with threads standing in for ranks; no NCCL call is made.
 
+#include "../common/test_util.hpp"
+
 #include <epx/nccl/id_file.hpp>
 #include <epx/nccl/poll.hpp>
 
@@ -54,16 +56,7 @@ void write_bytes(std::string const& path, std::string const& bytes) {
 
 // Reads `path` expecting Error(code) whose message contains `part`.
 void check_read_refused(std::string const& path, detail::IdRecord const& expected, Errc code, std::string const& part) {
-  bool thrown = false;
-  try {
-    (void)detail::read_id_file(path, expected, 2000ms, 1);
-  } catch (Error const& e) {
-    thrown = true;
-    INFO(e.what());
-    CHECK(e.code() == code);
-    CHECK(std::string(e.what()).find(part) != std::string::npos);
-  }
-  CHECK(thrown);
+  test::check_throws(code, part, [&] { (void)detail::read_id_file(path, expected, 2000ms, 1); });
 }
 
 }  // namespace

@@ -71,20 +71,8 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
   if (x.rows == 0 || weights.num_local_experts == 0) return;
   auto* const s = reinterpret_cast<cudaStream_t>(stream.get());
 
-  // GEMM 1 + activation.
-  detail::GroupedGemmArgs<T, T> up;
-  up.a = x.data;
-  up.lda = x.ld;
-  up.num_rows = x.rows;
-  up.b = w.gate_up.data;
-  up.offsets = expert_offsets.data();
-  up.num_groups = weights.num_local_experts;
-  up.n = config.gate_up_rows();
-  up.k = config.hidden;
-  up.epilogue.c = act.data;
-  up.epilogue.ldc = act.ld;
-  up.epilogue.bias = w.gate_up_bias;
-  up.epilogue.n = up.n;
+  // GEMM 1 + activation: over paired columns when gated (epilogue.cuh), ReLU in place otherwise.
+  auto up = detail::linear_gemm_args<T, T>(x, w.gate_up, w.gate_up_bias, expert_offsets, act, nullptr);
   up.epilogue.concatenated = config.gate_up_layout == GateUpLayout::kConcatenated;
   up.epilogue.activation = config.activation;
   up.epilogue.clamped = config.clamped_swiglu;
@@ -92,26 +80,12 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
     detail::run_grouped_gemm<T, T, true>(up, options.rows_hint, s, where);
   } else {
     up.epilogue.relu = true;
-    up.epilogue.paired_stores = detail::paired_stores_ok(act);
     detail::run_grouped_gemm<T, T, false>(up, options.rows_hint, s, where);
   }
 
   // GEMM 2 (+ bias, row scale).
-  detail::GroupedGemmArgs<T, T> down;
-  down.a = act.data;
-  down.lda = act.ld;
-  down.num_rows = act.rows;
-  down.b = w.down.data;
-  down.offsets = expert_offsets.data();
-  down.num_groups = weights.num_local_experts;
-  down.n = config.hidden;
-  down.k = config.intermediate;
-  down.epilogue.c = out.data;
-  down.epilogue.ldc = out.ld;
-  down.epilogue.bias = w.down_bias;
-  down.epilogue.row_scale = options.row_scale;
-  down.epilogue.n = down.n;
-  down.epilogue.paired_stores = detail::paired_stores_ok(out);
+  auto const down = detail::linear_gemm_args<T, T>(MatrixView<T const>(act), w.down, w.down_bias, expert_offsets, out,
+                                                   options.row_scale);
   detail::run_grouped_gemm<T, T, false>(down, options.rows_hint, s, where);
 }
 

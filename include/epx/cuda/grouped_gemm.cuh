@@ -62,12 +62,19 @@ struct DeviceTraits {
   int minor = 0;
 };
 
+//! The current device's traits: read once per device and process (they never change), so a
+//! launch costs one cudaGetDevice, not four attribute queries.
 inline DeviceTraits current_device_traits() {
   DeviceTraits d;
   EPX_CUDA_CHECK(cudaGetDevice(&d.device));
+  static std::mutex mutex;
+  static std::map<int, DeviceTraits> known;
+  std::lock_guard const lock(mutex);
+  if (auto const it = known.find(d.device); it != known.end()) return it->second;
   EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.device));
   EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device));
   EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, d.device));
+  known.emplace(d.device, d);
   return d;
 }
 
@@ -89,9 +96,8 @@ inline void allow_dynamic_smem(void const* kernel, int device, std::size_t bytes
 //! when the tiles (bounded on the host by rows / BM + groups per n-block) are fewer.
 template <class Kernel, class Args>
 void launch_persistent(Kernel kernel, Args const& args, int threads, std::size_t smem_bytes, long long max_tiles,
-                       cudaStream_t stream, std::string_view where) {
+                       DeviceTraits const& dev, cudaStream_t stream, std::string_view where) {
   if (max_tiles <= 0) return;
-  DeviceTraits const dev = current_device_traits();
   allow_dynamic_smem(reinterpret_cast<void const*>(kernel), dev.device, smem_bytes);
   int per_sm = 0;
   EPX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
@@ -112,24 +118,25 @@ void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint
   auto max_tiles = [&](int bm, int bn) {
     return (ceil_div<long long>(args.num_rows, bm) + args.num_groups) * ceil_div<long long>(args.n, bn);
   };
+  DeviceTraits const dev = current_device_traits();
   if constexpr (std::is_same_v<T, float>) {
     using S = SimtTileShape;
     launch_persistent(grouped_gemm_simt_kernel<TC, kGated>, args, S::kThreads, prefix_bytes, max_tiles(S::kBM, S::kBN),
-                      stream, where);
+                      dev, stream, where);
   } else {
-    DeviceTraits const dev = current_device_traits();
     require(dev.major >= 8, Errc::kUnsupported, where, "device compute capability",
             fmt::format("{}.{}", dev.major, dev.minor), ">= 8.0 (bf16/fp16 tensor cores: mma.sync m16n8k16)");
     auto launch = [&]<class Shape>(Shape*) {
       launch_persistent(grouped_gemm_mma_kernel<Shape, T, TC, kGated>, args, Shape::kThreads,
-                        Shape::kSmemBytes + prefix_bytes, max_tiles(Shape::kBM, Shape::kBN), stream, where);
+                        Shape::kSmemBytes + prefix_bytes, max_tiles(Shape::kBM, Shape::kBN), dev, stream, where);
     };
     MmaTile const tile = pick_mma_tile(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups);
 #if defined(EPX_ENABLE_WGMMA)
     if (dev.major == 9 && tile == MmaTile::kLarge) {  // opt-in Hopper mainloop (wgmma_sm90.cuh)
       using W = WgmmaTileShape;
       launch_persistent(grouped_gemm_wgmma_kernel<T, TC, kGated>, args, W::kThreads,
-                        W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), stream, where);
+                        W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), dev, stream,
+                        where);
       return;
     }
 #endif
@@ -169,6 +176,30 @@ bool paired_stores_ok(MatrixView<TC> c) {
   return aligned_to(c.data, 2 * sizeof(TC)) && c.ld % 2 == 0;
 }
 
+//! The launch arguments of c = (a · bᵀ + bias) · row_scale over the groups of `offsets` (device);
+//! a gated or ReLU GEMM starts from these and sets its epilogue fields.
+template <class T, class TC>
+GroupedGemmArgs<T, TC> linear_gemm_args(MatrixView<T const> a, BatchedMatrixView<T const> b, T const* bias,
+                                        std::span<std::int32_t const> offsets, MatrixView<TC> c,
+                                        float const* row_scale) {
+  GroupedGemmArgs<T, TC> args;
+  args.a = a.data;
+  args.lda = a.ld;
+  args.num_rows = a.rows;
+  args.b = b.data;
+  args.offsets = offsets.data();
+  args.num_groups = static_cast<int>(b.batch);
+  args.n = static_cast<int>(b.rows);
+  args.k = static_cast<int>(a.cols);
+  args.epilogue.c = c.data;
+  args.epilogue.ldc = c.ld;
+  args.epilogue.bias = bias;
+  args.epilogue.row_scale = row_scale;
+  args.epilogue.n = args.n;
+  args.epilogue.paired_stores = paired_stores_ok(c);
+  return args;
+}
+
 }  // namespace detail
 
 //! @brief grouped_gemm on the GPU: c[r, :] = (a[r, :] · b[g]ᵀ + bias[g]) · row_scale[r] for the rows r of
@@ -200,21 +231,7 @@ void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b
   detail::require(offsets.data() != nullptr || offsets.empty(), Errc::kInvalidArgument, where, "offsets.data()",
                   "nullptr", "device memory holding G + 1 offsets");
   detail::check_gemm_layout<T>(where, "a.cols (k)", a.cols, a, b.data, static_cast<int>(b.batch));
-  detail::GroupedGemmArgs<T, TC> args;
-  args.a = a.data;
-  args.lda = a.ld;
-  args.num_rows = a.rows;
-  args.b = b.data;
-  args.offsets = offsets.data();
-  args.num_groups = static_cast<int>(b.batch);
-  args.n = static_cast<int>(b.rows);
-  args.k = static_cast<int>(a.cols);
-  args.epilogue.c = c.data;
-  args.epilogue.ldc = c.ld;
-  args.epilogue.bias = bias;
-  args.epilogue.row_scale = options.row_scale;
-  args.epilogue.n = args.n;
-  args.epilogue.paired_stores = detail::paired_stores_ok(c);
+  auto const args = detail::linear_gemm_args<T, TC>(a, b, bias, offsets, c, options.row_scale);
   detail::run_grouped_gemm<T, TC, false>(args, options.rows_hint, reinterpret_cast<cudaStream_t>(stream.get()), where);
 }
 

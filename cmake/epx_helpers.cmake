@@ -29,6 +29,12 @@ endmacro()
 # Warnings and sanitizers for one of epx's own targets.
 function(epx_target_options target)
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Werror>)
+  # No silent a * b + c -> fma contraction in host code (GCC contracts by default wherever the target
+  # has FMA: -march=native, aarch64): the host oracle's bits must not depend on the build machine.
+  # Where host and device must agree bit for bit, epx's code says the rounding itself (std::fma /
+  # __fmaf_rn); this keeps the rest of the host references stable across compilers and flags.
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-ffp-contract=off>
+                                           $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-ffp-contract=off>)
   if(EPX_SANITIZE)
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${EPX_SANITIZE} -fno-omit-frame-pointer
                                              -fno-sanitize-recover=all>)

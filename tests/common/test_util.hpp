@@ -26,6 +26,21 @@ inline std::uint64_t test_seed() {
   return (std::uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
 }
 
+//! True when EPX_TEST_SMALL is set (to anything but "" or "0"): GPU tests then run reduced problem
+//! sizes, so that compute-sanitizer (memcheck, racecheck, synccheck: 10-100x slower) fits a GPU
+//! session's budget. Every size list a test shrinks keeps its edge cases (0, 1, ragged tails); only
+//! the large sizes go.
+inline bool small_sizes() {
+  char const* s = std::getenv("EPX_TEST_SMALL");
+  return s != nullptr && *s != '\0' && std::string(s) != "0";
+}
+
+//! `full`, or `small` under EPX_TEST_SMALL (see small_sizes()).
+template <class T>
+T pick_size(T full, T small) {
+  return small_sizes() ? small : full;
+}
+
 #define EPX_TEST_SEEDED_RNG(rng)                                           \
   std::uint64_t const rng##_seed = ::epx::test::test_seed();               \
   INFO("seed = " << rng##_seed << " (rerun with EPX_TEST_SEED=" << rng##_seed << ")"); \

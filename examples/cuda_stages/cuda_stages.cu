@@ -15,11 +15,13 @@
 
 namespace {
 
+// Uploads on the stream that will read the data: a plain cudaMemcpy from pageable memory may return
+// before the bytes land, and work on a non-blocking stream is not ordered after it.
 template <class T>
-T* upload(std::vector<T> const& v) {
+T* upload(std::vector<T> const& v, cudaStream_t s) {
   T* p = nullptr;
   EPX_CUDA_CHECK(cudaMalloc(&p, v.size() * sizeof(T)));
-  EPX_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  EPX_CUDA_CHECK(cudaMemcpyAsync(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, s));
   return p;
 }
 
@@ -59,8 +61,8 @@ int main() {
   cudaStream_t s = nullptr;
   EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   epx::StreamRef const stream(s);
-  float* d_logits = upload(logits);
-  bfloat16 *d_x = upload(x), *d_gate_up = upload(gate_up), *d_down = upload(down);
+  float* d_logits = upload(logits, s);  // ordered on s, before the stages that read it
+  bfloat16 *d_x = upload(x, s), *d_gate_up = upload(gate_up, s), *d_down = upload(down, s);
   auto* d_ids = device<std::int32_t>(kTokens * kTopK);
   auto* d_weights = device<float>(kTokens * kTopK);
   auto* d_perm = device<bfloat16>(std::size_t{kTokens} * kTopK * kHidden);  // room for every slot

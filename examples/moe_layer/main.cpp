@@ -127,8 +127,10 @@ class DeviceArray {
   explicit DeviceArray(std::size_t count) : count_(count) {
     if (count > 0) EPX_CUDA_CHECK(cudaMalloc(&data_, count * sizeof(T)));
   }
-  DeviceArray(T const* host, std::size_t count) : DeviceArray(count) {
-    if (count > 0) EPX_CUDA_CHECK(cudaMemcpy(data_, host, count * sizeof(T), cudaMemcpyHostToDevice));
+  // Uploads on the stream that will read the data: a plain cudaMemcpy from pageable memory may
+  // return before the bytes land, and work on a non-blocking stream is not ordered after it.
+  DeviceArray(T const* host, std::size_t count, cudaStream_t stream) : DeviceArray(count) {
+    if (count > 0) EPX_CUDA_CHECK(cudaMemcpyAsync(data_, host, count * sizeof(T), cudaMemcpyHostToDevice, stream));
   }
   DeviceArray(DeviceArray const&) = delete;
   DeviceArray& operator=(DeviceArray const&) = delete;
@@ -154,8 +156,8 @@ double run_cuda(Layer<T> const& layer, std::vector<std::vector<T>>& y) {
     cudaStream_t stream = nullptr;
     EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     {
-      DeviceArray<T> const gate_up(layer.gate_up.data() + local.first * kGateUpSize, local.count * kGateUpSize);
-      DeviceArray<T> const down(layer.down.data() + local.first * kDownSize, local.count * kDownSize);
+      DeviceArray<T> const gate_up(layer.gate_up.data() + local.first * kGateUpSize, local.count * kGateUpSize, stream);
+      DeviceArray<T> const down(layer.down.data() + local.first * kDownSize, local.count * kDownSize, stream);
       epx::ExpertParallel<epx::Grouped, Dispatch, epx::Cuda> moe(
           {.router = layer.router,
            .mlp = layer.mlp,
@@ -163,8 +165,8 @@ double run_cuda(Layer<T> const& layer, std::vector<std::vector<T>>& y) {
            .placement = layer.placement},
           comm);
       DeviceArray<std::byte> workspace(moe.workspace_bytes(tokens));
-      DeviceArray<float> const logits(layer.logits[rank].data(), layer.logits[rank].size());
-      DeviceArray<T> const x(layer.x[rank].data(), layer.x[rank].size());
+      DeviceArray<float> const logits(layer.logits[rank].data(), layer.logits[rank].size(), stream);
+      DeviceArray<T> const x(layer.x[rank].data(), layer.x[rank].size(), stream);
       DeviceArray<T> const out(y[rank].size());
       ms[rank] = median_ms([&] {
         moe.forward(epx::StreamRef(stream), epx::MatrixView<float const>(logits.data(), tokens, kExperts),

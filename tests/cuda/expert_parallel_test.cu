@@ -452,3 +452,66 @@ TEST_CASE("ExpertParallel<Cuda>::forward: bad shapes, element types and workspac
   forward(t, ws);
   CHECK(ep.status(stream.ref()).invalid_ids == 0);
 }
+
+TEST_CASE("ExpertParallel<Grouped, AllGather, Cuda>::forward: captured in a CUDA graph, replays give the eager result") {
+  // The header promises that AllGather with Grouped captures when the communicator's all_reduce_sum
+  // does (a 1-rank CudaLocalGroup: yes; NCCL: yes). After one eager warm-up forward (kernel
+  // attributes set, the stream's device checked), a captured forward must replay to the eager bits,
+  // from router logits and from given top-k alike.
+  EPX_TEST_SEEDED_RNG(rng);
+  Scenario const s{.num_experts = 32, .top_k = 4, .mlp = {.hidden = 128, .intermediate = 64}, .tokens_per_rank = {77},
+                   .bias = true};
+  auto const gw = GlobalWeights<bfloat16>::random(s.num_experts, s.mlp, s.bias, rng);
+  std::int64_t const t = s.tokens_per_rank[0];
+  auto const x_host = test::random_vector<bfloat16>(static_cast<std::size_t>(t * s.mlp.hidden), rng);
+  auto const logits_host = test::random_vector<float>(static_cast<std::size_t>(t * s.num_experts), rng);
+  auto const ids_host = make_ids(s, t, rng);
+  auto const weights_host = test::random_weights(ids_host.size(), rng);
+  std::vector<bfloat16> eager[2], replayed[2];
+  CudaLocalGroup group(1, {.timeout = std::chrono::seconds(30)});
+  group.run([&](int, Communicator& comm) {
+    Stream stream;
+    DeviceExperts<bfloat16> const experts(gw, ExpertRange{0, s.num_experts});
+    ExpertParallel<Grouped, AllGather, Cuda> ep(
+        MoeConfig{.router = router_of(s), .mlp = s.mlp, .weights = experts.weights()}, comm);
+    DeviceBuffer<std::byte> ws(ep.workspace_bytes(t));
+    DeviceBuffer<bfloat16> x(x_host), y(x_host.size());
+    DeviceBuffer<float> logits(logits_host), weights(weights_host);
+    DeviceBuffer<std::int32_t> ids(ids_host);
+    MatrixView<bfloat16 const> const xv(x.data(), t, s.mlp.hidden);
+    MatrixView<bfloat16> const yv(y.data(), t, s.mlp.hidden);
+    for (int from_logits = 0; from_logits < 2; ++from_logits) {
+      auto forward = [&] {
+        if (from_logits != 0)
+          ep.forward(stream.ref(), MatrixView<float const>(logits.data(), t, s.num_experts), xv, yv,
+                     Workspace(ws.data(), ws.size()));
+        else
+          ep.forward(stream.ref(), MatrixView<std::int32_t const>(ids.data(), t, s.top_k),
+                     MatrixView<float const>(weights.data(), t, s.top_k), xv, yv, Workspace(ws.data(), ws.size()));
+      };
+      y.poison(0xff);
+      forward();  // eager warm-up
+      stream.sync();
+      eager[from_logits] = y.to_host();
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      EPX_CUDA_CHECK(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal));
+      forward();
+      EPX_CUDA_CHECK(cudaStreamEndCapture(stream.s, &graph));
+      EPX_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      y.poison(0xff);
+      for (int replay = 0; replay < 3; ++replay) EPX_CUDA_CHECK(cudaGraphLaunch(exec, stream.s));
+      stream.sync();
+      replayed[from_logits] = y.to_host();
+      EPX_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      EPX_CUDA_CHECK(cudaGraphDestroy(graph));
+    }
+  });
+  for (int from_logits = 0; from_logits < 2; ++from_logits) {
+    CAPTURE(from_logits);
+    CHECK(bitwise_equal(replayed[from_logits], eager[from_logits]));
+  }
+  // And the eager result is the layer's (from given top-k: the Host oracle on the same routing).
+  RankInputs<bfloat16> in{.x = x_host, .ids = ids_host, .weights = weights_host};
+  CHECK(test::rel_error(eager[0], host_reference(s, gw, in).y) <= tolerance<bfloat16>());
+}

@@ -105,6 +105,28 @@ TEST_CASE("Cuda::check: an error that loses the context says to restart") {
   CHECK_FALSE(contains(plain.what(), "restart the process"));
 }
 
+TEST_CASE("Cuda::check: a launch check blames the launch only for launch errors") {
+  // Every error that loses the context is named as such (the list grew by two: a watchdog timeout
+  // and an uncorrectable ECC error end the context as surely as an illegal address).
+  for (cudaError_t const e : {cudaErrorIllegalAddress, cudaErrorLaunchFailure, cudaErrorLaunchTimeout,
+                              cudaErrorECCUncorrectable, cudaErrorAssert, cudaErrorMisalignedAddress})
+    CHECK(epx::detail::is_sticky_cuda_error(e));
+  for (cudaError_t const e : {cudaErrorInvalidValue, cudaErrorInvalidConfiguration, cudaErrorNoKernelImageForDevice,
+                              cudaErrorLaunchOutOfResources})
+    CHECK_FALSE(epx::detail::is_sticky_cuda_error(e));
+  // A configuration error is this launch's own.
+  std::string const own = epx::detail::launch_error_message(cudaErrorInvalidConfiguration, "permute_kernel");
+  CHECK(contains(own, "launch of `permute_kernel` failed"));
+  CHECK(contains(own, "cudaErrorInvalidConfiguration"));
+  // A sticky error seen at a launch came from an earlier asynchronous fault: not blamed on it.
+  std::string const earlier = epx::detail::launch_error_message(cudaErrorIllegalAddress, "grouped_gemm_mma_kernel");
+  CHECK(contains(earlier, "cudaErrorIllegalAddress"));
+  CHECK(contains(earlier, "seen when launching `grouped_gemm_mma_kernel`"));
+  CHECK(contains(earlier, "not necessarily this kernel"));
+  CHECK(contains(earlier, "restart the process"));
+  CHECK_FALSE(contains(earlier, "launch of `grouped_gemm_mma_kernel` failed"));
+}
+
 TEST_CASE("Cuda::check: EPX_CUDA_CHECK works as a single statement") {
   int branch = 0;
   for (bool const fail : {false, true}) {

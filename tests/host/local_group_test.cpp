@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <limits>
 
 using namespace epx;
 using namespace std::chrono_literals;
@@ -93,6 +94,44 @@ TEST_CASE("LocalGroup::all_reduce_sum: sums in rank order, the same bits on ever
       for (int q = 1; q < n; ++q) acc += static_cast<float>(bdata_in[static_cast<std::size_t>(q)][i]);
       REQUIRE(bd[i].bits == bfloat16(acc).bits);
     }
+  });
+}
+
+TEST_CASE("LocalGroup::all_reduce_sum: integers wrap as two's complement, as on the GPU") {
+  // A signed overflow would be undefined behaviour (UBSan in CI fails on it); the CUDA backend sums
+  // integers as unsigned, so the host does too and both give the wrapped bits.
+  EPX_TEST_SEEDED_RNG(rng);
+  int const n = 3;
+  std::uniform_int_distribution<std::int32_t> i32;
+  std::uniform_int_distribution<std::int64_t> i64;
+  std::vector<std::vector<std::int32_t>> a(n, std::vector<std::int32_t>(50));
+  std::vector<std::vector<std::int64_t>> b(n, std::vector<std::int64_t>(50));
+  for (int q = 0; q < n; ++q)
+    for (std::size_t i = 0; i < 50; ++i) {
+      a[static_cast<std::size_t>(q)][i] = i < 2 ? std::numeric_limits<std::int32_t>::max() : i32(rng);
+      b[static_cast<std::size_t>(q)][i] = i < 2 ? std::numeric_limits<std::int64_t>::min() : i64(rng);
+    }
+  std::vector<std::int32_t> want_a(50);
+  std::vector<std::int64_t> want_b(50);
+  for (std::size_t i = 0; i < 50; ++i) {
+    std::uint32_t ua = 0;
+    std::uint64_t ub = 0;
+    for (int q = 0; q < n; ++q) {
+      ua += static_cast<std::uint32_t>(a[static_cast<std::size_t>(q)][i]);
+      ub += static_cast<std::uint64_t>(b[static_cast<std::size_t>(q)][i]);
+    }
+    want_a[i] = static_cast<std::int32_t>(ua);
+    want_b[i] = static_cast<std::int64_t>(ub);
+  }
+  CHECK(want_a[0] == std::numeric_limits<std::int32_t>::max() - 2);  // 3 * INT32_MAX wrapped
+  LocalGroup group(n, {.timeout = 10s});
+  group.run([&](int rank, Communicator& comm) {
+    auto& x = a[static_cast<std::size_t>(rank)];
+    auto& y = b[static_cast<std::size_t>(rank)];
+    comm.all_reduce_sum(x.data(), x.size(), DType::kI32, StreamRef::host());
+    comm.all_reduce_sum(y.data(), y.size(), DType::kI64, StreamRef::host());
+    REQUIRE(x == want_a);
+    REQUIRE(y == want_b);
   });
 }
 

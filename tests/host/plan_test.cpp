@@ -4,6 +4,8 @@
 
 #include "../common/test_util.hpp"
 
+#include <cmath>
+#include <cstring>
 #include <numeric>
 
 using namespace epx;
@@ -162,6 +164,43 @@ TEST_CASE("Permute::unpermute: weighted sum in slot order, deterministic, every 
   CHECK_THROWS_WITH_AS(unpermute(Host{}, r.plan, MatrixView<float const>(expert_out.data(), rows, h),
                                  MatrixView<float const>(weights.data(), t, k - 1), MatrixView<float>(y.data(), t, h)),
                        doctest::Contains("topk_weights.cols = 3, expected 4"), Error);
+}
+
+TEST_CASE("Permute::unpermute: each term is one fused multiply-add, so CUDA and Host agree bit for bit") {
+  // The CUDA unpermute adds each term with one rounding (nvcc contracts, and epx says __fmaf_rn).
+  // The host must do the same whatever its compiler flags; a product rounded before the sum
+  // differs in the last bit for a large share of random inputs (checked below, so this test
+  // cannot pass by accident).
+  EPX_TEST_SEEDED_RNG(rng);
+  std::int64_t const t = 64, h = 96;
+  std::int32_t const k = 8, e = 16;
+  auto const ids = test::random_ids(t, k, e, rng, 0.1);
+  auto const weights = test::random_weights(ids.size(), rng);
+  auto const r = run_plan(ids, t, k, e, {0, e});
+  std::int64_t const rows = r.plan.expert_offsets.back();
+  auto const expert_out = test::random_vector<float>(static_cast<std::size_t>(rows * h), rng);
+  std::vector<float> y(static_cast<std::size_t>(t * h), 999.0f);
+  unpermute(Host{}, r.plan, MatrixView<float const>(expert_out.data(), rows, h),
+            MatrixView<float const>(weights.data(), t, k), MatrixView<float>(y.data(), t, h));
+  std::size_t fused_differs_from_separate = 0;
+  for (std::int64_t tok = 0; tok < t; ++tok)
+    for (std::int64_t c = 0; c < h; ++c) {
+      float fused = 0.0f;
+      volatile float separate = 0.0f;  // volatile: each product is rounded on its own, never contracted
+      for (std::int32_t j = 0; j < k; ++j) {
+        auto const row = r.plan.slot_rows[static_cast<std::size_t>(tok * k + j)];
+        if (row < 0) continue;
+        float const w = weights[static_cast<std::size_t>(tok * k + j)];
+        float const v = expert_out[static_cast<std::size_t>(row * h + c)];
+        fused = std::fma(w, v, fused);
+        volatile float const product = w * v;
+        separate = separate + product;
+      }
+      float const got = y[static_cast<std::size_t>(tok * h + c)];
+      CHECK(std::memcmp(&got, &fused, sizeof(float)) == 0);
+      if (fused != separate) ++fused_differs_from_separate;
+    }
+  CHECK(fused_differs_from_separate > static_cast<std::size_t>(t * h / 20));
 }
 
 TEST_CASE("Stages::host: read-only inputs accept mutable views and a null bias") {

@@ -477,8 +477,10 @@ class LocalGroup {
         case DType::kF32: reduce_as<float, float>(posts, post); break;
         case DType::kF16: reduce_as<half, float>(posts, post); break;
         case DType::kBF16: reduce_as<bfloat16, float>(posts, post); break;
-        case DType::kI32: reduce_as<std::int32_t, std::int32_t>(posts, post); break;
-        case DType::kI64: reduce_as<std::int64_t, std::int64_t>(posts, post); break;
+        // Integers are summed as unsigned: they wrap (two's complement) instead of overflowing
+        // (undefined for signed types), giving the same bits as the CUDA backend's sum.
+        case DType::kI32: reduce_as<std::int32_t, std::uint32_t>(posts, post); break;
+        case DType::kI64: reduce_as<std::int64_t, std::uint64_t>(posts, post); break;
       }
     }
 
@@ -488,7 +490,7 @@ class LocalGroup {
       for (std::size_t i = 0; i < post.count; ++i) {
         Acc acc = load<T, Acc>(posts[0].recv, i);
         for (std::size_t q = 1; q < posts.size(); ++q) acc += load<T, Acc>(posts[q].recv, i);
-        if constexpr (std::is_same_v<T, Acc>) out[i] = acc;
+        if constexpr (std::is_same_v<T, Acc> || std::is_integral_v<T>) out[i] = static_cast<T>(acc);
         else out[i] = T(acc);
       }
     }

@@ -9,6 +9,7 @@
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
+#include <string>
 #include <string_view>
 
 namespace epx::detail {
@@ -17,7 +18,8 @@ namespace epx::detail {
 constexpr bool is_sticky_cuda_error(cudaError_t e) noexcept {
   return e == cudaErrorIllegalAddress || e == cudaErrorLaunchFailure || e == cudaErrorIllegalInstruction ||
          e == cudaErrorMisalignedAddress || e == cudaErrorInvalidAddressSpace || e == cudaErrorInvalidPc ||
-         e == cudaErrorHardwareStackError || e == cudaErrorAssert;
+         e == cudaErrorHardwareStackError || e == cudaErrorAssert || e == cudaErrorLaunchTimeout ||
+         e == cudaErrorECCUncorrectable;
 }
 
 //! Throws Error(kCuda) for a failed CUDA call, after clearing the thread's last-error state so the
@@ -28,6 +30,27 @@ constexpr bool is_sticky_cuda_error(cudaError_t e) noexcept {
               fmt::format("CUDA call `{}` failed: {} ({}){}", call, cudaGetErrorName(code), cudaGetErrorString(code),
                           is_sticky_cuda_error(code) ? "; the CUDA context is lost, restart the process" : ""),
               loc);
+}
+
+//! The message of a failed launch check. A launch itself fails only with configuration errors
+//! (grid, block, shared memory, no kernel image), which are not sticky; a sticky error seen at a
+//! launch comes from an earlier asynchronous fault (this thread's or any kernel's on the context),
+//! so the message does not blame `kernel` for it.
+inline std::string launch_error_message(cudaError_t code, std::string_view kernel) {
+  if (is_sticky_cuda_error(code))
+    return fmt::format("CUDA error {} ({}) seen when launching `{}`: an earlier asynchronous failure on this "
+                       "device (not necessarily this kernel) lost the CUDA context; restart the process "
+                       "(compute-sanitizer names the kernel that failed)",
+                       cudaGetErrorName(code), cudaGetErrorString(code), kernel);
+  return fmt::format("launch of `{}` failed: {} ({})", kernel, cudaGetErrorName(code), cudaGetErrorString(code));
+}
+
+//! Checks the launch just made on this thread (cudaPeekAtLastError); the Error names `kernel`.
+inline void check_launch(std::string_view kernel, SourceLocation loc) {
+  cudaError_t const code = cudaPeekAtLastError();
+  if (code == cudaSuccess) return;
+  (void)cudaGetLastError();  // clear a non-sticky error so it is reported once
+  throw_error(Errc::kCuda, launch_error_message(code, kernel), loc);
 }
 
 constexpr std::string_view cublas_status_name(cublasStatus_t s) noexcept {
@@ -63,14 +86,11 @@ constexpr std::string_view cublas_status_name(cublasStatus_t s) noexcept {
   } while (0)
 
 //! Checks the launch just made on this thread (cudaPeekAtLastError), e.g. after `kernel<<<...>>>`;
-//! the Error names `kernel_name`.
-#define EPX_CUDA_CHECK_LAUNCH(kernel_name)                                                            \
-  do {                                                                                                \
-    cudaError_t const epx_cuda_launch_status_ = cudaPeekAtLastError();                                \
-    if (epx_cuda_launch_status_ != cudaSuccess)                                                       \
-      ::epx::detail::throw_cuda_error(epx_cuda_launch_status_, "launch of " #kernel_name,             \
-                                      ::epx::detail::SourceLocation::current());                      \
-  } while (0)
+//! the Error names `kernel_name` (a sticky error from an earlier fault is reported as such, see
+//! launch_error_message). Code that launches one of several kernels calls detail::check_launch
+//! with the name of the one it launched.
+#define EPX_CUDA_CHECK_LAUNCH(kernel_name) \
+  ::epx::detail::check_launch(#kernel_name, ::epx::detail::SourceLocation::current())
 
 //! Evaluates a cuBLAS call once; on failure throws epx::Error(Errc::kCuda).
 #define EPX_CUBLAS_CHECK(call)                                                                            \

@@ -25,6 +25,7 @@
 #include <epx/cuda/permute.cuh>
 #include <epx/cuda/plan.cuh>
 #include <epx/cuda/router.cuh>
+#include <epx/cuda/row_blocks.hpp>
 #include <epx/parallel/exchange_layout.hpp>
 #include <epx/parallel/expert_parallel.hpp>
 
@@ -85,13 +86,14 @@ class PinnedHostBuffer {
 //! (the plan counts them; this remembers which came first, as the Host message says). A template
 //! over the id type only so that the header can be included by several translation units.
 template <class Id>
-__global__ void first_invalid_id_kernel(Id const* __restrict__ ids, std::int64_t ld, std::int64_t num_tokens,
+__global__ void first_invalid_id_kernel(Id const* __restrict__ ids, std::int64_t ld, std::int32_t num_tokens,
                                         std::int32_t top_k, std::int32_t num_experts,
                                         unsigned long long* __restrict__ first) {
-  std::int64_t const n = num_tokens * top_k;
-  for (std::int64_t s = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; s < n;
-       s += std::int64_t{gridDim.x} * blockDim.x) {
-    Id const id = ids[(s / top_k) * ld + s % top_k];
+  // Slot indices fit an int32 (check_plan_args): 32-bit division.
+  auto const n = static_cast<std::uint32_t>(num_tokens) * static_cast<std::uint32_t>(top_k);
+  for (std::uint32_t s = blockIdx.x * blockDim.x + threadIdx.x; s < n; s += gridDim.x * blockDim.x) {
+    std::uint32_t const t = s / static_cast<std::uint32_t>(top_k), j = s - t * static_cast<std::uint32_t>(top_k);
+    Id const id = ids[std::int64_t{t} * ld + j];
     if (id != -1 && (id < 0 || id >= num_experts))
       atomicMin(first, (static_cast<unsigned long long>(s) << 32) | static_cast<std::uint32_t>(id));
   }
@@ -113,30 +115,33 @@ __global__ void count_table_row_kernel(Count const* __restrict__ tokens_per_expe
   }
 }
 
-//! Copies runs of whole rows between two contiguous [rows, hidden] buffers (one segment per
-//! blockIdx.y, its rows spread over blockIdx.x); `inverse` copies dst -> src. Rows of a segment
-//! are contiguous in both buffers, so a segment is one flat run of `num_rows * units_per_row` units.
+//! Moves the received rows between rank-major (`rank_major`) and expert-major (`expert_major`)
+//! order: one flat grid-stride over the rank-major rows (threadIdx.y a row, threadIdx.x its chunks,
+//! row_blocks.hpp), each row finding its segment by a binary search (segment_of_row), so a hot
+//! expert's long segment and many short ones cost the same per row. `inverse` copies expert-major
+//! -> rank-major. Both buffers are contiguous [rows, units_per_row].
 template <class Unit>
-__global__ void regroup_rows_kernel(Unit const* __restrict__ from, Unit* __restrict__ to, std::int64_t units_per_row,
-                                    RowSegment const* __restrict__ segments, std::int32_t num_segments, bool inverse) {
-  for (std::int32_t s = blockIdx.y; s < num_segments; s += gridDim.y) {
-    RowSegment const seg = segments[s];
-    std::int64_t const src = (inverse ? seg.dst_row : seg.src_row) * units_per_row;
-    std::int64_t const dst = (inverse ? seg.src_row : seg.dst_row) * units_per_row;
-    std::int64_t const n = seg.num_rows * units_per_row;
-    for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n;
-         i += std::int64_t{gridDim.x} * blockDim.x)
-      to[dst + i] = from[src + i];
+__global__ void regroup_rows_kernel(Unit* __restrict__ rank_major, Unit* __restrict__ expert_major,
+                                    std::int32_t units_per_row, RowSegment const* __restrict__ segments,
+                                    std::int32_t num_segments, std::int64_t num_rows, bool inverse) {
+  for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.y} + threadIdx.y; row < num_rows;
+       row += std::int64_t{gridDim.x} * blockDim.y) {
+    std::int64_t const other = expert_major_row(segments[segment_of_row(segments, num_segments, row)], row);
+    Unit const* const from = inverse ? expert_major + other * units_per_row : rank_major + row * units_per_row;
+    Unit* const to = inverse ? rank_major + row * units_per_row : expert_major + other * units_per_row;
+    for (std::int32_t u = threadIdx.x; u < units_per_row; u += blockDim.x) to[u] = from[u];
   }
 }
 
-//! y = T(partial): the all-reduced fp32 sum, rounded once (as the Host backend does).
+//! y = T(partial): the all-reduced fp32 sum, rounded once (as the Host backend does). Rows over
+//! threadIdx.y and the grid, columns over threadIdx.x (no 64-bit division per element).
 template <class T>
-__global__ void partial_to_output_kernel(float const* __restrict__ partial, std::int64_t rows, std::int64_t cols,
+__global__ void partial_to_output_kernel(float const* __restrict__ partial, std::int64_t rows, std::int32_t cols,
                                          T* __restrict__ y, std::int64_t ldy) {
-  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < rows * cols;
-       i += std::int64_t{gridDim.x} * blockDim.x)
-    y[(i / cols) * ldy + i % cols] = device_from_float<T>(partial[i]);
+  for (std::int64_t r = blockIdx.x * std::int64_t{blockDim.y} + threadIdx.y; r < rows;
+       r += std::int64_t{gridDim.x} * blockDim.y)
+    for (std::int32_t c = threadIdx.x; c < cols; c += blockDim.x)
+      y[r * ldy + c] = device_from_float<T>(partial[r * cols + c]);
 }
 
 inline int grid_blocks(std::int64_t work, ExpertParallelPolicy const& policy) {
@@ -283,7 +288,8 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
         detail::ExpertParallelPolicy const policy;
         detail::first_invalid_id_kernel<std::int32_t><<<detail::grid_blocks(num_tokens * topk_ids.cols, policy),
                                           policy.threads_per_block, 0, cuda_stream(stream)>>>(
-            topk_ids.data, topk_ids.ld, num_tokens, config_.router.top_k, config_.router.num_experts,
+            topk_ids.data, topk_ids.ld, static_cast<std::int32_t>(num_tokens), config_.router.top_k,
+            config_.router.num_experts,
             reinterpret_cast<unsigned long long*>(&control(parts)->first_invalid));
         EPX_CUDA_CHECK_LAUNCH(first_invalid_id_kernel);
       }
@@ -531,18 +537,15 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
                MatrixView<T> rank_major, MatrixView<T> expert_major, bool inverse) const {
     if (layout.regroup.empty()) return;
     detail::ExpertParallelPolicy const policy;
-    std::int64_t max_rows = 0;
-    for (auto const& seg : layout.regroup) max_rows = std::max(max_rows, seg.num_rows);
     auto const num_segments = static_cast<std::int32_t>(layout.regroup.size());
     auto launch = [&]<class Unit>(Unit*) {
-      std::int64_t const units =
-          rank_major.cols * static_cast<std::int64_t>(sizeof(T)) / static_cast<std::int64_t>(sizeof(Unit));
-      dim3 const grid(static_cast<unsigned>(detail::grid_blocks(max_rows * units, policy)),
-                      static_cast<unsigned>(std::min(num_segments, policy.max_blocks)));
-      auto const* from = reinterpret_cast<Unit const*>(inverse ? expert_major.data : rank_major.data);
-      auto* to = reinterpret_cast<Unit*>(inverse ? rank_major.data : expert_major.data);
-      detail::regroup_rows_kernel<Unit><<<grid, policy.threads_per_block, 0, s>>>(from, to, units, segments,
-                                                                                 num_segments, inverse);
+      auto const units = static_cast<std::int32_t>(rank_major.cols * static_cast<std::int64_t>(sizeof(T)) /
+                                                   static_cast<std::int64_t>(sizeof(Unit)));
+      detail::RowBlock const block = detail::row_block(units, policy.threads_per_block);
+      detail::regroup_rows_kernel<Unit>
+          <<<detail::row_grid(layout.num_recv_rows, block, policy.max_blocks), dim3(block.threads_x, block.rows_per_block),
+             0, s>>>(reinterpret_cast<Unit*>(rank_major.data), reinterpret_cast<Unit*>(expert_major.data), units,
+                     segments, num_segments, layout.num_recv_rows, inverse);
     };
     // Both buffers are contiguous ([rows, hidden], workspace parts aligned to 256 bytes).
     if (detail::vector_friendly<T>(rank_major.data, rank_major.cols, expert_major.data, expert_major.cols,
@@ -582,8 +585,10 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
     unpermute(stream, plan, MatrixView<T const>(out), routing.weights, partial);
     comm_->all_reduce_sum(partial.data, static_cast<std::size_t>(partial.size()), DType::kF32, stream);
     if (num_tokens > 0) {
-      detail::partial_to_output_kernel<T><<<detail::grid_blocks(num_tokens * hidden, policy), policy.threads_per_block,
-                                            0, s>>>(partial.data, num_tokens, hidden, y.data, y.ld);
+      detail::RowBlock const block = detail::row_block(hidden, policy.threads_per_block);
+      detail::partial_to_output_kernel<T>
+          <<<detail::row_grid(num_tokens, block, policy.max_blocks), dim3(block.threads_x, block.rows_per_block), 0,
+             s>>>(partial.data, num_tokens, hidden, y.data, y.ld);
       EPX_CUDA_CHECK_LAUNCH(partial_to_output_kernel);
     }
   }

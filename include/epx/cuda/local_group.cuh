@@ -252,12 +252,7 @@ class CudaLocalGroup {
     // ready event that orders the peers' pulls after everything already enqueued on the stream.
     void prepare(detail::CollectivePost const& post, StreamRef stream) override {
       detail::ScopedDevice const on_device(device_);
-      int stream_device = -1;
-      EPX_CUDA_CHECK(cudaStreamGetDevice(cuda(stream), &stream_device));
-      if (stream_device != device_)
-        detail::throw_error(Errc::kInvalidArgument,
-                            fmt::format("CudaLocalGroup: rank {}: {}: stream is on device {}, expected device {} "
-                                        "(the rank's device)", rank(), to_string(post.op), stream_device, device_));
+      check_stream_device(stream, post.op);
       if (post.op == detail::CollectiveOp::kAllReduceSum)
         ensure_scratch(static_cast<std::size_t>(size() - 1) * post.count * size_of(post.dtype));
       EPX_CUDA_CHECK(cudaEventRecord(ready_, cuda(stream)));
@@ -338,6 +333,33 @@ class CudaLocalGroup {
 
     [[nodiscard]] Rank const& peer(std::size_t q) const { return *peers_[q]; }
 
+    // The stream must belong to this rank's device. cudaStreamGetDevice exists from CUDA 12.8 on,
+    // and some driver/runtime pairs refuse it while the stream is being captured
+    // (cudaErrorStreamCaptureUnsupported), which would invalidate the capture. So the check runs
+    // once per stream handle, outside capture (cudaStreamIsCapturing is legal during capture): a
+    // stream seen eagerly first (the warm-up every capture needs anyway, for the scratch) is
+    // already checked when captured. Before 12.8 the check is skipped (a stream of another device
+    // then fails in the copies with a CUDA error instead of this message).
+    void check_stream_device(StreamRef stream, detail::CollectiveOp op) {
+#if CUDART_VERSION >= 12080
+      cudaStream_t const s = cuda(stream);
+      if (s == checked_stream_) return;
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      EPX_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
+      if (capture != cudaStreamCaptureStatusNone) return;
+      int stream_device = -1;
+      EPX_CUDA_CHECK(cudaStreamGetDevice(s, &stream_device));
+      if (stream_device != device_)
+        detail::throw_error(Errc::kInvalidArgument,
+                            fmt::format("CudaLocalGroup: rank {}: {}: stream is on device {}, expected device {} "
+                                        "(the rank's device)", rank(), to_string(op), stream_device, device_));
+      checked_stream_ = s;
+#else
+      (void)stream;
+      (void)op;
+#endif
+    }
+
     // Pulls `bytes` from rank q's device memory at `src` into this rank's `dst`, ordered on `s`.
     void pull(void* dst, std::size_t q, void const* src, std::size_t bytes, cudaStream_t s) const {
       if (bytes == 0) return;
@@ -385,6 +407,7 @@ class CudaLocalGroup {
     cudaEvent_t ready_ = nullptr;         // recorded before phase A: this rank's inputs are ready
     cudaEvent_t done_ = nullptr;          // recorded after this rank's pulls: it has read its peers
     cudaEvent_t scratch_free_ = nullptr;  // recorded after the sum kernel: the scratch may be reused
+    cudaStream_t checked_stream_ = nullptr;  // the last stream found to be on device_ (check_stream_device)
     void* scratch_ = nullptr;             // [size() - 1][count] elements of the largest all_reduce_sum
     std::size_t scratch_bytes_ = 0;
   };

@@ -31,11 +31,11 @@ __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int6
                                  std::int32_t top_k, std::int32_t num_experts, ExpertRange range,
                                  std::uint32_t* __restrict__ keys, std::int32_t* __restrict__ slots,
                                  Status* __restrict__ status) {
-  std::int64_t const n = std::int64_t{num_tokens} * top_k;
-  for (std::int64_t s = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; s < n;
-       s += std::int64_t{gridDim.x} * blockDim.x) {
-    std::int64_t const t = s / top_k, j = s % top_k;
-    std::int32_t const id = ids[t * ld + j];
+  // Slot indices fit an int32 (check_plan_args): 32-bit division, not 64-bit (~3x fewer instructions).
+  auto const n = static_cast<std::uint32_t>(num_tokens) * static_cast<std::uint32_t>(top_k);
+  for (std::uint32_t s = blockIdx.x * blockDim.x + threadIdx.x; s < n; s += gridDim.x * blockDim.x) {
+    std::uint32_t const t = s / static_cast<std::uint32_t>(top_k), j = s - t * static_cast<std::uint32_t>(top_k);
+    std::int32_t const id = ids[std::int64_t{t} * ld + j];
     bool const invalid = id != -1 && (id < 0 || id >= num_experts);
     if (invalid) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&status->invalid_ids), 1ull);

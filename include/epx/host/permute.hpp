@@ -25,8 +25,9 @@ void permute(Host, RoutingPlan const& plan, std::type_identity_t<MatrixView<T co
   }
 }
 
-//! @brief Weighted sum of each token's expert outputs, in slot order with fp32 accumulation
-//! (host reference): bitwise deterministic.
+//! @brief Weighted sum of each token's expert outputs, in slot order with fp32 accumulation, each
+//! term one fused multiply-add (host reference): bitwise deterministic, and bitwise equal to the
+//! CUDA unpermute.
 //! @param[in]  plan          from make_plan(Host, ...)
 //! @param[in]  expert_out    [>= plan rows, hidden], row r belonging to plan.sorted_slots[r]
 //! @param[in]  topk_weights  [num_tokens, top_k]
@@ -47,7 +48,7 @@ void unpermute(Host, RoutingPlan const& plan, MatrixView<TIn> expert_out_in, Mat
       if (row < 0) continue;
       float const w = topk_weights(t, j);
       T const* src = expert_out.row(row);
-      for (std::size_t h = 0; h < acc.size(); ++h) acc[h] += w * to_float(src[h]);
+      for (std::size_t h = 0; h < acc.size(); ++h) acc[h] = detail::add_weighted(acc[h], w, to_float(src[h]));
     }
     TOut* dst = y.row(t);
     for (std::size_t h = 0; h < acc.size(); ++h) dst[h] = from_float<std::remove_cv_t<TOut>>(acc[h]);

@@ -10,6 +10,7 @@
 //! Every rank sees the whole table, so every rank reaches the same verdict on capacity errors
 //! and throws the same Error: no rank is left waiting in a collective.
 
+#include <epx/config.hpp>
 #include <epx/core/placement.hpp>
 
 #include <cstdint>
@@ -20,12 +21,33 @@ namespace epx::detail {
 
 inline constexpr std::size_t kCountTableHeader = 2;  // num_tokens, capacity (tokens)
 
-//! A run of rows copied from one buffer to another.
+//! A run of rows copied between the AllToAll receive buffer (rank-major) and the experts' input
+//! (expert-major): rank-major rows [src_row, src_row + num_rows) <-> expert-major rows
+//! [dst_row, dst_row + num_rows). A layout's segments tile the rank-major rows in order, so
+//! src_row is also the prefix sum of the earlier segments' rows (make_all_to_all_layout).
 struct RowSegment {
   std::int64_t src_row = 0;
   std::int64_t dst_row = 0;
   std::int64_t num_rows = 0;
 };
+
+//! The segment holding rank-major `row`: the last one with src_row <= row (a binary search over
+//! segments that tile [0, total rows) in order, as a layout's do). The device regroup calls it
+//! once per row, so that one flat grid covers every row however uneven the segments are.
+EPX_HOST_DEVICE constexpr int segment_of_row(RowSegment const* segments, int num_segments, std::int64_t row) {
+  int lo = 0, hi = num_segments - 1;  // invariant: segments[lo].src_row <= row
+  while (lo < hi) {
+    int const mid = lo + (hi - lo + 1) / 2;
+    if (segments[mid].src_row <= row) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+//! The expert-major row of rank-major `row`, which segment `s` holds.
+EPX_HOST_DEVICE constexpr std::int64_t expert_major_row(RowSegment const& s, std::int64_t row) {
+  return s.dst_row + (row - s.src_row);
+}
 
 struct AllToAllLayout {
   std::vector<std::size_t> send_rows;         // [R] rows this rank sends to each rank

@@ -7,11 +7,29 @@
 //!   unpermute: y[t, :] = sum over j = 0..top_k-1 of topk_weights[t, j] * expert_out[slot_rows[t*top_k + j], :]
 //!              in slot order, fp32 accumulation, slots without a row contributing nothing;
 //!              every row of y is written (zeros for a token with no routed slot).
+//!              Each term is added with one rounding: acc = fma(w, x, acc) (add_weighted).
 
+#include <epx/config.hpp>
 #include <epx/core/dtype.hpp>
 #include <epx/permute/plan.hpp>
 
+#include <cmath>
+
 namespace epx::detail {
+
+//! One term of unpermute's sum, acc + w * x rounded once (a fused multiply-add), on every backend.
+//! Written out because compilers decide differently on their own: nvcc contracts `acc += w * x`
+//! into an FMA by default, GCC does so only where the target has FMA (-march=native, aarch64) and
+//! not for plain x86-64. Saying the rounding keeps the CUDA and Host results bitwise equal, and the
+//! host's independent of its build flags. On the host std::fma is one instruction where the CPU
+//! has FMA (glibc dispatches at run time) and exact in software elsewhere.
+EPX_HOST_DEVICE inline float add_weighted(float acc, float w, float x) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(w, x, acc);
+#else
+  return std::fma(w, x, acc);
+#endif
+}
 
 //! The routed rows of a plan; throws for a plan that make_plan did not fill in.
 inline std::int64_t plan_rows(RoutingPlan const& plan, std::string_view where) {

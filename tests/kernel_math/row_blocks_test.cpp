@@ -1,0 +1,154 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+// The index math of the row-moving kernels (permute, regroup, fp32 -> T output), on the host:
+// the block shape and grid-stride walk cover every (row, chunk) exactly once, the 16-byte vector
+// decision is safe, and the regroup's per-row segment search lands every received row where the
+// AllToAll layout puts it. The kernels call these very functions (cuda/row_blocks.hpp,
+// parallel/exchange_layout.hpp); the walks below are the kernels' loops with blockIdx/threadIdx
+// made host loop variables.
+
+#include "../common/test_util.hpp"
+
+#include <epx/cuda/row_blocks.hpp>
+#include <epx/parallel/exchange_layout.hpp>
+
+#include <map>
+#include <numeric>
+
+using namespace epx;
+
+namespace {
+
+// The kernels' loop nest: for each block and thread (x, y), rows from blockIdx * rows_per_block + y
+// striding by grid * rows_per_block, chunks from x striding by threads_x. Counts visits per cell.
+std::vector<int> walk(std::int64_t rows, std::int64_t chunks, detail::RowBlock block, int grid) {
+  std::vector<int> visits(static_cast<std::size_t>(rows * chunks), 0);
+  for (int b = 0; b < grid; ++b)
+    for (int ty = 0; ty < block.rows_per_block; ++ty)
+      for (int tx = 0; tx < block.threads_x; ++tx)
+        for (std::int64_t row = std::int64_t{b} * block.rows_per_block + ty; row < rows;
+             row += std::int64_t{grid} * block.rows_per_block)
+          for (std::int64_t c = tx; c < chunks; c += block.threads_x) ++visits[static_cast<std::size_t>(row * chunks + c)];
+  return visits;
+}
+
+}  // namespace
+
+TEST_CASE("RowBlocks::row_block: whole warps across a row, the rest of the block on more rows") {
+  for (int threads : {32, 64, 128, 256, 512, 1024})
+    for (std::int64_t chunks : {0, 1, 7, 31, 32, 33, 70, 96, 128, 255, 256, 257, 1000, 4096}) {
+      CAPTURE(threads);
+      CAPTURE(chunks);
+      auto const b = detail::row_block(chunks, threads);
+      CHECK(b.threads_x % 32 == 0);
+      CHECK(b.threads_x >= 32);
+      CHECK(b.threads_x <= threads);
+      CHECK(b.rows_per_block >= 1);
+      CHECK(b.threads_x * b.rows_per_block == threads);  // no idle thread slot in the block
+      // No more warps across a row than it has chunks for (up to doubling), and as many as fit.
+      CHECK((b.threads_x == 32 || b.threads_x / 2 < chunks));
+      CHECK((b.threads_x >= chunks || b.threads_x == threads));
+    }
+}
+
+TEST_CASE("RowBlocks::walk: every (row, chunk) is visited exactly once, whatever the grid cap") {
+  EPX_TEST_SEEDED_RNG(rng);
+  std::uniform_int_distribution<std::int64_t> rows_dist(0, 300), chunks_dist(1, 600);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::int64_t const rows = rows_dist(rng), chunks = chunks_dist(rng);
+    int const threads = 32 << std::uniform_int_distribution<int>(0, 4)(rng);
+    int const max_blocks = std::uniform_int_distribution<int>(1, 40)(rng);  // small caps force the grid stride
+    auto const block = detail::row_block(chunks, threads);
+    int const grid = detail::row_grid(rows, block, max_blocks);
+    CAPTURE(rows);
+    CAPTURE(chunks);
+    CAPTURE(threads);
+    CAPTURE(grid);
+    CHECK(grid >= 1);
+    CHECK(grid <= max_blocks);
+    auto const visits = walk(rows, chunks, block, grid);
+    CHECK(std::count(visits.begin(), visits.end(), 1) == static_cast<std::ptrdiff_t>(visits.size()));
+  }
+}
+
+TEST_CASE("RowBlocks::rows_move_in_vectors: 16-byte vectors only where every row start is 16-byte aligned") {
+  EPX_TEST_SEEDED_RNG(rng);
+  std::uniform_int_distribution<std::int64_t> small(1, 200);
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::int64_t const elem = std::int64_t{1} << std::uniform_int_distribution<int>(1, 2)(rng);  // 2 or 4 bytes
+    std::uintptr_t const a = 4096 + static_cast<std::uintptr_t>(elem * small(rng) % 64);
+    std::uintptr_t const b = 8192 + static_cast<std::uintptr_t>(elem * small(rng) % 64);
+    std::int64_t const cols = small(rng), lda = cols + small(rng) % 9, ldb = cols + small(rng) % 9;
+    bool const vec = detail::rows_move_in_vectors(a, lda, b, ldb, cols, elem);
+    // Independent statement of the rule: every row of both matrices starts on a 16-byte boundary
+    // and a row's bytes are a whole number of vectors.
+    bool every_row_aligned = (cols * elem) % 16 == 0;
+    for (std::int64_t r = 0; r < 32 && every_row_aligned; ++r)
+      every_row_aligned = (a + static_cast<std::uintptr_t>(r * lda * elem)) % 16 == 0 &&
+                          (b + static_cast<std::uintptr_t>(r * ldb * elem)) % 16 == 0;
+    CAPTURE(a);
+    CAPTURE(b);
+    CAPTURE(cols);
+    CAPTURE(lda);
+    CAPTURE(ldb);
+    CHECK(vec == every_row_aligned);
+  }
+}
+
+TEST_CASE("RowBlocks::segment_of_row: the regroup sends every received row where the AllToAll layout says") {
+  EPX_TEST_SEEDED_RNG(rng);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::int32_t const num_ranks = std::uniform_int_distribution<std::int32_t>(1, 8)(rng);
+    std::int32_t const num_experts = std::uniform_int_distribution<std::int32_t>(num_ranks, 40)(rng);
+    // An uneven placement: random cut points (some ranks may own nothing when experts are few).
+    std::vector<std::int32_t> counts(static_cast<std::size_t>(num_ranks), 0);
+    for (std::int32_t e = 0; e < num_experts; ++e)
+      ++counts[static_cast<std::size_t>(std::uniform_int_distribution<std::int32_t>(0, num_ranks - 1)(rng))];
+    ExpertPlacement const placement = ExpertPlacement::from_counts(counts);
+    // The gathered count table: every rank's tokens per expert, many zeros, a hot expert sometimes.
+    auto const width = detail::kCountTableHeader + static_cast<std::size_t>(num_experts);
+    std::vector<std::int64_t> table(static_cast<std::size_t>(num_ranks) * width, 0);
+    std::uniform_int_distribution<int> cnt(0, 6);
+    std::int32_t const hot = std::uniform_int_distribution<std::int32_t>(0, num_experts - 1)(rng);
+    for (std::int32_t q = 0; q < num_ranks; ++q) {
+      table[q * width] = 100;
+      table[q * width + 1] = 100;
+      for (std::int32_t e = 0; e < num_experts; ++e) {
+        int const c = cnt(rng);
+        table[q * width + detail::kCountTableHeader + static_cast<std::size_t>(e)] = c < 3 ? 0 : c + (e == hot ? 50 : 0);
+      }
+    }
+    std::int32_t const rank = std::uniform_int_distribution<std::int32_t>(0, num_ranks - 1)(rng);
+    CAPTURE(num_ranks);
+    CAPTURE(num_experts);
+    CAPTURE(rank);
+    auto const layout = detail::make_all_to_all_layout(table, placement, rank);
+    auto const& segs = layout.regroup;
+    // The kernel's walk: each rank-major row finds its segment, then its expert-major row.
+    std::vector<std::int64_t> dst(static_cast<std::size_t>(layout.num_recv_rows), -1);
+    for (std::int64_t row = 0; row < layout.num_recv_rows; ++row) {
+      int const s = detail::segment_of_row(segs.data(), static_cast<int>(segs.size()), row);
+      REQUIRE(s >= 0);
+      REQUIRE(s < static_cast<int>(segs.size()));
+      CHECK(segs[static_cast<std::size_t>(s)].src_row <= row);
+      CHECK(row < segs[static_cast<std::size_t>(s)].src_row + segs[static_cast<std::size_t>(s)].num_rows);
+      dst[static_cast<std::size_t>(row)] = detail::expert_major_row(segs[static_cast<std::size_t>(s)], row);
+    }
+    // Independently: received rows arrive rank-major (rank q's rows for local experts in order);
+    // expert-major puts local expert l's rows from rank 0, 1, ... in order.
+    std::int32_t const first = placement.first_expert(rank), local = placement.num_local_experts(rank);
+    auto count = [&](std::int32_t q, std::int32_t e) { return table[q * width + detail::kCountTableHeader + e]; };
+    std::vector<std::int64_t> want;
+    std::vector<std::int64_t> expert_start(static_cast<std::size_t>(local) + 1, 0);
+    for (std::int32_t l = 0; l < local; ++l) {
+      std::int64_t rows = 0;
+      for (std::int32_t q = 0; q < num_ranks; ++q) rows += count(q, first + l);
+      expert_start[static_cast<std::size_t>(l) + 1] = expert_start[static_cast<std::size_t>(l)] + rows;
+    }
+    std::vector<std::int64_t> filled(expert_start.begin(), expert_start.end() - 1);
+    for (std::int32_t q = 0; q < num_ranks; ++q)
+      for (std::int32_t l = 0; l < local; ++l)
+        for (std::int64_t i = 0; i < count(q, first + l); ++i) want.push_back(filled[static_cast<std::size_t>(l)]++);
+    CHECK(dst == want);
+  }
+}

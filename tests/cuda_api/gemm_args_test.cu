@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -210,4 +211,64 @@ TEST_CASE("GroupedGemm::paired_weight_row[cuda-host]: gated columns read gate i 
     CHECK(detail::paired_weight_row(p, n, false, true) == p);   // not gated: identity
   }
   CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));  // a permutation
+}
+
+TEST_CASE("GroupedGemm::pick_mma_mainloop[cuda-host]: tile height from rows per group, narrower decode tiles when SMs would idle") {
+  using detail::GemmMainloop;
+  using detail::pick_mma_mainloop;
+  // Decode with every expert local: 128 groups x 12 n-blocks of 128 = 1536 tiles for 132 SMs.
+  CHECK(pick_mma_mainloop(1024, 128, 1536, 132, false) == GemmMainloop::kMmaDecode);
+  // 8 groups with rows x 12 n-blocks = 96 tiles < 132 SMs: 64-wide tiles give 192.
+  CHECK(pick_mma_mainloop(64, 8, 1536, 132, false) == GemmMainloop::kMmaDecodeN64);
+  // One local expert's down projection (n 4096): 32 tiles at 128, 64 at 64, so 32-wide (128 tiles).
+  CHECK(pick_mma_mainloop(4, 1, 4096, 132, false) == GemmMainloop::kMmaDecodeN32);
+  // More groups than rows: at most `rows` groups hold rows (10 x 16 n-blocks = 160 tiles).
+  CHECK(pick_mma_mainloop(10, 256, 2048, 132, false) == GemmMainloop::kMmaDecode);
+  CHECK(pick_mma_mainloop(10, 256, 2048, 200, false) == GemmMainloop::kMmaDecodeN64);
+  // The threshold is the SM count itself.
+  CHECK(pick_mma_mainloop(16, 1, 128 * 132, 132, false) == GemmMainloop::kMmaDecode);
+  CHECK(pick_mma_mainloop(16, 1, 128 * 131, 132, false) == GemmMainloop::kMmaDecodeN64);
+  // Medium and large tiles do not narrow; wgmma replaces the large mma.sync tile where allowed.
+  CHECK(pick_mma_mainloop(8 * 50, 8, 64, 132, false) == GemmMainloop::kMmaMedium);
+  CHECK(pick_mma_mainloop(8 * 64, 8, 64, 132, true) == GemmMainloop::kMmaMedium);
+  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, false) == GemmMainloop::kMmaLarge);
+  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, true) == GemmMainloop::kWgmma);
+  CHECK(pick_mma_mainloop(5000, 0, 64, 132, false) == GemmMainloop::kMmaLarge);  // no groups: rows decide
+}
+
+TEST_CASE("GroupedGemm::epilogue_kinds[cuda-host]: one kernel per activation, launch errors name the kernel launched") {
+  using detail::EpilogueKind;
+  CHECK(detail::first_gemm_epilogue(Activation::kSwiGLU) == EpilogueKind::kSwiGLU);
+  CHECK(detail::first_gemm_epilogue(Activation::kGeGLU) == EpilogueKind::kGeGLU);
+  CHECK(detail::first_gemm_epilogue(Activation::kGeGLUTanh) == EpilogueKind::kGeGLUTanh);
+  CHECK(detail::first_gemm_epilogue(Activation::kReLU) == EpilogueKind::kReLU);
+  CHECK(detail::first_gemm_epilogue(Activation::kClampedSwiGLU) == EpilogueKind::kClampedSwiGLU);
+  for (Activation a : {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU,
+                       Activation::kClampedSwiGLU}) {
+    CAPTURE(to_string(a));
+    EpilogueKind const kind = detail::first_gemm_epilogue(a);
+    CHECK(detail::epilogue_is_gated(kind) == is_gated(a));
+    if (is_gated(a)) CHECK(detail::gated_activation(kind) == a);
+  }
+  CHECK_FALSE(detail::epilogue_is_gated(EpilogueKind::kLinear));
+
+  using detail::GemmMainloop;
+  std::vector<std::string> names;
+  for (GemmMainloop m : {GemmMainloop::kSimt, GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64,
+                         GemmMainloop::kMmaDecodeN32, GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge,
+                         GemmMainloop::kWgmma})
+    names.emplace_back(detail::kernel_name(m));
+  CHECK(std::set<std::string>(names.begin(), names.end()).size() == names.size());
+  CHECK(contains(names[0], "grouped_gemm_simt_kernel"));
+  CHECK(contains(names[3], "grouped_gemm_mma_kernel (16x32"));
+  CHECK(contains(names[6], "grouped_gemm_wgmma_kernel"));
+  // Which mainloops a build and device can run.
+  detail::DeviceTraits const hopper{.device = 0, .sms = 132, .major = 9, .minor = 0};
+  detail::DeviceTraits const volta{.device = 0, .sms = 80, .major = 7, .minor = 0};
+  CHECK(detail::gemm_mainloop_available<float>(GemmMainloop::kSimt, volta));
+  CHECK_FALSE(detail::gemm_mainloop_available<float>(GemmMainloop::kMmaDecode, hopper));
+  CHECK_FALSE(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kSimt, hopper));
+  CHECK(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kMmaLarge, hopper));
+  CHECK_FALSE(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kMmaLarge, volta));
+  CHECK(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kWgmma, hopper) == detail::wgmma_built());
 }

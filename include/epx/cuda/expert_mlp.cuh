@@ -71,22 +71,28 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
   if (x.rows == 0 || weights.num_local_experts == 0) return;
   auto* const s = reinterpret_cast<cudaStream_t>(stream.get());
 
-  // GEMM 1 + activation: over paired columns when gated (epilogue.cuh), ReLU in place otherwise.
+  // GEMM 1 + activation: over paired columns when gated (paired_columns.hpp), ReLU in place
+  // otherwise; one kernel per activation (the epilogue's operation is a template parameter).
   auto up = detail::linear_gemm_args<T, T>(x, w.gate_up, w.gate_up_bias, expert_offsets, act, nullptr);
   up.epilogue.concatenated = config.gate_up_layout == GateUpLayout::kConcatenated;
-  up.epilogue.activation = config.activation;
   up.epilogue.clamped = config.clamped_swiglu;
-  if (is_gated(config.activation)) {
-    detail::run_grouped_gemm<T, T, true>(up, options.rows_hint, s, where);
-  } else {
-    up.epilogue.relu = true;
-    detail::run_grouped_gemm<T, T, false>(up, options.rows_hint, s, where);
+  auto first_gemm = [&]<detail::EpilogueKind kKind>() {
+    detail::run_grouped_gemm<kKind>(up, options.rows_hint, s, where);
+  };
+  switch (detail::first_gemm_epilogue(config.activation)) {
+    case detail::EpilogueKind::kReLU: first_gemm.template operator()<detail::EpilogueKind::kReLU>(); break;
+    case detail::EpilogueKind::kGeGLU: first_gemm.template operator()<detail::EpilogueKind::kGeGLU>(); break;
+    case detail::EpilogueKind::kGeGLUTanh: first_gemm.template operator()<detail::EpilogueKind::kGeGLUTanh>(); break;
+    case detail::EpilogueKind::kClampedSwiGLU:
+      first_gemm.template operator()<detail::EpilogueKind::kClampedSwiGLU>();
+      break;
+    default: first_gemm.template operator()<detail::EpilogueKind::kSwiGLU>(); break;
   }
 
   // GEMM 2 (+ bias, row scale).
   auto const down = detail::linear_gemm_args<T, T>(MatrixView<T const>(act), w.down, w.down_bias, expert_offsets, out,
                                                    options.row_scale);
-  detail::run_grouped_gemm<T, T, false>(down, options.rows_hint, s, where);
+  detail::run_grouped_gemm<detail::EpilogueKind::kLinear>(down, options.rows_hint, s, where);
 }
 
 namespace detail {

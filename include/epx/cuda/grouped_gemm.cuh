@@ -5,16 +5,18 @@
 //! grouped_gemm on the GPU (semantics of gemm/grouped_gemm.hpp), with the groups' row ranges in
 //! device memory: no host copy of the counts, no sync, capturable in a CUDA graph.
 //!
-//! bf16 and fp16 run on tensor cores (mma.sync, sm_80+; gemm/mma_sm80.cuh); fp32 runs on CUDA
-//! cores in k order (gemm/simt.cuh). The tile shape is picked from the expected rows per group:
-//! decode-like calls (few rows per expert) are bound by reading the weights and use 16-row tiles,
-//! so that each weight tile is read by one CTA; larger calls use 64- or 128-row tiles.
+//! bf16 and fp16 run on tensor cores (mma.sync, sm_80+; gemm/mma_sm80.cuh; wgmma on sm_90a builds
+//! with EPX_ENABLE_WGMMA, gemm/wgmma_sm90.cuh); fp32 runs on CUDA cores in k order (gemm/simt.cuh).
+//! The tile shape is picked from the expected rows per group (pick_mma_mainloop): decode-like calls
+//! (few rows per expert) are bound by reading the weights and use 16-row tiles, so that each weight
+//! tile is read by one CTA; larger calls use 64- or 128-row tiles.
 
 #include <epx/core/math.hpp>
 #include <epx/core/stream.hpp>
 #include <epx/cuda/error.hpp>
 #include <epx/cuda/gemm/mma_sm80.cuh>
 #include <epx/cuda/gemm/simt.cuh>
+#include <epx/cuda/gemm/tile_shapes.hpp>
 #include <epx/cuda/gemm/wgmma_sm90.cuh>
 #include <epx/gemm/grouped_gemm.hpp>
 
@@ -25,9 +27,10 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <utility>
 #include <span>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 
 namespace epx {
 
@@ -41,18 +44,6 @@ struct GroupedGemmOptions {
 };
 
 namespace detail {
-
-//! The tile shapes of the tensor-core mainloop.
-enum class MmaTile : std::uint8_t { kDecode, kMedium, kLarge };
-
-//! Average rows per group decide: up to 16 rows one 16-row tile reads each weight tile once; up
-//! to 64, 64-row tiles; beyond, 128-row tiles. (Tuned on no GPU yet: see bench/NOTES.md.)
-inline MmaTile pick_mma_tile(std::int64_t rows, int groups) {
-  std::int64_t const per_group = groups > 0 ? ceil_div<std::int64_t>(rows, groups) : rows;
-  if (per_group <= 16) return MmaTile::kDecode;
-  if (per_group <= 64) return MmaTile::kMedium;
-  return MmaTile::kLarge;
-}
 
 //! The device's SM count and compute capability (cheap attribute reads, no sync).
 struct DeviceTraits {
@@ -92,11 +83,12 @@ inline void allow_dynamic_smem(void const* kernel, int device, std::size_t bytes
   current = bytes;
 }
 
-//! Launches a persistent grid of `kernel`: as many CTAs as fit on the device at once, or fewer
-//! when the tiles (bounded on the host by rows / BM + groups per n-block) are fewer.
+//! Launches a persistent grid of `kernel` (named `name` in errors): as many CTAs as fit on the
+//! device at once, or fewer when the tiles (bounded on the host by rows / BM + groups per n-block)
+//! are fewer.
 template <class Kernel, class Args>
-void launch_persistent(Kernel kernel, Args const& args, int threads, std::size_t smem_bytes, long long max_tiles,
-                       DeviceTraits const& dev, cudaStream_t stream, std::string_view where) {
+void launch_persistent(Kernel kernel, std::string_view name, Args const& args, int threads, std::size_t smem_bytes,
+                       long long max_tiles, DeviceTraits const& dev, cudaStream_t stream, std::string_view where) {
   if (max_tiles <= 0) return;
   allow_dynamic_smem(reinterpret_cast<void const*>(kernel), dev.device, smem_bytes);
   int per_sm = 0;
@@ -106,45 +98,130 @@ void launch_persistent(Kernel kernel, Args const& args, int threads, std::size_t
                       dev.device));
   long long const grid = std::min<long long>(max_tiles, static_cast<long long>(dev.sms) * per_sm);
   kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, stream>>>(args);
-  EPX_CUDA_CHECK_LAUNCH(grouped_gemm_kernel);
+  check_launch(name, SourceLocation::current());
 }
 
-//! Runs one grouped GEMM with the epilogue in `args` (kGated: paired columns, see epilogue.cuh).
-template <class T, class TC, bool kGated>
-void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint, cudaStream_t stream,
-                      std::string_view where) {
+//! The mainloop (and tile) of one grouped-GEMM launch.
+enum class GemmMainloop : std::uint8_t {
+  kSimt,          //!< fp32 on CUDA cores, 64 x 64 (simt.cuh)
+  kMmaDecode,     //!< mma.sync 16 x 128 (mma_sm80.cuh, tile_shapes.hpp)
+  kMmaDecodeN64,  //!< mma.sync 16 x 64
+  kMmaDecodeN32,  //!< mma.sync 16 x 32
+  kMmaMedium,     //!< mma.sync 64 x 128
+  kMmaLarge,      //!< mma.sync 128 x 128
+  kWgmma,         //!< wgmma 128 x 128 (wgmma_sm90.cuh; sm_90a builds with EPX_ENABLE_WGMMA only)
+};
+
+//! The kernel a mainloop launches, as errors name it.
+constexpr std::string_view kernel_name(GemmMainloop mainloop) noexcept {
+  switch (mainloop) {
+    case GemmMainloop::kSimt: return "grouped_gemm_simt_kernel (64x64 tiles)";
+    case GemmMainloop::kMmaDecode: return "grouped_gemm_mma_kernel (16x128 tiles)";
+    case GemmMainloop::kMmaDecodeN64: return "grouped_gemm_mma_kernel (16x64 tiles)";
+    case GemmMainloop::kMmaDecodeN32: return "grouped_gemm_mma_kernel (16x32 tiles)";
+    case GemmMainloop::kMmaMedium: return "grouped_gemm_mma_kernel (64x128 tiles)";
+    case GemmMainloop::kMmaLarge: return "grouped_gemm_mma_kernel (128x128 tiles)";
+    case GemmMainloop::kWgmma: return "grouped_gemm_wgmma_kernel (128x128 tiles)";
+  }
+  return "grouped_gemm kernel";
+}
+
+//! Whether this build has the wgmma mainloop (EPX_ENABLE_WGMMA, sm_90a code).
+constexpr bool wgmma_built() noexcept {
+#if defined(EPX_ENABLE_WGMMA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+//! Whether `mainloop` can run elements of type T on `dev` in this build.
+template <class T>
+bool gemm_mainloop_available(GemmMainloop mainloop, DeviceTraits const& dev) {
+  if constexpr (std::is_same_v<T, float>) return mainloop == GemmMainloop::kSimt;
+  else if (mainloop == GemmMainloop::kSimt) return false;
+  else if (mainloop == GemmMainloop::kWgmma) return wgmma_built() && dev.major == 9;
+  else return dev.major >= 8;
+}
+
+//! The tensor-core mainloop for `rows` rows expected over `groups` groups, n product columns, on a
+//! device with `sms` SMs (wgmma: whether the wgmma mainloop may be used). Average rows per group
+//! decide the tile height: up to 16 rows, one 16-row tile reads each weight tile once; up to 64,
+//! 64-row tiles; beyond, 128-row tiles. Decode tiles get narrower (64, then 32 columns) when the
+//! 128-wide ones would be fewer than the SMs (few groups with rows, e.g. one local expert's down
+//! projection): the weights are then streamed by all SMs, deterministically (no split-K
+//! reduction). Tuned on no GPU yet: see bench/NOTES.md.
+inline GemmMainloop pick_mma_mainloop(std::int64_t rows, int groups, int n, int sms, bool wgmma) {
+  std::int64_t const per_group = groups > 0 ? ceil_div<std::int64_t>(rows, groups) : rows;
+  if (per_group <= 16) {
+    // One m-block per group with rows: the tiles are those groups times the n-blocks.
+    long long const busy_groups = std::min<long long>(groups, rows);
+    if (busy_groups * ceil_div(n, MmaDecodeTile::kBN) >= sms) return GemmMainloop::kMmaDecode;
+    if (busy_groups * ceil_div(n, MmaDecodeN64Tile::kBN) >= sms) return GemmMainloop::kMmaDecodeN64;
+    return GemmMainloop::kMmaDecodeN32;
+  }
+  if (per_group <= 64) return GemmMainloop::kMmaMedium;
+  return wgmma ? GemmMainloop::kWgmma : GemmMainloop::kMmaLarge;
+}
+
+//! Launches one grouped GEMM with epilogue kKind through `mainloop` (which the caller checked with
+//! gemm_mainloop_available, or picked): run_grouped_gemm picks; tests name each mainloop.
+template <EpilogueKind kKind, class T, class TC>
+void launch_grouped_gemm(GroupedGemmArgs<T, TC> const& args, GemmMainloop mainloop, DeviceTraits const& dev,
+                         cudaStream_t stream, std::string_view where) {
   if (args.num_groups == 0 || args.num_rows == 0 || args.n == 0) return;
+  require(gemm_mainloop_available<T>(mainloop, dev), Errc::kUnsupported, where, "GEMM mainloop", kernel_name(mainloop),
+          fmt::format("one this build can run on device {} (compute capability {}.{}, element size {})", dev.device,
+                      dev.major, dev.minor, sizeof(T)));
   std::size_t const prefix_bytes = (static_cast<std::size_t>(args.num_groups) + 1) * sizeof(long long);
   auto max_tiles = [&](int bm, int bn) {
     return (ceil_div<long long>(args.num_rows, bm) + args.num_groups) * ceil_div<long long>(args.n, bn);
   };
-  DeviceTraits const dev = current_device_traits();
+  std::string_view const name = kernel_name(mainloop);
   if constexpr (std::is_same_v<T, float>) {
     using S = SimtTileShape;
-    launch_persistent(grouped_gemm_simt_kernel<TC, kGated>, args, S::kThreads, prefix_bytes, max_tiles(S::kBM, S::kBN),
-                      dev, stream, where);
+    launch_persistent(grouped_gemm_simt_kernel<TC, kKind>, name, args, S::kThreads, prefix_bytes,
+                      max_tiles(S::kBM, S::kBN), dev, stream, where);
+  } else {
+    auto launch_mma = [&]<class Shape>(Shape*) {
+      launch_persistent(grouped_gemm_mma_kernel<Shape, T, TC, kKind>, name, args, Shape::kThreads,
+                        Shape::kSmemBytes + prefix_bytes, max_tiles(Shape::kBM, Shape::kBN), dev, stream, where);
+    };
+    switch (mainloop) {
+      case GemmMainloop::kMmaDecode: launch_mma(static_cast<MmaDecodeTile*>(nullptr)); break;
+      case GemmMainloop::kMmaDecodeN64: launch_mma(static_cast<MmaDecodeN64Tile*>(nullptr)); break;
+      case GemmMainloop::kMmaDecodeN32: launch_mma(static_cast<MmaDecodeN32Tile*>(nullptr)); break;
+      case GemmMainloop::kMmaMedium: launch_mma(static_cast<MmaMediumTile*>(nullptr)); break;
+      case GemmMainloop::kMmaLarge: launch_mma(static_cast<MmaLargeTile*>(nullptr)); break;
+      case GemmMainloop::kWgmma: {
+#if defined(EPX_ENABLE_WGMMA)
+        using W = WgmmaTileShape;
+        launch_persistent(grouped_gemm_wgmma_kernel<T, TC, kKind>, name, args, W::kThreads,
+                          W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), dev, stream,
+                          where);
+#endif
+        break;
+      }
+      case GemmMainloop::kSimt: break;  // refused above
+    }
+  }
+}
+
+//! Runs one grouped GEMM with epilogue kKind (gated kinds: paired columns, see epilogue.cuh) through
+//! the mainloop the element type, the expected rows and the device call for.
+template <EpilogueKind kKind, class T, class TC>
+void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint, cudaStream_t stream,
+                      std::string_view where) {
+  if (args.num_groups == 0 || args.num_rows == 0 || args.n == 0) return;
+  DeviceTraits const dev = current_device_traits();
+  if constexpr (std::is_same_v<T, float>) {
+    launch_grouped_gemm<kKind>(args, GemmMainloop::kSimt, dev, stream, where);
   } else {
     require(dev.major >= 8, Errc::kUnsupported, where, "device compute capability",
             fmt::format("{}.{}", dev.major, dev.minor), ">= 8.0 (bf16/fp16 tensor cores: mma.sync m16n8k16)");
-    auto launch = [&]<class Shape>(Shape*) {
-      launch_persistent(grouped_gemm_mma_kernel<Shape, T, TC, kGated>, args, Shape::kThreads,
-                        Shape::kSmemBytes + prefix_bytes, max_tiles(Shape::kBM, Shape::kBN), dev, stream, where);
-    };
-    MmaTile const tile = pick_mma_tile(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups);
-#if defined(EPX_ENABLE_WGMMA)
-    if (dev.major == 9 && tile == MmaTile::kLarge) {  // opt-in Hopper mainloop (wgmma_sm90.cuh)
-      using W = WgmmaTileShape;
-      launch_persistent(grouped_gemm_wgmma_kernel<T, TC, kGated>, args, W::kThreads,
-                        W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), dev, stream,
-                        where);
-      return;
-    }
-#endif
-    switch (tile) {
-      case MmaTile::kDecode: launch(static_cast<MmaDecodeTile*>(nullptr)); break;
-      case MmaTile::kMedium: launch(static_cast<MmaMediumTile*>(nullptr)); break;
-      case MmaTile::kLarge: launch(static_cast<MmaLargeTile*>(nullptr)); break;
-    }
+    GemmMainloop const mainloop = pick_mma_mainloop(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups,
+                                                    args.n, dev.sms, wgmma_built() && dev.major == 9);
+    launch_grouped_gemm<kKind>(args, mainloop, dev, stream, where);
   }
 }
 
@@ -232,7 +309,7 @@ void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b
                   "nullptr", "device memory holding G + 1 offsets");
   detail::check_gemm_layout<T>(where, "a.cols (k)", a.cols, a, b.data, static_cast<int>(b.batch));
   auto const args = detail::linear_gemm_args<T, TC>(a, b, bias, offsets, c, options.row_scale);
-  detail::run_grouped_gemm<T, TC, false>(args, options.rows_hint, reinterpret_cast<cudaStream_t>(stream.get()), where);
+  detail::run_grouped_gemm<detail::EpilogueKind::kLinear>(args, options.rows_hint, reinterpret_cast<cudaStream_t>(stream.get()), where);
 }
 
 }  // namespace epx

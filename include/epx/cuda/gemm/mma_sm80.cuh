@@ -10,10 +10,20 @@
 //! and neither needs a transposing load ("row.col" mma). Rows past a group's end and K past the end
 //! are zero-filled by cp.async (src-size 0), so partial tiles need no special path; stores are
 //! predicated per row and column.
+//!
+//! Every index computation lives in a plain C++ header that host tests check against the PTX ISA
+//! (tests/kernel_math/gemm_*_test.cpp): the tiles and warp split (tile_shapes.hpp), the stage
+//! layout and swizzle (smem_layout.hpp), the copy placement and sources (stage_copy.hpp), the
+//! ldmatrix lane addresses and fragment maps (mma_fragments.hpp), the ring schedule (pipeline.hpp).
 
 #include <epx/core/dtype.hpp>
 #include <epx/cuda/gemm/epilogue.cuh>
+#include <epx/cuda/gemm/mma_fragments.hpp>
+#include <epx/cuda/gemm/pipeline.hpp>
+#include <epx/cuda/gemm/smem_layout.hpp>
+#include <epx/cuda/gemm/stage_copy.hpp>
 #include <epx/cuda/gemm/tile_scheduler.cuh>
+#include <epx/cuda/gemm/tile_shapes.hpp>
 
 #include <cuda_runtime.h>
 
@@ -21,27 +31,6 @@
 #include <type_traits>
 
 namespace epx::detail {
-
-//! A CTA tile: BM x BN outputs, BK = 64 elements of K per stage (128-byte rows: 8 chunks of 16
-//! bytes, swizzled chunk ^ (row % 8) so that ldmatrix's eight row addresses hit distinct banks).
-template <int BM, int BN, int WarpsM, int WarpsN, int Stages, int MinBlocksPerSm>
-struct MmaTileShape {
-  static constexpr int kBM = BM, kBN = BN, kBK = 64;
-  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN, kStages = Stages;
-  static constexpr int kMinBlocksPerSm = MinBlocksPerSm;
-  static constexpr int kThreads = 32 * WarpsM * WarpsN;
-  static constexpr int kWM = BM / WarpsM, kWN = BN / WarpsN;  // warp tile
-  static constexpr int kMI = kWM / 16, kNI = kWN / 8;         // m16n8k16 instructions per warp tile
-  static constexpr std::size_t kStageElems = static_cast<std::size_t>(BM + BN) * kBK;
-  static constexpr std::size_t kSmemBytes = Stages * kStageElems * 2;  // 16-bit elements
-  static_assert(kWM % 16 == 0 && kWN % 16 == 0, "warp tiles are whole ldmatrix.x4 loads of A and B");
-  static_assert(Stages >= 2);
-};
-
-//! The tile shapes the policy picks from (grouped_gemm.cuh): rows per group decide.
-using MmaDecodeTile = MmaTileShape<16, 128, 1, 4, 5, 2>;   // few rows per expert: stream the weights
-using MmaMediumTile = MmaTileShape<64, 128, 2, 2, 4, 2>;
-using MmaLargeTile = MmaTileShape<128, 128, 2, 4, 3, 2>;
 
 template <class T, class TC>
 struct GroupedGemmArgs {
@@ -96,64 +85,72 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], std::uint32_t const (&a
   }
 }
 
-//! Element offset of (row, 16-byte chunk) in a swizzled [rows, 64] stage buffer.
-__device__ __forceinline__ int swizzled(int row, int chunk) { return (row * 8 + (chunk ^ (row & 7))) * 8; }
+//! One tile's copy sources for this thread, computed once per tile (stage_copy.hpp).
+template <class CopyA, class CopyB, class T>
+struct TileCopies {
+  T const* a;           //!< A
+  T const* b;           //!< the tile's group's weights [n, k]
+  CopySource a_source;
+  CopySource b_source;
+  int k;
 
-//! Copies the k-slice `kt` (64 elements of K) of `tile`'s A rows and weight rows into one stage
-//! (128-byte rows, swizzled). Rows past the group's end, columns past n and K past the end are
-//! zero-filled, so partial tiles need no other path. Shared by the mma.sync and wgmma mainloops.
+  //! Copies k-tile `kt` of the tile's A rows and weight rows into the stages at shared addresses
+  //! `a_stage` and `b_stage`. Shared by the mma.sync and wgmma mainloops.
+  __device__ __forceinline__ void load(std::uint32_t a_stage, std::uint32_t b_stage, int kt) const {
+    int const tid = static_cast<int>(threadIdx.x);
+    bool const in_k = CopyA::in_k(tid, kt, k);
+#pragma unroll
+    for (int pass = 0; pass < CopyA::kPasses; ++pass) {
+      bool const valid = in_k && a_source.row_valid(pass);
+      cp_async_16(a_stage + CopyA::smem_offset(tid, pass), valid ? a + a_source.offset(pass, kt) : a, valid);
+    }
+#pragma unroll
+    for (int pass = 0; pass < CopyB::kPasses; ++pass) {
+      bool const valid = in_k && b_source.row_valid(pass);
+      cp_async_16(b_stage + CopyB::smem_offset(tid, pass), valid ? b + b_source.offset(pass, kt) : b, valid);
+    }
+  }
+};
+
+//! This thread's copies of `tile` for a CTA tile of BM x BN, kThreads threads.
 template <int BM, int BN, int kThreads, bool kGated, class T, class TC>
-__device__ __forceinline__ void load_stage(GroupedGemmArgs<T, TC> const& args, GemmTile const& tile, T const* b_group,
-                                           T* stage_a, T* stage_b, int kt) {
-  constexpr int BK = 64;
-  int const k0 = kt * BK;
-  std::uint32_t const a_base = smem_address(stage_a);
-  std::uint32_t const b_base = smem_address(stage_b);
-#pragma unroll
-  for (int i = static_cast<int>(threadIdx.x); i < BM * 8; i += kThreads) {
-    int const r = i >> 3, c = i & 7;
-    std::int64_t const row = tile.row_begin + r;
-    bool const valid = row < tile.row_end && k0 + c * 8 < args.k;
-    cp_async_16(a_base + swizzled(r, c) * 2, valid ? args.a + row * args.lda + k0 + c * 8 : args.a, valid);
-  }
-#pragma unroll
-  for (int i = static_cast<int>(threadIdx.x); i < BN * 8; i += kThreads) {
-    int const r = i >> 3, c = i & 7;
-    int const p = tile.n_begin + r;
-    bool const valid = p < args.n && k0 + c * 8 < args.k;
-    T const* src = valid ? b_group + static_cast<std::int64_t>(args.epilogue.weight_row(p, kGated)) * args.k + k0 + c * 8
-                         : args.b;
-    cp_async_16(b_base + swizzled(r, c) * 2, src, valid);
-  }
+__device__ __forceinline__ TileCopies<StageCopy<BM, kThreads>, StageCopy<BN, kThreads>, T> tile_copies(
+    GroupedGemmArgs<T, TC> const& args, GemmTile const& tile) {
+  int const tid = static_cast<int>(threadIdx.x);
+  return {args.a, args.b + static_cast<std::int64_t>(tile.group) * args.n * args.k,
+          activation_copy_source<StageCopy<BM, kThreads>>(tid, tile.row_begin, tile.row_end, args.lda),
+          weight_copy_source<StageCopy<BN, kThreads>>(tid, tile.n_begin, args.n, args.k, kGated,
+                                                      args.epilogue.concatenated),
+          args.k};
 }
 
 }  // namespace mma
 
-template <class Shape, class T, class TC, bool kGated>
+template <class Shape, class T, class TC, EpilogueKind kKind>
 __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
     grouped_gemm_mma_kernel(GroupedGemmArgs<T, TC> const args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int BM = Shape::kBM, BN = Shape::kBN, BK = Shape::kBK, kStages = Shape::kStages;
+  constexpr int BM = Shape::kBM, BN = Shape::kBN, kStages = Shape::kStages;
   constexpr int kThreads = Shape::kThreads, MI = Shape::kMI, NI = Shape::kNI;
+  constexpr bool kGated = epilogue_is_gated(kKind);
+  using Ring = MmaStageRing<kStages>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* const stage_a = reinterpret_cast<T*>(smem);
-  T* const stage_b = stage_a + kStages * BM * BK;
+  std::uint32_t const a_stages = mma::smem_address(smem);
+  std::uint32_t const b_stages = a_stages + kStages * Shape::kStageBytesA;
   auto* const tile_start = reinterpret_cast<long long*>(smem + Shape::kSmemBytes);
 
   TileScheduler<kThreads, BM, BN> scheduler(tile_start, args.offsets, args.num_groups, args.num_rows, args.n);
   long long const num_tiles = scheduler.num_tiles();
   int const lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  int const warp_m = warp / Shape::kWarpsN, warp_n = warp % Shape::kWarpsN;
-  int const k_tiles = ceil_div(args.k, BK);
+  int const k_tiles = ceil_div(args.k, Shape::kBK);
   auto const& epi = args.epilogue;
 
   for (long long t = blockIdx.x; t < num_tiles; t += gridDim.x) {
     GemmTile const tile = scheduler.tile(t);
-    T const* const b_group = args.b + static_cast<std::int64_t>(tile.group) * args.n * args.k;
-
-    auto load_stage = [&](int stage, int kt) {
-      mma::load_stage<BM, BN, kThreads, kGated>(args, tile, b_group, stage_a + stage * BM * BK,
-                                                stage_b + stage * BN * BK, kt);
+    auto const copies = mma::tile_copies<BM, BN, kThreads, kGated>(args, tile);
+    auto load_stage = [&](int kt) {
+      int const stage = Ring::stage(kt);
+      copies.load(a_stages + stage * Shape::kStageBytesA, b_stages + stage * Shape::kStageBytesB, kt);
     };
 
     float acc[MI][NI][4];
@@ -165,40 +162,38 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
         for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_tiles) load_stage(s, s);
+    for (int kt = 0; kt < Ring::kPrefetch; ++kt) {
+      if (kt < k_tiles) load_stage(kt);
       mma::cp_async_commit();  // empty groups keep the wait count uniform
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
-      mma::cp_async_wait<kStages - 2>();  // stage kt has landed (for this thread) ...
-      __syncthreads();                    // ... for every thread, and stage kt - 1 is no longer read
-      int const next = kt + kStages - 1;
-      if (next < k_tiles) load_stage(next % kStages, next);
+      mma::cp_async_wait<Ring::kCopyGroupsPending>();  // k-tile kt has landed (for this thread) ...
+      __syncthreads();                                 // ... for every thread; the stage refilled next is no longer read
+      if (Ring::refill_tile(kt) < k_tiles) load_stage(Ring::refill_tile(kt));
       mma::cp_async_commit();
 
-      int const stage = kt % kStages;
-      T const* const sa = stage_a + stage * BM * BK;
-      T const* const sb = stage_b + stage * BN * BK;
+      int const stage = Ring::stage(kt);
+      std::uint32_t const sa = a_stages + stage * Shape::kStageBytesA;
+      std::uint32_t const sb = b_stages + stage * Shape::kStageBytesB;
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
+      for (int kk = 0; kk < Shape::kBK / 16; ++kk) {
         std::uint32_t af[MI][4];
         std::uint32_t bf[NI][2];
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
-          int const row = warp_m * Shape::kWM + mi * 16 + (lane & 15);
-          int const chunk = kk * 2 + (lane >> 4);
-          mma::ldmatrix_x4(af[mi], mma::smem_address(sa + mma::swizzled(row, chunk)));
+          StageChunk const c = ldmatrix_a_chunk(Shape::warp_row(warp, mi), kk, lane);
+          mma::ldmatrix_x4(af[mi], sa + stage_byte_offset(c.row, c.chunk));
         }
 #pragma unroll
         for (int nj = 0; nj < NI / 2; ++nj) {
-          int const row = warp_n * Shape::kWN + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
-          int const chunk = kk * 2 + ((lane >> 3) & 1);
+          StageChunk const c = ldmatrix_b_chunk(Shape::warp_col(warp, 2 * nj), kk, lane);
           std::uint32_t r[4];
-          mma::ldmatrix_x4(r, mma::smem_address(sb + mma::swizzled(row, chunk)));
-          bf[2 * nj][0] = r[0];
-          bf[2 * nj][1] = r[1];
-          bf[2 * nj + 1][0] = r[2];
-          bf[2 * nj + 1][1] = r[3];
+          mma::ldmatrix_x4(r, sb + stage_byte_offset(c.row, c.chunk));
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            BFragmentSlot const slot = ldmatrix_b_slot(i);
+            bf[2 * nj + slot.n8][slot.reg] = r[i];
+          }
         }
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi)
@@ -209,20 +204,30 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
     mma::cp_async_wait<0>();
     __syncthreads();  // every warp is done with the ring before the next tile refills it
 
-    // Accumulator (mi, ni): rows lane/4 and lane/4 + 8, columns 2 * (lane % 4) + {0, 1}.
+    // Registers (2h, 2h + 1) of accumulator (mi, ni) are columns (p, p + 1) of one row.
+    float factor[MI][2];
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        int const p = tile.n_begin + warp_n * Shape::kWN + ni * 8 + 2 * (lane & 3);
-        if (p >= args.n) continue;
+      for (int h = 0; h < 2; ++h) {
+        std::int64_t const row =
+            tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
+        factor[mi][h] = row < tile.row_end ? epi.template row_factor<kKind>(row) : 0.0f;
+      }
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      int const p = tile.n_begin + Shape::warp_col(warp, ni) + mma_accumulator_coord(lane, 0).col;
+      if (p >= args.n) continue;
+      auto const columns = epi.template columns<kKind>(tile.group, p);
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          std::int64_t const row = tile.row_begin + warp_m * Shape::kWM + mi * 16 + (lane >> 2) + 8 * h;
+          std::int64_t const row =
+              tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
           if (row < tile.row_end)
-            epi.template store_pair<kGated>(tile.group, row, p, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+            epi.template store<kKind>(row, columns, factor[mi][h], acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
-      }
     }
   }
 #else

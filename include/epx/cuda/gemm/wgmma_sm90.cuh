@@ -8,19 +8,22 @@
 //! (CMAKE_CUDA_ARCHITECTURES=90a); grouped_gemm then uses it for large tiles on compute
 //! capability 9.0 devices. tests/cuda builds grouped_gemm_test a second time this way.
 //!
-//! Why this first step: the mma.sync mainloop tops out near half of Hopper's tensor rate
+//! Why: the mma.sync mainloop tops out near half of Hopper's tensor rate
 //! (../shared/reference/hopper-grouped-gemm.md §2). This kernel keeps everything else of
-//! mma_sm80.cuh (scheduler, cp.async ring, epilogue) and swaps the math: 2 consumer warpgroups of
-//! 64 x 128 each. The stage layout is already the canonical K-major 128-byte swizzle (128-byte
-//! rows, 16-byte chunk ^ (row % 8), 1024-byte aligned stages), so a descriptor with swizzle mode
-//! 128B and a stride of 1024 bytes between 8-row groups describes it; one k16 step advances the
-//! start address by 32 bytes. Next steps (TMA loads, a producer warpgroup, mbarriers, 128 x 256
-//! tiles) are in bench/NOTES.md.
+//! mma_sm80.cuh (scheduler, cp.async copies, epilogue) and swaps the math: 2 consumer warpgroups of
+//! 64 x 128 each. The stage layout is already the canonical K-major 128-byte swizzle with
+//! 1024-byte aligned stages, so a descriptor (wgmma_layout.hpp) describes it as it is. One wgmma
+//! group stays in flight across iterations (the tensor cores do not drain at every k-tile): the
+//! ring (pipeline.hpp, WgmmaStageRing) refills a stage one iteration later than the mma.sync ring.
+//! Next steps (TMA loads, a producer warpgroup, mbarriers, 128 x 256 tiles) are in bench/NOTES.md.
 
 #include <epx/core/dtype.hpp>
 #include <epx/cuda/gemm/epilogue.cuh>
 #include <epx/cuda/gemm/mma_sm80.cuh>
+#include <epx/cuda/gemm/pipeline.hpp>
 #include <epx/cuda/gemm/tile_scheduler.cuh>
+#include <epx/cuda/gemm/tile_shapes.hpp>
+#include <epx/cuda/gemm/wgmma_layout.hpp>
 
 #include <cuda_runtime.h>
 
@@ -33,29 +36,15 @@
 
 namespace epx::detail {
 
-struct WgmmaTileShape {
-  static constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 4;
-  static constexpr int kThreads = 256;  // 2 warpgroups, 64 rows each
-  static constexpr std::size_t kStageElems = static_cast<std::size_t>(kBM + kBN) * kBK;
-  static constexpr std::size_t kSmemBytes = kStages * kStageElems * 2;
-  static constexpr std::size_t kAlignSlack = 1024;  // stages start on 1024-byte boundaries
-  static_assert((kBM * kBK * 2) % 1024 == 0 && (kBN * kBK * 2) % 1024 == 0);
-};
-
 namespace wgmma {
-
-//! Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ std::uint64_t descriptor(std::uint32_t smem_address) {
-  std::uint64_t desc = (smem_address & 0x3FFFFu) >> 4;  // start address, 16-byte units
-  desc |= std::uint64_t{1} << 16;                       // leading byte offset: unused with this swizzle
-  desc |= std::uint64_t{1024 >> 4} << 32;               // stride byte offset: next 8-row group
-  desc |= std::uint64_t{1} << 62;                       // swizzle mode 1 = 128B
-  return desc;
-}
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+//! Waits until at most N of this warpgroup's committed wgmma groups are pending.
+template <int N>
+__device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 //! Makes this thread's generic-proxy writes to shared memory (cp.async) visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -78,74 +67,87 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
 
 }  // namespace wgmma
 
-template <class T, class TC, bool kGated>
+template <class T, class TC, EpilogueKind kKind>
 __global__ void __launch_bounds__(WgmmaTileShape::kThreads, 1)
     grouped_gemm_wgmma_kernel(GroupedGemmArgs<T, TC> const args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = WgmmaTileShape;
-  constexpr int BM = Shape::kBM, BN = Shape::kBN, BK = Shape::kBK, kStages = Shape::kStages;
-  constexpr int kThreads = Shape::kThreads;
+  using Ring = WgmmaStageRing<Shape::kStages>;
+  constexpr int BM = Shape::kBM, BN = Shape::kBN, kThreads = Shape::kThreads;
+  constexpr bool kGated = epilogue_is_gated(kKind);
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   std::uint32_t const raw_address = mma::smem_address(smem_raw);
-  unsigned char* const smem = smem_raw + ((1024u - (raw_address & 1023u)) & 1023u);
-  T* const stage_a = reinterpret_cast<T*>(smem);
-  T* const stage_b = stage_a + kStages * BM * BK;
-  auto* const tile_start = reinterpret_cast<long long*>(smem + Shape::kSmemBytes);
+  std::uint32_t const padding = padding_to_swizzle_period(raw_address);
+  std::uint32_t const a_stages = raw_address + padding;
+  std::uint32_t const b_stages = a_stages + Shape::kStages * Shape::kStageBytesA;
+  auto* const tile_start = reinterpret_cast<long long*>(smem_raw + padding + Shape::kSmemBytes);
 
   TileScheduler<kThreads, BM, BN> scheduler(tile_start, args.offsets, args.num_groups, args.num_rows, args.n);
   long long const num_tiles = scheduler.num_tiles();
   int const lane = static_cast<int>(threadIdx.x) & 31;
   int const warpgroup = static_cast<int>(threadIdx.x) / 128, warp_in_group = (static_cast<int>(threadIdx.x) / 32) & 3;
-  int const k_tiles = ceil_div(args.k, BK);
+  int const k_tiles = ceil_div(args.k, Shape::kBK);
   auto const& epi = args.epilogue;
 
   for (long long t = blockIdx.x; t < num_tiles; t += gridDim.x) {
     GemmTile const tile = scheduler.tile(t);
-    T const* const b_group = args.b + static_cast<std::int64_t>(tile.group) * args.n * args.k;
-    auto load_stage = [&](int stage, int kt) {
-      mma::load_stage<BM, BN, kThreads, kGated>(args, tile, b_group, stage_a + stage * BM * BK,
-                                                stage_b + stage * BN * BK, kt);
+    auto const copies = mma::tile_copies<BM, BN, kThreads, kGated>(args, tile);
+    auto load_stage = [&](int kt) {
+      int const stage = Ring::stage(kt);
+      copies.load(a_stages + stage * Shape::kStageBytesA, b_stages + stage * Shape::kStageBytesB, kt);
     };
 
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_tiles) load_stage(s, s);
+    for (int kt = 0; kt < Ring::kPrefetch; ++kt) {
+      if (kt < k_tiles) load_stage(kt);
       mma::cp_async_commit();
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
-      mma::cp_async_wait<kStages - 2>();
+      mma::cp_async_wait<Ring::kCopyGroupsPending>();
       wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' async proxy
       __syncthreads();             // everyone's copies landed; the stage refilled below is no longer read
-      int const next = kt + kStages - 1;
-      if (next < k_tiles) load_stage(next % kStages, next);
+      if (Ring::refill_tile(kt) < k_tiles) load_stage(Ring::refill_tile(kt));
       mma::cp_async_commit();
 
-      int const stage = kt % kStages;
-      std::uint64_t const desc_a =
-          wgmma::descriptor(mma::smem_address(stage_a + stage * BM * BK + warpgroup * 64 * BK));
-      std::uint64_t const desc_b = wgmma::descriptor(mma::smem_address(stage_b + stage * BN * BK));
+      int const stage = Ring::stage(kt);
+      std::uint64_t const desc_a = stage_wgmma_descriptor(a_stages + stage * Shape::kStageBytesA +
+                                                          Shape::warpgroup_row(warpgroup) * kStageRowBytes);
+      std::uint64_t const desc_b = stage_wgmma_descriptor(b_stages + stage * Shape::kStageBytesB);
       wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)  // +32 bytes along K per step: +2 in the descriptor's address
-        wgmma::wgmma_m64n128k16<T>(acc, desc_a + 2 * kk, desc_b + 2 * kk);
+      for (int kk = 0; kk < Shape::kBK / 16; ++kk)
+        wgmma::wgmma_m64n128k16<T>(acc, wgmma_descriptor_k_step(desc_a, kk), wgmma_descriptor_k_step(desc_b, kk));
       wgmma::commit();
-      wgmma::wait_all();  // the stage may be refilled after the next barrier
+      // Leaves this k-tile's group in flight; the previous one is done, so its stage may be refilled
+      // after the next barrier (WgmmaStageRing gives that stage up from the prefetch).
+      wgmma::wait<Ring::kReadGroupsInFlight>();
     }
+    wgmma::wait<0>();  // the accumulators are final
     mma::cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();   // every warpgroup is done with the ring before the next tile refills it
 
-    // Accumulator 4j + {0,1,2,3}: rows r and r + 8 (r = 16 * warp + lane / 4), columns 8j + 2 (lane % 4) + {0, 1}.
-    std::int64_t const row0 = tile.row_begin + warpgroup * 64 + warp_in_group * 16 + (lane >> 2);
+    // Registers 4j + {0, 1} and 4j + {2, 3} are columns (p, p + 1) of two rows (wgmma_layout.hpp).
+    std::int64_t const row0 = tile.row_begin + Shape::warpgroup_row(warpgroup);
+    float factor[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      std::int64_t const row = row0 + wgmma_accumulator_coord(warp_in_group, lane, 2 * h).row;
+      factor[h] = row < tile.row_end ? epi.template row_factor<kKind>(row) : 0.0f;
+    }
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-      int const p = tile.n_begin + 8 * j + 2 * (lane & 3);
+      int const p = tile.n_begin + wgmma_accumulator_coord(warp_in_group, lane, 4 * j).col;
       if (p >= args.n) continue;
-      if (row0 < tile.row_end) epi.template store_pair<kGated>(tile.group, row0, p, acc[4 * j], acc[4 * j + 1]);
-      if (row0 + 8 < tile.row_end)
-        epi.template store_pair<kGated>(tile.group, row0 + 8, p, acc[4 * j + 2], acc[4 * j + 3]);
+      auto const columns = epi.template columns<kKind>(tile.group, p);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        std::int64_t const row = row0 + wgmma_accumulator_coord(warp_in_group, lane, 4 * j + 2 * h).row;
+        if (row < tile.row_end)
+          epi.template store<kKind>(row, columns, factor[h], acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+      }
     }
   }
 #else

@@ -16,7 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace epx::bench {
@@ -102,23 +105,39 @@ inline double max_over_mean(std::vector<std::int32_t> const& ids, int e) {
   return *std::max_element(c.begin(), c.end()) / (static_cast<double>(ids.size()) / e);
 }
 
-// Median microseconds per call of `body`, captured 20 times into one CUDA graph.
+// EPX_BENCH_QUICK=1 (the GPU check bundle, docs/gpu-bundle.md): every case, fewer timed calls, so that
+// all shapes fit a short GPU session. The figures are noisier; the JSON context says which mode ran.
+inline bool quick_mode() {
+  static bool const quick = [] {
+    char const* v = std::getenv("EPX_BENCH_QUICK");
+    return v != nullptr && *v != '\0' && std::string_view(v) != "0";
+  }();
+  return quick;
+}
+
+// How many calls one timing takes and how many timings the median is of.
+struct Repetitions {
+  int calls, timings;
+};
+inline Repetitions repetitions() { return quick_mode() ? Repetitions{5, 3} : Repetitions{20, 7}; }
+
+// Median microseconds per call of `body`, captured 20 times into one CUDA graph (5 in quick mode).
 template <class Body>
 double time_us(cudaStream_t s, Body&& body) {
-  constexpr int kCalls = 20;
+  auto const [calls, timings] = repetitions();
   body();  // warm-up, and any lazy initialisation outside the capture
   BENCH_CHECK(cudaStreamSynchronize(s));
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   BENCH_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < kCalls; ++i) body();
+  for (int i = 0; i < calls; ++i) body();
   BENCH_CHECK(cudaStreamEndCapture(s, &graph));
   BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaEvent_t start, stop;
   BENCH_CHECK(cudaEventCreate(&start));
   BENCH_CHECK(cudaEventCreate(&stop));
   std::vector<float> ms;
-  for (int rep = 0; rep < 7; ++rep) {
+  for (int rep = 0; rep < timings; ++rep) {
     BENCH_CHECK(cudaEventRecord(start, s));
     BENCH_CHECK(cudaGraphLaunch(exec, s));
     BENCH_CHECK(cudaEventRecord(stop, s));
@@ -132,23 +151,23 @@ double time_us(cudaStream_t s, Body&& body) {
   (void)cudaEventDestroy(start);
   (void)cudaEventDestroy(stop);
   std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2] * 1e3 / kCalls;
+  return ms[ms.size() / 2] * 1e3 / calls;
 }
 
 // Median microseconds per call of `body` run eagerly (for calls that synchronise, which a CUDA
-// graph cannot hold): 20 calls between two events, 7 repetitions.
+// graph cannot hold): 20 calls between two events, 7 repetitions (quick mode: 5 and 3).
 template <class Body>
 double time_eager_us(cudaStream_t s, Body&& body) {
-  constexpr int kCalls = 20;
+  auto const [calls, timings] = repetitions();
   body();
   BENCH_CHECK(cudaStreamSynchronize(s));
   cudaEvent_t start, stop;
   BENCH_CHECK(cudaEventCreate(&start));
   BENCH_CHECK(cudaEventCreate(&stop));
   std::vector<float> ms;
-  for (int rep = 0; rep < 7; ++rep) {
+  for (int rep = 0; rep < timings; ++rep) {
     BENCH_CHECK(cudaEventRecord(start, s));
-    for (int i = 0; i < kCalls; ++i) body();
+    for (int i = 0; i < calls; ++i) body();
     BENCH_CHECK(cudaEventRecord(stop, s));
     BENCH_CHECK(cudaEventSynchronize(stop));
     float t = 0;
@@ -158,7 +177,7 @@ double time_eager_us(cudaStream_t s, Body&& body) {
   (void)cudaEventDestroy(start);
   (void)cudaEventDestroy(stop);
   std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2] * 1e3 / kCalls;
+  return ms[ms.size() / 2] * 1e3 / calls;
 }
 
 // The main of every benchmark: exits 1 with a message without a GPU, runs the registered
@@ -174,6 +193,9 @@ int run_benchmarks(int argc, char** argv, char const* name, BeforeExit&& before_
   }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  auto const [calls, timings] = repetitions();
+  benchmark::AddCustomContext("epx_repetitions", std::to_string(calls) + " calls per timing, median of " +
+                                                     std::to_string(timings) + (quick_mode() ? " (EPX_BENCH_QUICK)" : ""));
   try {
     benchmark::RunSpecifiedBenchmarks();
   } catch (epx::Error const& e) {

@@ -24,6 +24,7 @@
 //                     ep8: host wall clock of 10 forwards on all 8 rank threads (each on its own stream,
 //                     paced by forward's own wait), from a barrier to the barrier after the last
 //                     rank's stream is idle, / 10; median of 5, after 3 warm-up forwards.
+//                     EPX_BENCH_QUICK=1 (the GPU check bundle): fewer of each (bench_common.cuh).
 //   route_ms, plan_permute_ms, experts_ms, unpermute_ms   (ep1 rows)
 //                     the stages alone on the same data, each as CUDA-graph replays: route;
 //                     make_plan + permute; expert_mlp (Grouped); unpermute
@@ -414,7 +415,8 @@ StageTimes stage_ms(Shape const& shape, LayerWeights const& w, LayerInputs const
 // ms of 8 ranks of CudaLocalGroup on this GPU, AllToAll, each rank on its own thread and stream with
 // tokens [rank * T/8, (rank + 1) * T/8) and its contiguous experts (a slice of the one weight array).
 double ep8_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) {
-  constexpr int kWarmup = 3, kForwards = 10, kRepeats = 5;
+  bool const quick = quick_mode();  // EPX_BENCH_QUICK: 1 warm-up, median of 3 x 3 forwards
+  int const warmup = quick ? 1 : 3, forwards = quick ? 3 : 10, repeats = quick ? 3 : 5;
   int const per_rank = in.tokens / kEpRanks;
   auto const placement = epx::ExpertPlacement::contiguous(shape.num_experts, kEpRanks);
   // Generous: the first collective waits for every rank's workspace allocation (up to 4.5 GB each).
@@ -425,17 +427,17 @@ double ep8_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) 
     CudaLayer<epx::AllToAll> ep(layer_config(shape, w, placement, rank), comm);
     DeviceArray<std::byte> const ws(ep.workspace_bytes(per_rank));
     auto const forward = [&] { layer_forward(ep, stream.ref(), shape, in, rank * per_rank, per_rank, ws); };
-    for (int i = 0; i < kWarmup; ++i) forward();
+    for (int i = 0; i < warmup; ++i) forward();
     comm.wait(stream.ref());
-    for (int rep = 0; rep < kRepeats; ++rep) {
+    for (int rep = 0; rep < repeats; ++rep) {
       comm.barrier(stream.ref());  // every thread is here and every stream idle: the clocks start together
       auto const start = std::chrono::steady_clock::now();
-      for (int i = 0; i < kForwards; ++i) forward();
+      for (int i = 0; i < forwards; ++i) forward();
       comm.wait(stream.ref());
       comm.barrier(stream.ref());  // the last rank's stream is idle
       auto const stop = std::chrono::steady_clock::now();
       if (rank == 0)
-        per_forward_ms.push_back(std::chrono::duration<double, std::milli>(stop - start).count() / kForwards);
+        per_forward_ms.push_back(std::chrono::duration<double, std::milli>(stop - start).count() / forwards);
     }
     comm.wait(stream.ref());  // the barrier's event waits, before the stream and workspace go
   });

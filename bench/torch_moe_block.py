@@ -6,16 +6,19 @@
 the same session, on the four shapes of ../shared/PERFORMANCE.md, bf16, random data, ep = 1.
 
     python3 bench/torch_moe_block.py --out bench/results/torch-block-h100.json
+    python3 bench/torch_moe_block.py --quick --out torch.json    # the GPU check bundle's short run
 
 Router (per the model's semantics) -> stable argsort of the expert ids -> gather ->
 torch._grouped_mm (gate_up) -> activation -> torch._grouped_mm (down) -> weighted index_add.
 Output: Google Benchmark-style JSON ("torch_block/<shape>/T=<tokens>", counter "ms"), so
-bench/tools/results.py reads it like the C++ benchmarks.
+bench/tools/results.py reads it like the C++ benchmarks. The file is rewritten after every case, so a
+run stopped from outside (the GPU check bundle's timeout) keeps the cases it finished.
 """
 
 import argparse
 import datetime
 import json
+import os
 import statistics
 
 import torch
@@ -74,8 +77,8 @@ def block(x, logits, gate_up, down, k, kind, bias, gate_up_bias, down_bias):
     return torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, token, o).to(x.dtype)
 
 
-def time_ms(fn, reps=20):
-    for _ in range(3):
+def time_ms(fn, reps=20, warmup=3):
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
@@ -92,10 +95,23 @@ def time_ms(fn, reps=20):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/torch-block-h100.json")
+    parser.add_argument("--quick", action="store_true", help="1 warm-up and 5 timed calls per case, not 3 and 20")
     args = parser.parse_args()
     torch.manual_seed(2026)
     dev = torch.device("cuda")
+    reps, warmup = (5, 1) if args.quick else (20, 3)
+    context = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(0),
+               "epx_repetitions": f"median of {reps} calls after {warmup} warm-up" + (" (--quick)" if args.quick else "")}
     rows = []
+
+    def write():
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"context": context, "benchmarks": rows}, f, indent=1)
+        os.replace(tmp, args.out)
+
+    write()
     for name, h, i, e, k, kind in SHAPES:
         gate_up = (torch.randn(e, 2 * i, h, device=dev) / h**0.5).to(torch.bfloat16)
         down = (torch.randn(e, h, i, device=dev) / i**0.5).to(torch.bfloat16)
@@ -105,15 +121,12 @@ def main():
         for t in TOKENS:
             x = torch.randn(t, h, device=dev).to(torch.bfloat16)
             logits = torch.randn(t, e, device=dev)
-            ms = time_ms(lambda: block(x, logits, gate_up, down, k, kind, bias, gate_up_bias, down_bias))
+            ms = time_ms(lambda: block(x, logits, gate_up, down, k, kind, bias, gate_up_bias, down_bias), reps, warmup)
             rows.append({"name": f"torch_block/{name}/T={t}", "run_type": "iteration", "ms": ms})
             print(f"{name} T={t}: {ms:.3f} ms", flush=True)
+            write()
         del gate_up, down
         torch.cuda.empty_cache()
-    context = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
-               "device": torch.cuda.get_device_name(0)}
-    with open(args.out, "w") as f:
-        json.dump({"context": context, "benchmarks": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 # Helpers for epx's own tests, examples and benchmarks (not installed, not used by consumers).
 
 include(CheckLanguage)
+include(epx_bundle)
 
 # Enables CUDA for epx's own targets per EPX_ENABLE_CUDA (AUTO|ON|OFF); sets EPX_HAVE_CUDA.
 # A macro: enable_language must run at directory scope.
 macro(epx_setup_cuda)
+  epx_bundle_setup()  # before CUDA is enabled: a bundle build chooses the architectures
   set(_have OFF)
   if(NOT EPX_ENABLE_CUDA STREQUAL "OFF")
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})

@@ -37,6 +37,10 @@ function(epx_target_options target)
   # __fmaf_rn); this keeps the rest of the host references stable across compilers and flags.
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-ffp-contract=off>
                                            $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-ffp-contract=off>)
+  # No kernel of epx may spill or use a local-memory stack (bench/NOTES.md): ptxas fails the build
+  # when one does, so the rule holds for every kernel the tests instantiate, in CI, without a GPU.
+  # (-Werror also makes ptxas's performance warnings errors, e.g. C7510: wgmma serialised.)
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xptxas=-warn-spills,-warn-lmem-usage,-Werror>)
   if(EPX_SANITIZE)
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${EPX_SANITIZE} -fno-omit-frame-pointer
                                              -fno-sanitize-recover=all>)

@@ -46,7 +46,7 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
         if (id < 0 || id >= num_experts) continue;
         float const w = weights[static_cast<std::size_t>(t * top_k + j)], v = x[static_cast<std::size_t>(t * hidden + c)];
         finite_inputs = finite_inputs && std::isfinite(w) && std::isfinite(v);
-        acc += w * v;
+        acc = std::fma(w, v, acc);  // unpermute adds each term with one rounding (detail::add_weighted)
       }
       float const got = y[static_cast<std::size_t>(t * hidden + c)];
       EPX_FUZZ_CHECK(std::memcmp(&got, &acc, sizeof(float)) == 0 || (std::isnan(got) && std::isnan(acc)));

@@ -315,7 +315,7 @@ epx::MoeConfig layer_config(Shape const& shape, LayerWeights const& w, epx::Expe
   return {.router = router_of(shape),
           .mlp = w.mlp,
           .weights = w.slice(placement.local_range(rank)),
-          .correction_bias = w.correction_bias.get(),
+          .correction_bias = w.router_bias(),
           .placement = placement};
 }
 

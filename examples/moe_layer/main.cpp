@@ -73,6 +73,17 @@ Layer<T> make_layer(std::mt19937_64& rng) {
   return layer;
 }
 
+// Experts [local.first, local.end()) of weights stacked from expert 0, as views with their
+// extents, so that the layer checks them against its config (a transposed or mis-sized tensor is
+// refused, not silently misread).
+template <class T>
+epx::ExpertWeights local_weights(epx::ExpertRange local, T* gate_up, T* down) {
+  std::int64_t const count = local.count;
+  return epx::expert_weights(
+      epx::TensorView(gate_up + local.first * kGateUpSize, {count, 2 * kIntermediate, kHidden}),
+      epx::TensorView(down + local.first * kDownSize, {count, kHidden, kIntermediate}));
+}
+
 // The median of three timed forwards after a warm-up.
 template <class F>
 double median_ms(F&& forward) {
@@ -97,8 +108,7 @@ double run_host(Layer<T> const& layer, std::vector<std::vector<T>>& y) {
     epx::ExpertParallel<epx::Grouped, Dispatch, epx::Host> moe(
         {.router = layer.router,
          .mlp = layer.mlp,
-         .weights = epx::expert_weights(local.count, layer.gate_up.data() + local.first * kGateUpSize,
-                                        layer.down.data() + local.first * kDownSize),
+         .weights = local_weights<T const>(local, layer.gate_up.data(), layer.down.data()),
          .placement = layer.placement},
         comm);
     std::vector<std::byte> workspace(moe.workspace_bytes(static_cast<std::int64_t>(layer.tokens)));
@@ -161,7 +171,7 @@ double run_cuda(Layer<T> const& layer, std::vector<std::vector<T>>& y) {
       epx::ExpertParallel<epx::Grouped, Dispatch, epx::Cuda> moe(
           {.router = layer.router,
            .mlp = layer.mlp,
-           .weights = epx::expert_weights<T>(local.count, gate_up.data(), down.data()),
+           .weights = local_weights<T const>({0, local.count}, gate_up.data(), down.data()),
            .placement = layer.placement},
           comm);
       DeviceArray<std::byte> workspace(moe.workspace_bytes(tokens));

@@ -143,6 +143,14 @@ void fill_normal(T* out, std::size_t n, float scale, std::mt19937_64& rng) {
   for (std::size_t i = 0; i < n; ++i) out[i] = epx::from_float<T>(dist(rng));
 }
 
+// `count` experts' weights, stacked, as views with their extents: the layer checks them against
+// its config and refuses a transposed or mis-sized tensor instead of misreading it.
+template <class E>
+epx::ExpertWeights weights_of(std::int64_t count, E* gate_up, E* down) {
+  return epx::expert_weights(epx::TensorView(gate_up, {count, 2 * kIntermediate, kHidden}),
+                             epx::TensorView(down, {count, kHidden, kIntermediate}));
+}
+
 // The whole layer in host memory, as a checkpoint holds it. Rank r hands epx only the slice of
 // its experts; the Host reference uses all of it.
 struct Model {
@@ -201,7 +209,7 @@ std::vector<T> host_reference(Model const& model, Tokens const& tokens) {
     epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> moe(
         {.router = model.router,
          .mlp = model.mlp,
-         .weights = epx::expert_weights(kExperts, model.gate_up.data(), model.down.data())},
+         .weights = weights_of<T const>(kExperts, model.gate_up.data(), model.down.data())},
         comm);
     std::vector<std::byte> workspace(moe.workspace_bytes(tokens.count));
     (void)moe.forward(epx::MatrixView<float const>(tokens.logits.data(), tokens.count, kExperts),
@@ -334,7 +342,7 @@ Outcome run_policy(epx::NcclCommunicator& comm, cudaStream_t stream, Model const
   epx::ExpertParallel<epx::Grouped, Dispatch, epx::Cuda> moe(
       {.router = model.router,
        .mlp = model.mlp,
-       .weights = epx::expert_weights<T>(experts.range.count, experts.gate_up.data(), experts.down.data()),
+       .weights = weights_of<T const>(experts.range.count, experts.gate_up.data(), experts.down.data()),
        .placement = epx::ExpertPlacement::contiguous(kExperts, comm.size())},
       comm);
   // Sized once for the largest batch any rank passes (AllToAll: every rank's tokens may land here).

@@ -15,7 +15,9 @@ int main() {
     epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> moe(
         {.router = {.num_experts = kExperts, .top_k = kTopK, .renormalize = true},
          .mlp = {.hidden = kHidden, .intermediate = kInter, .activation = epx::Activation::kSwiGLU},
-         .weights = epx::expert_weights(local, gate_up.data(), down.data())},
+         // Each weight with its extents ([experts, rows, cols], K-major): a mismatch is refused.
+         .weights = epx::expert_weights(epx::TensorView(gate_up.data(), {local, 2 * kInter, kHidden}),
+                                        epx::TensorView(down.data(), {local, kHidden, kInter}))},
         comm);
     std::vector<float> logits(kTokens * kExperts), x(kTokens * kHidden, 1.0f), y(x.size());
     for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = float((i * 37 + rank) % 11);  // router output

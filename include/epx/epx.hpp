@@ -16,6 +16,7 @@
 #include <epx/core/space.hpp>
 #include <epx/core/status.hpp>
 #include <epx/core/stream.hpp>
+#include <epx/core/tensor_view.hpp>
 #include <epx/core/views.hpp>
 #include <epx/core/workspace.hpp>
 

@@ -125,14 +125,18 @@ struct GlobalWeights {
     return w;
   }
 
-  //! The weights of experts [range.first, range.end()), as epx::ExpertWeights.
+  //! The weights of experts [range.first, range.end()), as epx::ExpertWeights with their shapes
+  //! (the checked form: every layer built from these checks them against its config).
   ExpertWeights local(ExpertRange range) const {
     auto const gu = static_cast<std::size_t>(mlp.gate_up_rows()) * static_cast<std::size_t>(mlp.hidden);
     auto const dn = static_cast<std::size_t>(mlp.hidden) * static_cast<std::size_t>(mlp.intermediate);
     auto const f = static_cast<std::size_t>(range.first);
-    return expert_weights<T>(range.count, gate_up.data() + f * gu, down.data() + f * dn,
-                             gate_up_bias.empty() ? nullptr : gate_up_bias.data() + f * mlp.gate_up_rows(),
-                             down_bias.empty() ? nullptr : down_bias.data() + f * mlp.hidden);
+    std::int64_t const n = range.count, rows = mlp.gate_up_rows(), h = mlp.hidden, i = mlp.intermediate;
+    TensorView<T const, 2> gu_bias, dn_bias;
+    if (!gate_up_bias.empty()) gu_bias = TensorView(gate_up_bias.data() + f * mlp.gate_up_rows(), {n, rows});
+    if (!down_bias.empty()) dn_bias = TensorView(down_bias.data() + f * mlp.hidden, {n, h});
+    return expert_weights(TensorView(gate_up.data() + f * gu, {n, rows, h}), TensorView(down.data() + f * dn, {n, h, i}),
+                          gu_bias, dn_bias);
   }
 
   //! One expert's MLP on one token, in double.

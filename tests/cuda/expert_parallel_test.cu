@@ -35,7 +35,9 @@ struct Policies {
   Policies<Grouped, AllToAll>, Policies<Grouped, AllGather>, Policies<CublasGrouped, AllToAll>,               \
       Policies<CublasGrouped, AllGather>
 
-enum class Routing { kRandom, kHotExpert, kWithInvalid };
+// kWithoutExpert: given ids get whole rows of -1 (padding) and a row of -1 and one invalid id;
+// router logits get whole rows of NaN. Those tokens find no expert (Status::tokens_without_expert).
+enum class Routing { kRandom, kHotExpert, kWithInvalid, kWithoutExpert };
 
 struct Scenario {
   std::int32_t num_experts = 16;
@@ -81,7 +83,23 @@ std::vector<std::int32_t> make_ids(Scenario const& s, std::int64_t num_tokens, s
     ids[0] = s.num_experts + 5;
     ids[ids.size() / 2] = -7;
   }
+  if (s.routing == Routing::kWithoutExpert && num_tokens > 0) {
+    std::uniform_int_distribution<std::int64_t> pick(0, num_tokens - 1);
+    for (std::int64_t t : {pick(rng), pick(rng), num_tokens - 1}) std::fill_n(ids.begin() + t * s.top_k, s.top_k, -1);
+    std::int64_t const mixed = pick(rng);
+    std::fill_n(ids.begin() + mixed * s.top_k, s.top_k, -1);
+    ids[static_cast<std::size_t>(mixed * s.top_k)] = s.num_experts + 1;
+  }
   return ids;
+}
+
+std::vector<float> make_logits(Scenario const& s, std::int64_t num_tokens, std::mt19937_64& rng) {
+  auto logits = test::random_vector<float>(static_cast<std::size_t>(num_tokens * s.num_experts), rng);
+  if (s.routing == Routing::kWithoutExpert && num_tokens > 0) {
+    std::uniform_int_distribution<std::int64_t> pick(0, num_tokens - 1);
+    for (std::int64_t t : {pick(rng), std::int64_t{0}}) std::fill_n(logits.begin() + t * s.num_experts, s.num_experts, NAN);
+  }
+  return logits;
 }
 
 // Each rank's tokens and routing. AllGather: every rank holds rank 0's.
@@ -98,7 +116,7 @@ std::vector<RankInputs<T>> make_inputs(int num_ranks, Scenario const& s, std::mt
     std::int64_t const t = s.tokens_per_rank[kAllToAll ? ur % s.tokens_per_rank.size() : 0];
     in[ur].x = test::random_vector<T>(static_cast<std::size_t>(t * s.mlp.hidden), rng);
     if (s.from_logits) {
-      in[ur].logits = test::random_vector<float>(static_cast<std::size_t>(t * s.num_experts), rng);
+      in[ur].logits = make_logits(s, t, rng);
     } else {
       in[ur].ids = make_ids(s, t, rng);
       in[ur].weights = test::random_weights(in[ur].ids.size(), rng);
@@ -163,10 +181,19 @@ struct DeviceExperts {
                            static_cast<std::size_t>(range.count) * gw.mlp.gate_up_rows())),
         down_bias(slice(gw.down_bias, static_cast<std::size_t>(range.first) * gw.mlp.hidden,
                         static_cast<std::size_t>(range.count) * gw.mlp.hidden)),
+        mlp_(gw.mlp),
         count_(range.count) {}
 
+  //! Built the checked way (TensorViews of device memory), as the docs show.
   [[nodiscard]] ExpertWeights weights() const {
-    return expert_weights<T>(count_, gate_up.data(), down.data(), gate_up_bias.data(), down_bias.data());
+    std::int64_t const l = count_, rows = mlp_.gate_up_rows(), h = mlp_.hidden, i = mlp_.intermediate;
+    TensorView<T const, 2> gate_up_b, down_b;  // empty: no bias
+    if (gate_up_bias.size() > 0) {
+      gate_up_b = TensorView<T const, 2>(gate_up_bias.data(), {l, rows});
+      down_b = TensorView<T const, 2>(down_bias.data(), {l, h});
+    }
+    return expert_weights(TensorView<T const, 3>(gate_up.data(), {l, rows, h}),
+                          TensorView<T const, 3>(down.data(), {l, h, i}), gate_up_b, down_b);
   }
 
  private:
@@ -176,6 +203,7 @@ struct DeviceExperts {
   static std::size_t down_size(ExpertMlpConfig const& m) {
     return static_cast<std::size_t>(m.hidden) * static_cast<std::size_t>(m.intermediate);
   }
+  ExpertMlpConfig mlp_;
   std::int32_t count_;
 };
 
@@ -273,6 +301,9 @@ void check_scenario(int num_ranks, Scenario const& s, std::mt19937_64& rng,
       CHECK(res.error.empty());
       CHECK(res.status.invalid_ids == ref.status.invalid_ids);
       CHECK(res.status.dropped_slots == ref.status.dropped_slots);
+      // Counted by the device plan over this rank's tokens (AllGather: every rank's, the same).
+      CHECK(res.status.tokens_without_expert == ref.status.tokens_without_expert);
+      if (s.routing == Routing::kWithoutExpert && !ref.y.empty()) CHECK(ref.status.tokens_without_expert >= 1);
     }
   }
 }
@@ -339,6 +370,19 @@ TEST_CASE_TEMPLATE("ExpertParallel<Cuda>::forward: invalid ids are dropped and c
   check_scenario<P, bfloat16>(4, s, rng);
 }
 
+TEST_CASE_TEMPLATE("ExpertParallel<Cuda>::forward: tokens without expert are counted as the Host layer counts them", P,
+                   EPX_ALL_POLICIES) {
+  EPX_TEST_SEEDED_RNG(rng);
+  Scenario s{.tokens_per_rank = {10, 4, 7, 1}, .routing = Routing::kWithoutExpert};
+  check_scenario<P, bfloat16>(1, s, rng);
+  check_scenario<P, bfloat16>(4, s, rng);
+  s.from_logits = true;  // all-NaN logits: the router gives those tokens all -1
+  check_scenario<P, bfloat16>(1, s, rng);
+  check_scenario<P, bfloat16>(3, s, rng);
+  s = Scenario{.num_experts = 8, .top_k = 1, .tokens_per_rank = {300, 33}, .routing = Routing::kWithoutExpert};
+  check_scenario<P, float>(2, s, rng);  // top_k 1: ~10% of the tokens are padding, many warps count some
+}
+
 TEST_CASE_TEMPLATE("ExpertParallel<Cuda>::forward: invalid ids throw after the collectives (kThrow)", P,
                    EPX_ALL_POLICIES) {
   using Dispatch = typename P::Dispatch;
@@ -357,9 +401,12 @@ TEST_CASE_TEMPLATE("ExpertParallel<Cuda>::forward: invalid ids throw after the c
     bool const had_invalid = !kAllToAll || r == 1;
     if (had_invalid) {
       CHECK(res.error_code == Errc::kInvalidExpertId);
-      CHECK(res.error.find("1 invalid expert id(s) (first: topk_ids[0, 3] = 42), expected -1 or an id in [0, 16)") !=
-            std::string::npos);
-      CHECK(res.error.find(kAllToAll ? "forward: " : "status: ") != std::string::npos);
+      // Named as the Host layer names it: the rank, its token and the slot (ids[3] with top_k 4).
+      std::string const text =
+          fmt::format("{}: rank {}: topk_ids held 1 invalid expert id(s) (first: token 0 of rank {}, slot 3: "
+                      "topk_ids[0, 3] = 42), expected -1 or an id in [0, 16)",
+                      kAllToAll ? "forward" : "status", r, r);
+      CHECK(res.error.find(text) != std::string::npos);
     } else {
       CHECK(res.error.empty());
     }

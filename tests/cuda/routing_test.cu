@@ -74,6 +74,13 @@ void check_routing(std::int64_t t, std::int32_t k, std::int32_t e, ExpertRange r
   }
   if (hot)
     for (std::int64_t i = 0; i < t; ++i) ids[static_cast<std::size_t>(i * k)] = 0;
+  if (t > 0) {  // tokens with no expert: one all -1 (padding), one -1 and invalid (counted in both)
+    std::uniform_int_distribution<std::int64_t> token(0, t - 1);
+    std::int64_t const padded = token(rng), mixed = token(rng);
+    std::fill_n(ids.begin() + padded * k, k, -1);
+    std::fill_n(ids.begin() + mixed * k, k, -1);
+    ids[static_cast<std::size_t>(mixed * k)] = -4;
+  }
   auto const weights = test::random_weights(ids.size(), rng);
   auto const x = test::random_vector<T>(static_cast<std::size_t>(t * h), rng);
 
@@ -125,6 +132,8 @@ void check_routing(std::int64_t t, std::int32_t k, std::int32_t e, ExpertRange r
   CHECK(st.invalid_ids == host_status.invalid_ids);
   CHECK(st.dropped_slots == host_status.dropped_slots);
   CHECK(st.max_tokens_per_expert == host_status.max_tokens_per_expert);
+  CHECK(st.tokens_without_expert == host_status.tokens_without_expert);  // summed per warp on the device
+  if (t > 0) CHECK(host_status.tokens_without_expert >= 1);
   auto const perm = d_perm.to_host();
   CHECK(std::memcmp(gather_rows(perm, rows, layout).data(), host_perm.data(), static_cast<std::size_t>(rows * h) * sizeof(T)) == 0);
   CHECK(padding_untouched(perm, rows, layout, 0xcd));  // nothing past a row's end, nor past the routed rows

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <random>
 #include <set>
+#include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -133,6 +135,97 @@ TEST_CASE("Routing::stages[cuda-args]: route, make_plan and permute refuse bad a
             MatrixView<bfloat16>(fake<bfloat16>(), 8, 8));
   });
   CHECK(contains(e.what(), "permute: stream = StreamRef::host(), expected a CUDA stream"));
+}
+
+namespace {
+
+// A rank of a device-memory group that must never be asked for a collective: the layer's
+// constructor refuses bad weights before any (and before any CUDA call).
+class UnusedDeviceComm final : public Communicator {
+ public:
+  [[nodiscard]] int rank() const noexcept override { return 0; }
+  [[nodiscard]] int size() const noexcept override { return 2; }
+  [[nodiscard]] MemorySpace memory_space() const noexcept override { return MemorySpace::kDevice; }
+  void all_to_all_v(void const*, std::span<std::size_t const>, void*, std::span<std::size_t const>, StreamRef) override {
+    unexpected();
+  }
+  void all_to_all(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
+  void all_reduce_sum(void*, std::size_t, DType, StreamRef) override { unexpected(); }
+  void all_gather(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
+  void barrier(StreamRef) override { unexpected(); }
+  void wait(StreamRef) override { unexpected(); }
+
+ private:
+  [[noreturn]] static void unexpected() { throw std::logic_error("UnusedDeviceComm: no collective expected"); }
+};
+
+}  // namespace
+
+TEST_CASE("ExpertParallel<Cuda>::ExpertParallel[cuda-args]: weights in another layout and a short bias are refused") {
+  // gpt-oss-like widths (gate_up_rows 64 != hidden 48); 8 experts over 2 ranks: rank 0 owns 4.
+  ExpertMlpConfig const mlp{.hidden = 48, .intermediate = 32, .activation = Activation::kClampedSwiGLU,
+                            .gate_up_layout = GateUpLayout::kInterleaved};
+  UnusedDeviceComm comm;
+  auto config = [&](ExpertWeights const& w) {
+    return MoeConfig{.router = {.num_experts = 8, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp,
+                     .weights = w};
+  };
+  auto const down = TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 48, 32});
+  // gate_up_proj as the checkpoint stores it ([E, H, 2I]), then its transpose as a strided view.
+  Error e = caught([&] {
+    (void)ExpertParallel<Grouped, AllToAll, Cuda>(
+        config(expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 48, 64}), down)), comm);
+  });
+  CHECK(e.code() == Errc::kShapeMismatch);
+  CHECK(contains(e.what(), "ExpertParallel: weights.gate_up.extents = [4, 48, 64], expected [4, 64, 48] = [local "
+                           "experts, gate_up_rows (2 * intermediate), hidden], contiguous and K-major (gpt-oss's "
+                           "gate_up_proj is [E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)"));
+  e = caught([&] {
+    (void)ExpertParallel<CublasGrouped, AllGather, Cuda>(
+        config(expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 64, 48}, {3072, 1, 64}),
+                              down)),
+        comm);
+  });
+  CHECK(e.code() == Errc::kInvalidArgument);
+  CHECK(contains(e.what(), "ExpertParallel: weights.gate_up.strides = [3072, 1, 64], expected [3072, 48, 1]"));
+  auto with_bias = config(expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 64, 48}), down));
+  with_bias.correction_bias = std::span<float const>(fake<float const>(), 7);
+  e = caught([&] { (void)ExpertParallel<Grouped, AllToAll, Cuda>(with_bias, comm); });
+  CHECK(e.code() == Errc::kShapeMismatch);
+  CHECK(contains(e.what(), "ExpertParallel: correction_bias.size() = 7, expected 0 (no bias) or router.num_experts = 8"));
+}
+
+TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: weights in another layout are refused before any GPU work") {
+  ExpertMlpConfig const mlp{.hidden = 64, .intermediate = 32};
+  std::int32_t const* offsets = fake<std::int32_t const>();
+  auto const weights = expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {2, 64, 64}),
+                                      TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {2, 32, 64}));
+  Error e = caught([&] {
+    expert_mlp<bfloat16>(fake_stream(), mlp, weights, MatrixView<bfloat16 const>(fake<bfloat16 const>(), 10, 64),
+                         std::span<std::int32_t const>(offsets, 3), MatrixView<bfloat16>(fake<bfloat16>(), 10, 64),
+                         Workspace(fake<std::byte>(), 1 << 20));
+  });
+  CHECK(e.code() == Errc::kShapeMismatch);
+  CHECK(contains(e.what(), "expert_mlp: weights.down.extents = [2, 32, 64], expected [2, 64, 32] = [local experts, "
+                           "hidden, intermediate], contiguous and K-major (gpt-oss's down_proj is [E, I, H]"));
+}
+
+TEST_CASE("ExpertParallel<Cuda>::status[cuda-args]: the device's record of an invalid id is named as the Host names it") {
+  // The device keeps (slot << 32) | uint32(id) of the first invalid slot; the message must decode it
+  // to the rank's token and slot, negative ids included, in the Host layer's words.
+  Status status;
+  status.invalid_ids = 2;
+  std::uint64_t const first = (std::uint64_t{5} << 32) | static_cast<std::uint32_t>(-3);  // slot 5, id -3
+  Error e = caught([&] { detail::throw_device_invalid_ids("status", 1, status, first, 2, 8); });
+  CHECK(e.code() == Errc::kInvalidExpertId);
+  CHECK(contains(e.what(), "status: rank 1: topk_ids held 2 invalid expert id(s) (first: token 2 of rank 1, slot 1: "
+                           "topk_ids[2, 1] = -3), expected -1 or an id in [0, 8); those slots were dropped and the "
+                           "output written without them"));
+  e = caught([&] {
+    detail::throw_invalid_ids("forward", 1, 2, detail::InvalidIdSite{.token = 2, .slot = 1, .id = -3}, 8);
+  });
+  CHECK(contains(e.what(), "forward: rank 1: topk_ids held 2 invalid expert id(s) (first: token 2 of rank 1, slot 1: "
+                           "topk_ids[2, 1] = -3)"));
 }
 
 namespace {

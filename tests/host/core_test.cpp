@@ -4,8 +4,12 @@
 
 #include "../common/test_util.hpp"
 
+#include <array>
 #include <bit>
 #include <cstring>
+#include <iterator>
+#include <string_view>
+#include <utility>
 
 using namespace epx;
 
@@ -95,6 +99,77 @@ TEST_CASE("Error::message: names the parameter, its value, the expectation and t
     CHECK(msg.find("epx: route: top_k = 9, expected in [1, 8]") == 0);
     CHECK(msg.find("core_test.cpp:") != std::string::npos);
   }
+}
+
+TEST_CASE("Errc::to_string: prints the enumerator's name") {
+  // Every enumerator, spelled as in the source: a log line can be searched for in code and docs.
+  std::pair<Errc, std::string_view> const names[] = {
+      {Errc::kInvalidArgument, "kInvalidArgument"},   {Errc::kShapeMismatch, "kShapeMismatch"},
+      {Errc::kWorkspaceTooSmall, "kWorkspaceTooSmall"}, {Errc::kInvalidExpertId, "kInvalidExpertId"},
+      {Errc::kTimeout, "kTimeout"},                   {Errc::kPeerFailed, "kPeerFailed"},
+      {Errc::kCollectiveMismatch, "kCollectiveMismatch"}, {Errc::kUnsupported, "kUnsupported"},
+      {Errc::kCuda, "kCuda"},                         {Errc::kNccl, "kNccl"}};
+  for (auto const& entry : names) {  // not a structured binding: clang 14 cannot CAPTURE one
+    CAPTURE(entry.second);
+    CHECK(to_string(entry.first) == entry.second);
+  }
+  CHECK(static_cast<int>(Errc::kNccl) + 1 == static_cast<int>(std::size(names)));  // no enumerator left out
+  CHECK(to_string(static_cast<Errc>(99)) == "unknown");
+  static_assert(to_string(Errc::kShapeMismatch) == "kShapeMismatch");  // usable in constant expressions
+}
+
+TEST_CASE("Status::merge: counters add up, the largest expert load is kept, ok() ignores tokens without expert") {
+  EPX_TEST_SEEDED_RNG(rng);
+  std::uniform_int_distribution<std::uint32_t> count(1, 1000);
+  Status a, b;
+  a.invalid_ids = 0;
+  a.tokens_without_expert = count(rng);
+  a.max_tokens_per_expert = count(rng);
+  b.tokens_without_expert = count(rng);
+  b.max_tokens_per_expert = count(rng);
+  b.dropped_slots = count(rng);
+  Status const before = a;
+  CHECK(a.ok());  // padding alone is not a failure
+  a.merge(b);
+  CHECK(a.tokens_without_expert == before.tokens_without_expert + b.tokens_without_expert);
+  CHECK(a.dropped_slots == b.dropped_slots);
+  CHECK(a.max_tokens_per_expert == std::max(before.max_tokens_per_expert, b.max_tokens_per_expert));
+  CHECK_FALSE(a.ok());
+}
+
+TEST_CASE("TensorView: extents, strides and contiguity as torch reports them") {
+  EPX_TEST_SEEDED_RNG(rng);
+  std::uniform_int_distribution<std::int64_t> extent(2, 9);
+  std::int64_t const e = extent(rng), r = extent(rng), c = extent(rng);
+  CAPTURE(e);
+  CAPTURE(r);
+  CAPTURE(c);
+  std::vector<float> buffer(static_cast<std::size_t>(e * r * c));
+  TensorView dense(buffer.data(), {e, r, c});  // deduced: TensorView<float, 3>, row-major strides
+  static_assert(std::is_same_v<decltype(dense), TensorView<float, 3>>);
+  CHECK(dense.strides == std::array<std::int64_t, 3>{r * c, c, 1});
+  CHECK(dense.is_contiguous());
+  CHECK(dense.size() == e * r * c);
+  TensorView<float const, 3> const as_const = dense;  // mutable -> const converts implicitly
+  CHECK(as_const.data == buffer.data());
+  auto const shape = as_const.shape();
+  CHECK(shape.rank == 3);
+  CHECK(std::equal(shape.extent_list().begin(), shape.extent_list().end(), dense.extents.begin()));
+  CHECK(std::equal(shape.stride_list().begin(), shape.stride_list().end(), dense.strides.begin()));
+  // torch's w.transpose(1, 2) of a contiguous [e, c, r]: extents [e, r, c], strides [c * r, 1, r].
+  TensorView transposed(buffer.data(), {e, r, c}, {c * r, 1, r});
+  CHECK_FALSE(transposed.is_contiguous());
+  // A slice keeping every other row: right extents, row stride doubled.
+  CHECK_FALSE(TensorView(buffer.data(), {e, r / 2, c}, {r * c, 2 * c, 1}).is_contiguous());
+  // The stride of a dimension of extent 1 is never used (torch: is_contiguous() ignores it), and a
+  // tensor with no elements is contiguous.
+  CHECK(TensorView(buffer.data(), {1, r, c}, {12345, c, 1}).is_contiguous());
+  CHECK(TensorView(buffer.data(), {e, 1, c}, {c, 7, 1}).is_contiguous());
+  CHECK(TensorView(buffer.data(), {0, r, c}, {1, 1, 1}).is_contiguous());
+  TensorView bias(buffer.data(), {e, r});
+  CHECK(bias.strides == std::array<std::int64_t, 2>{r, 1});
+  CHECK(TensorView<float, 2>().shape().rank == 2);
+  CHECK_FALSE(TensorShape{}.known());
 }
 
 TEST_CASE("Workspace::carve: parts are aligned and a small workspace names both sizes") {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <exception>
 #include <limits>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -275,6 +276,130 @@ TEST_CASE("ExpertMlp::run: bad expert_offsets values are named by grouped_gemm")
   CHECK_EPX_ERROR(Errc::kInvalidArgument, "grouped_gemm: offsets[1..2] = [2, 5]", call({0, 2, 5}));
 }
 
+TEST_CASE("ExpertWeights::expert_weights: a negative extent, a null tensor with elements or too many experts is named") {
+  std::vector<float> const gate_up(2 * 8 * 4, 0.5f), down(2 * 4 * 4, 0.25f);
+  TensorView<float const, 3> const good_gate_up(gate_up.data(), {2, 8, 4}), good_down(down.data(), {2, 4, 4});
+  CHECK_NOTHROW((void)expert_weights(good_gate_up, good_down));
+  CHECK(expert_weights(good_gate_up, good_down).num_local_experts == 2);
+  CHECK_EPX_ERROR(Errc::kInvalidArgument, "expert_weights: gate_up.extents = [2, -8, 4], expected every extent >= 0",
+                  expert_weights(TensorView<float const, 3>(gate_up.data(), {2, -8, 4}), good_down));
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "expert_weights: down.data = nullptr, expected a pointer to the 32 elements of a [2, 4, 4] tensor",
+                  expert_weights(good_gate_up, TensorView<float const, 3>(nullptr, {2, 4, 4})));
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "expert_weights: down_bias.data = nullptr, expected a pointer to the 8 elements of a [2, 4] tensor",
+                  expert_weights(good_gate_up, good_down, {}, TensorView<float const, 2>(nullptr, {2, 4})));
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "expert_weights: gate_up.extents[0] (local experts) = 2147483648, expected < 2^31",
+                  expert_weights(TensorView<float const, 3>(gate_up.data(), {std::int64_t{1} << 31, 8, 4}), good_down));
+}
+
+namespace {
+
+// gpt-oss's expert MLP in miniature: clamped SwiGLU over interleaved gate/up, hidden 16,
+// intermediate 12 (so gate_up_rows 24 differs from hidden and a transposed tensor is visible).
+struct GptOssLayer {
+  static constexpr std::int64_t kLocal = 2, kHidden = 16, kInter = 12, kRows = 2 * kInter;
+  ExpertMlpConfig mlp{.hidden = kHidden, .intermediate = kInter, .activation = Activation::kClampedSwiGLU,
+                      .gate_up_layout = GateUpLayout::kInterleaved};
+  std::vector<float> gate_up = std::vector<float>(kLocal * kRows * kHidden, 0.5f);
+  std::vector<float> down = std::vector<float>(kLocal * kHidden * kInter, 0.25f);
+  std::vector<float> bias = std::vector<float>(kLocal * kRows, 0.125f);
+
+  [[nodiscard]] TensorView<float const, 3> gate_up_view() const { return {gate_up.data(), {kLocal, kRows, kHidden}}; }
+  [[nodiscard]] TensorView<float const, 3> down_view() const { return {down.data(), {kLocal, kHidden, kInter}}; }
+  [[nodiscard]] MoeConfig config(ExpertWeights const& w) const {
+    return MoeConfig{.router = {.num_experts = 4, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp,
+                     .weights = w};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("ExpertParallel::ExpertParallel: weights in another layout are refused, naming the expected one") {
+  GptOssLayer const g;
+  LocalGroup group(2, {.timeout = 10s});
+  auto& comm = group.communicator(0);  // 4 experts over 2 ranks: rank 0 owns 2
+  using EP = ExpertParallel<Grouped, AllToAll, Host>;
+  CHECK_NOTHROW(EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), TensorView(g.bias.data(), {2, 24}))),
+                   comm));
+  // gate_up_proj as the checkpoint stores it: [E, H, 2I], not transposed.
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "ExpertParallel: weights.gate_up.extents = [2, 16, 24], expected [2, 24, 16] = [local experts, "
+                  "gate_up_rows (2 * intermediate), hidden], contiguous and K-major (gpt-oss's gate_up_proj is "
+                  "[E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)",
+                  EP(g.config(expert_weights(TensorView(g.gate_up.data(), {2, 16, 24}), g.down_view())), comm));
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "(gpt-oss's gate_up_proj is [E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)",
+                  (ExpertParallel<Grouped, AllGather, Host>(
+                      g.config(expert_weights(TensorView(g.gate_up.data(), {2, 16, 24}), g.down_view())), comm)));
+  // Its transpose as a view (torch: gate_up_proj.transpose(1, 2) without .contiguous()).
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "ExpertParallel: weights.gate_up.strides = [384, 1, 24], expected [384, 16, 1] (contiguous and "
+                  "K-major: [local experts, gate_up_rows (2 * intermediate), hidden] in row-major order, the last "
+                  "dimension moving fastest; a transposed or sliced view has other strides: make it contiguous "
+                  "first, e.g. torch's .contiguous())",
+                  EP(g.config(expert_weights(TensorView(g.gate_up.data(), {2, 24, 16}, {384, 1, 24}), g.down_view())),
+                     comm));
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "ExpertParallel: weights.down.extents = [2, 12, 16], expected [2, 16, 12] = [local experts, hidden, "
+                  "intermediate], contiguous and K-major (gpt-oss's down_proj is [E, I, H]: pass its transpose "
+                  "[E, H, I], made contiguous)",
+                  EP(g.config(expert_weights(g.gate_up_view(), TensorView(g.down.data(), {2, 12, 16}))), comm));
+  // Another expert count in down than in gate_up: no transposition hint.
+  std::vector<float> const three(3 * 16 * 12, 0.25f);
+  auto const text = [&] {
+    try {
+      EP(g.config(expert_weights(g.gate_up_view(), TensorView(three.data(), {3, 16, 12}))), comm);
+    } catch (Error const& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  }();
+  CHECK(text.find("ExpertParallel: weights.down.extents = [3, 16, 12], expected [2, 16, 12] = [local experts, hidden, "
+                  "intermediate], contiguous and K-major [") != std::string::npos);
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "ExpertParallel: weights.gate_up_bias.extents = [2, 12], expected [2, 24] = [local experts, "
+                  "gate_up_rows (2 * intermediate)], contiguous and K-major",
+                  EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), TensorView(g.bias.data(), {2, 12}))),
+                     comm));
+  std::vector<float> const down_bias(2 * 32, 0.5f);
+  CHECK_EPX_ERROR(Errc::kInvalidArgument, "ExpertParallel: weights.down_bias.strides = [32, 1], expected [16, 1]",
+                  EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), {},
+                                             TensorView(down_bias.data(), {2, 16}, {32, 1}))),
+                     comm));
+  // Not gated (ReLU): gate_up_rows is intermediate.
+  auto relu = g.config(expert_weights(g.gate_up_view(), g.down_view()));
+  relu.mlp.activation = Activation::kReLU;
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "ExpertParallel: weights.gate_up.extents = [2, 24, 16], expected [2, 12, 16] = [local experts, "
+                  "gate_up_rows (intermediate: not gated), hidden]",
+                  EP(relu, comm));
+  // A shape filled in by hand with the wrong rank.
+  auto hand_made = g.config(expert_weights(g.gate_up_view(), g.down_view()));
+  hand_made.weights.gate_up_shape.rank = 2;
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "ExpertParallel: weights.gate_up_shape.rank = 2, expected 3 ([local experts, gate_up_rows (2 * "
+                  "intermediate), hidden])",
+                  EP(hand_made, comm));
+}
+
+TEST_CASE("ExpertMlp::run: expert_mlp refuses weights in another layout too") {
+  GptOssLayer const g;
+  std::vector<float> x(3 * 16, 1.0f), out(3 * 16);
+  std::vector<std::int32_t> const offsets{0, 1, 3};
+  std::vector<std::byte> ws(expert_mlp_workspace_bytes<float>(g.mlp, 3));
+  auto call = [&](ExpertWeights const& w) {
+    expert_mlp(Host{}, g.mlp, w, MatrixView<float const>(x.data(), 3, 16), offsets, MatrixView<float>(out.data(), 3, 16),
+               Workspace(ws.data(), ws.size()));
+  };
+  CHECK_NOTHROW(call(expert_weights(g.gate_up_view(), g.down_view())));
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "expert_mlp: weights.gate_up.extents = [2, 16, 24], expected [2, 24, 16] = [local experts, "
+                  "gate_up_rows (2 * intermediate), hidden]",
+                  call(expert_weights(TensorView(g.gate_up.data(), {2, 16, 24}), g.down_view())));
+}
+
 // ---------------------------------------------------------------------------------------------
 // LocalGroup
 
@@ -498,7 +623,7 @@ TEST_CASE("ExpertParallel::forward: a non-finite correction bias is named before
   std::vector<float> bias(8, 0.0f);
   bias[2] = NAN;
   auto c = layer.config(comm);
-  c.correction_bias = bias.data();
+  c.correction_bias = bias;
   ExpertParallel<Grouped, AllToAll, Host> ep(c, comm);
   std::int64_t const t = 3;
   std::vector<float> logits(t * 8, 0.0f), x(t * 16, 1.0f), y(t * 16);
@@ -536,5 +661,56 @@ TEST_CASE("ExpertParallel::forward: AllGather names a rank whose tokens exceed i
                     "forward: rank 1: num_tokens = 6, expected <= 4 (the tokens its workspace holds; ask "
                     "workspace_bytes(max_tokens))",
                     rethrow(errors[r]));
+  }
+}
+
+TEST_CASE("ExpertParallel::ExpertParallel: a correction bias of another length or without memory is named") {
+  Layer const layer;
+  LocalGroup group(2, {.timeout = 10s});
+  auto& comm = group.communicator(0);
+  using EP = ExpertParallel<Grouped, AllToAll, Host>;
+  std::vector<float> const bias(8, 0.5f);
+  auto c = layer.config(comm);
+  c.correction_bias = bias;
+  CHECK_NOTHROW(EP(c, comm));
+  c.correction_bias = std::span<float const>(bias).first(7);
+  CHECK_EPX_ERROR(Errc::kShapeMismatch,
+                  "ExpertParallel: correction_bias.size() = 7, expected 0 (no bias) or router.num_experts = 8 (one "
+                  "selection bias per expert)",
+                  EP(c, comm));
+  c.correction_bias = std::span<float const>(static_cast<float const*>(nullptr), 8);
+  CHECK_EPX_ERROR(Errc::kInvalidArgument, "ExpertParallel: correction_bias.data() = nullptr, expected a pointer to 8 floats",
+                  EP(c, comm));
+}
+
+TEST_CASE("ExpertParallel::forward: AllGather names the rank, its token and the slot of an invalid id on every rank") {
+  Layer const layer;
+  LocalGroup group(2, {.timeout = 10s});
+  std::vector<std::exception_ptr> errors(2);
+  std::int64_t const t = 5;
+  std::mt19937_64 rng(9);
+  auto const x = test::random_vector<float>(static_cast<std::size_t>(t * 16), rng);
+  auto ids = test::random_ids(t, 2, 8, rng, 0.0);
+  ids[7] = -3;  // token 3, slot 1
+  ids[8] = 8;   // token 4, slot 0: the second one, not named
+  auto const w = test::random_weights(ids.size(), rng);
+  group.run([&](int rank, Communicator& comm) {
+    ExpertParallel<Grouped, AllGather, Host> ep(layer.config(comm), comm);
+    std::vector<std::byte> ws(ep.workspace_bytes(t));
+    std::vector<float> y(x.size());
+    try {
+      (void)ep.forward(MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
+                       MatrixView<float const>(x.data(), t, 16), MatrixView<float>(y.data(), t, 16),
+                       Workspace(ws.data(), ws.size()));
+    } catch (...) {
+      errors[static_cast<std::size_t>(rank)] = std::current_exception();
+    }
+  });
+  for (int r = 0; r < 2; ++r) {
+    std::string const text = fmt::format(
+        "forward: rank {}: topk_ids held 2 invalid expert id(s) (first: token 3 of rank {}, slot 1: topk_ids[3, 1] = "
+        "-3), expected -1 or an id in [0, 8); those slots were dropped and the output written without them",
+        r, r);
+    CHECK_EPX_ERROR(Errc::kInvalidExpertId, text.c_str(), rethrow(errors[static_cast<std::size_t>(r)]));
   }
 }

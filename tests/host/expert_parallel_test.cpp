@@ -12,7 +12,9 @@ using epx::test::GlobalWeights;
 
 namespace {
 
-enum class Routing { kRandom, kHotExpert, kWithInvalid };
+// kWithoutExpert: some tokens get all -1 (padding) and one gets -1 and an invalid id; from
+// logits, some tokens get all-NaN logits (the router gives them all -1).
+enum class Routing { kRandom, kHotExpert, kWithInvalid, kWithoutExpert };
 
 struct Scenario {
   std::int32_t num_experts = 16;
@@ -50,7 +52,44 @@ std::vector<std::int32_t> make_ids(Scenario const& s, std::int64_t num_tokens, s
     ids[0] = s.num_experts + 5;
     ids[ids.size() / 2] = -7;
   }
+  if (s.routing == Routing::kWithoutExpert && num_tokens > 0) {
+    std::uniform_int_distribution<std::int64_t> pick(0, num_tokens - 1);
+    for (std::int64_t t : {pick(rng), pick(rng), num_tokens - 1})
+      std::fill_n(ids.begin() + t * s.top_k, s.top_k, -1);
+    std::int64_t const mixed = pick(rng);  // -1 everywhere but one invalid id: no expert either
+    std::fill_n(ids.begin() + mixed * s.top_k, s.top_k, -1);
+    ids[static_cast<std::size_t>(mixed * s.top_k)] = s.num_experts + 1;
+  }
   return ids;
+}
+
+// Router logits for `num_tokens` tokens; kWithoutExpert makes whole rows NaN.
+std::vector<float> make_logits(Scenario const& s, std::int64_t num_tokens, std::mt19937_64& rng) {
+  auto logits = test::random_vector<float>(static_cast<std::size_t>(num_tokens * s.num_experts), rng);
+  if (s.routing == Routing::kWithoutExpert && num_tokens > 0) {
+    // Token 0 and a random one of the others all NaN; the last (when it is another) every logit
+    // but one NaN: it keeps that expert (fewer than top_k), so it is not counted.
+    std::int64_t const last = num_tokens - 1;
+    std::uniform_int_distribution<std::int64_t> pick(0, std::max<std::int64_t>(last - 1, 0));
+    for (std::int64_t t : {pick(rng), std::int64_t{0}})
+      std::fill_n(logits.begin() + t * s.num_experts, s.num_experts, NAN);
+    if (last > 0) {
+      std::fill_n(logits.begin() + last * s.num_experts, s.num_experts, NAN);
+      logits[static_cast<std::size_t>(last * s.num_experts + s.num_experts / 2)] = 1.0f;
+    }
+  }
+  return logits;
+}
+
+// Tokens none of whose slots names an expert in [0, num_experts): their output row is zero.
+std::uint64_t count_tokens_without_expert(std::vector<std::int32_t> const& ids, std::int32_t top_k,
+                                          std::int32_t num_experts) {
+  std::uint64_t n = 0;
+  for (std::size_t t = 0; t * static_cast<std::size_t>(top_k) < ids.size(); ++t) {
+    auto const row = ids.begin() + static_cast<std::ptrdiff_t>(t * static_cast<std::size_t>(top_k));
+    n += std::none_of(row, row + top_k, [&](std::int32_t id) { return id >= 0 && id < num_experts; });
+  }
+  return n;
 }
 
 // Runs the scenario on `num_ranks` LocalGroup ranks; returns each rank's y.
@@ -110,7 +149,7 @@ void check_scenario(int num_ranks, Scenario const& s, std::mt19937_64& rng) {
     std::int64_t const num_tokens = s.tokens_per_rank[kAllToAll ? ur % s.tokens_per_rank.size() : 0];
     xs[ur] = test::random_vector<T>(static_cast<std::size_t>(num_tokens * s.mlp.hidden), rng);
     if (s.from_logits) {
-      routing[ur].logits = test::random_vector<float>(static_cast<std::size_t>(num_tokens * s.num_experts), rng);
+      routing[ur].logits = make_logits(s, num_tokens, rng);
       routing[ur].ids.resize(static_cast<std::size_t>(num_tokens * s.top_k));
       routing[ur].weights.resize(routing[ur].ids.size());
       route(Host{}, RouterConfig{.num_experts = s.num_experts, .top_k = s.top_k, .renormalize = true},
@@ -137,8 +176,26 @@ void check_scenario(int num_ranks, Scenario const& s, std::mt19937_64& rng) {
     if (s.routing == Routing::kWithInvalid && num_tokens > 0) {
       CHECK(statuses[ur].invalid_ids == 2);
       CHECK(statuses[ur].dropped_slots == 2);
+    } else if (s.routing == Routing::kWithoutExpert && !s.from_logits && num_tokens > 0) {
+      CHECK(statuses[ur].invalid_ids == 1);
     } else {
       CHECK(statuses[ur].invalid_ids == 0);
+    }
+    // Tokens that found no expert: counted, and their rows exactly zero.
+    auto const without = count_tokens_without_expert(routing[ur].ids, s.top_k, s.num_experts);
+    CHECK(statuses[ur].tokens_without_expert == without);
+    if (s.routing == Routing::kWithoutExpert && num_tokens > 0) CHECK(without >= 1);
+    for (std::int64_t t = 0; t < num_tokens; ++t) {
+      auto const row = routing[ur].ids.begin() + t * s.top_k;
+      if (std::none_of(row, row + s.top_k, [&](std::int32_t id) { return id >= 0 && id < s.num_experts; }))
+        for (std::int32_t c = 0; c < s.mlp.hidden; ++c)
+          CHECK(to_float(ys[ur][static_cast<std::size_t>(t * s.mlp.hidden + c)]) == 0.0f);
+    }
+    // ok() is about slots dropped, not tokens without expert (Status::ok()).
+    CHECK(statuses[ur].ok() == (statuses[ur].invalid_ids == 0 && statuses[ur].dropped_slots == 0));
+    if (!kAllToAll) {  // the same tokens on every rank: the same counters
+      CHECK(statuses[ur].tokens_without_expert == statuses[0].tokens_without_expert);
+      CHECK(statuses[ur].invalid_ids == statuses[0].invalid_ids);
     }
   }
 }
@@ -221,6 +278,60 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: every activation and gate/up layout
 TEST_CASE_TEMPLATE("ExpertParallel::forward: invalid ids are dropped and counted", Dispatch, AllToAll, AllGather) {
   EPX_TEST_SEEDED_RNG(rng);
   check_scenario<Dispatch, float>(3, {.tokens_per_rank = {10, 4, 7}, .routing = Routing::kWithInvalid}, rng);
+}
+
+TEST_CASE_TEMPLATE("ExpertParallel::forward: tokens without expert are counted in Status (given ids)", Dispatch,
+                   AllToAll, AllGather) {
+  EPX_TEST_SEEDED_RNG(rng);
+  check_all_rank_counts<Dispatch, float>({.tokens_per_rank = {12, 5, 9}, .routing = Routing::kWithoutExpert}, rng);
+  check_scenario<Dispatch, bfloat16>(
+      3, {.num_experts = 10, .top_k = 1, .tokens_per_rank = {14, 6, 1}, .routing = Routing::kWithoutExpert}, rng);
+}
+
+TEST_CASE_TEMPLATE("ExpertParallel::forward: tokens without expert are counted in Status (all-NaN logits)", Dispatch,
+                   AllToAll, AllGather) {
+  EPX_TEST_SEEDED_RNG(rng);
+  check_all_rank_counts<Dispatch, float>(
+      {.num_experts = 16, .top_k = 4, .tokens_per_rank = {11, 3, 8}, .routing = Routing::kWithoutExpert,
+       .from_logits = true},
+      rng);
+}
+
+TEST_CASE_TEMPLATE("ExpertParallel::forward: given top-k is used as given: unsorted, duplicated, not renormalised",
+                   Dispatch, AllToAll, AllGather) {
+  // docs/api.md promises: caller-given weights are used as they are (renormalize and
+  // routed_scaling_factor apply only to the router's own weights), ids need not be sorted, and an
+  // id repeated in one token's row is applied once per slot.
+  EPX_TEST_SEEDED_RNG(rng);
+  std::int32_t const e = 8, k = 4;
+  std::int64_t const t = 37;
+  ExpertMlpConfig const mlp{.hidden = 24, .intermediate = 16};
+  auto const gw = GlobalWeights<float>::random(e, mlp, true, rng);
+  auto const x = test::random_vector<float>(static_cast<std::size_t>(t * mlp.hidden), rng);
+  auto ids = test::random_ids(t, k, e, rng, 0.0);
+  for (std::int64_t tok = 0; tok < t; tok += 3) ids[static_cast<std::size_t>(tok * k + 2)] = ids[static_cast<std::size_t>(tok * k)];
+  std::vector<float> weights(ids.size());
+  std::uniform_real_distribution<float> w(0.5f, 3.0f);  // far from summing to 1
+  for (auto& v : weights) v = w(rng);
+  auto const expected = test::dense_moe(gw, x, ids, weights, t, k);
+  int const ranks = 2;
+  std::vector<std::vector<float>> ys(ranks, std::vector<float>(x.size(), 999.0f));
+  LocalGroup group(ranks, {.timeout = std::chrono::seconds(30)});
+  auto const placement = ExpertPlacement::contiguous(e, ranks);
+  group.run([&](int rank, Communicator& comm) {
+    ExpertParallel<Grouped, Dispatch, Host> ep(
+        MoeConfig{.router = {.num_experts = e, .top_k = k, .renormalize = true, .routed_scaling_factor = 2.5f},
+                  .mlp = mlp,
+                  .weights = gw.local(placement.local_range(rank)),
+                  .placement = placement},
+        comm);
+    std::vector<std::byte> ws(ep.workspace_bytes(t));
+    auto& y = ys[static_cast<std::size_t>(rank)];
+    (void)ep.forward(MatrixView<std::int32_t const>(ids.data(), t, k), MatrixView<float const>(weights.data(), t, k),
+                     MatrixView<float const>(x.data(), t, mlp.hidden), MatrixView<float>(y.data(), t, mlp.hidden),
+                     Workspace(ws.data(), ws.size()));
+  });
+  for (auto const& y : ys) CHECK(test::rel_error(y, expected) <= 1e-5);
 }
 
 TEST_CASE("ExpertParallel::forward: AllToAll gives the same bits for every rank count and every run") {
@@ -353,7 +464,10 @@ TEST_CASE("ExpertParallel::forward: invalid ids throw after the collectives, on 
     comm.barrier(StreamRef::host());  // the group is still healthy: both ranks got through forward
   });
   CHECK(errors[0].empty());
-  CHECK(errors[1].find("topk_ids held 1 invalid expert id(s) (first: topk_ids[1, 1] = 42), expected -1 or an id in [0, 8)") != std::string::npos);
+  // The message names the rank and that rank's token and slot (ids[3] of [5, 2] ids: token 1, slot 1).
+  CHECK(errors[1].find("forward: rank 1: topk_ids held 1 invalid expert id(s) (first: token 1 of rank 1, slot 1: "
+                       "topk_ids[1, 1] = 42), expected -1 or an id in [0, 8); those slots were dropped") !=
+        std::string::npos);
   for (auto const& y : ys)
     for (float v : y) CHECK(std::isfinite(v));  // written, the invalid slot contributing nothing
 }

@@ -41,8 +41,14 @@ void check_plan_against_sort(std::vector<std::int32_t> const& ids, std::int64_t 
   std::stable_sort(slots.begin(), slots.end(), [&](int a, int b) {
     return ids[static_cast<std::size_t>(a)] < ids[static_cast<std::size_t>(b)];
   });
+  std::uint64_t without_expert = 0;  // tokens no slot of which names an expert in [0, num_experts)
+  for (std::int64_t t = 0; t < num_tokens; ++t) {
+    auto const row = ids.begin() + t * top_k;
+    without_expert += std::none_of(row, row + top_k, [&](std::int32_t id) { return id >= 0 && id < num_experts; });
+  }
   CHECK(r.status.invalid_ids == invalid);
   CHECK(r.status.dropped_slots == invalid);
+  CHECK(r.status.tokens_without_expert == without_expert);
   REQUIRE(r.plan.expert_offsets.back() == static_cast<std::int32_t>(slots.size()));
   CHECK(std::equal(slots.begin(), slots.end(), r.plan.sorted_slots.begin()));
   for (std::size_t row = slots.size(); row < r.plan.sorted_slots.size(); ++row) CHECK(r.plan.sorted_slots[row] == -1);
@@ -76,6 +82,42 @@ TEST_CASE("Plan::make_plan: equals a stable sort of the slots by expert") {
     check_plan_against_sort(ids, t, k, e, {0, e});
     check_plan_against_sort(ids, t, k, e, {e / 3, e - e / 3 - e / 4});  // a rank's local range
   }
+}
+
+TEST_CASE("Plan::make_plan: tokens with no valid id are counted, whatever the expert range") {
+  // Random routing, then whole rows of -1 (padding, or what the router gives a token whose logits
+  // are all NaN), rows of -1 and invalid ids, and rows with a single valid slot (not counted).
+  EPX_TEST_SEEDED_RNG(rng);
+  for (auto const& shape : {std::tuple{8, 1, 40}, std::tuple{16, 4, 64}, std::tuple{130, 8, 37}}) {
+    auto const [e, k, t] = shape;
+    CAPTURE(std::get<0>(shape));  // not the bindings: clang 14 cannot CAPTURE them
+    CAPTURE(std::get<1>(shape));
+    auto ids = test::random_ids(t, k, e, rng, 0.3);
+    std::uniform_int_distribution<std::int64_t> pick_token(0, t - 1);
+    std::uniform_int_distribution<std::int32_t> pick_slot(0, k - 1);
+    std::vector<std::int64_t> const padded{pick_token(rng), pick_token(rng)}, mixed{pick_token(rng)},
+        one_left{pick_token(rng)};
+    for (auto tok : padded) std::fill_n(ids.begin() + tok * k, k, -1);
+    for (auto tok : mixed) {
+      std::fill_n(ids.begin() + tok * k, k, -1);
+      ids[static_cast<std::size_t>(tok * k + pick_slot(rng))] = e + 2;  // invalid: counted there too
+    }
+    for (auto tok : one_left) {
+      std::fill_n(ids.begin() + tok * k, k, -1);
+      ids[static_cast<std::size_t>(tok * k + pick_slot(rng))] = e - 1;
+    }
+    check_plan_against_sort(ids, t, k, e, {0, e});
+    check_plan_against_sort(ids, t, k, e, {e / 2, e - e / 2});  // another rank's range: the same count
+    check_plan_against_sort(ids, t, k, e, {e, 0});
+  }
+  // Fully known small case: tokens 0 and 2 have no expert, token 1 has one.
+  std::vector<std::int32_t> const ids{-1, -1, -1, 5, 9, -1};
+  auto const r = run_plan(ids, 3, 2, 8, {0, 4});
+  CHECK(r.status.tokens_without_expert == 2);
+  CHECK(r.status.invalid_ids == 1);
+  auto const all_padding = run_plan(std::vector<std::int32_t>(12, -1), 4, 3, 8, {0, 8});
+  CHECK(all_padding.status.tokens_without_expert == 4);
+  CHECK(all_padding.status.ok());  // padding is not an error: see Status::ok()
 }
 
 TEST_CASE("Plan::make_plan: zero tokens and an empty expert range") {

@@ -5,6 +5,7 @@
 
 #include "../common/test_util.hpp"
 
+#include <limits>
 #include <numeric>
 #include <set>
 
@@ -229,6 +230,22 @@ TEST_CASE("Router::route: every variant matches the reference on random logits")
                                       : std::vector<float>{};
           check_against_reference(c, logits, bias);
         }
+}
+
+TEST_CASE("Router::route: renormalize after top-k softmax changes nothing but the last bits") {
+  // docs/api.md: with kTopKSoftmax the weights already sum to one, so renormalize (dividing by the
+  // sum + 1e-20) keeps the ids and moves weights by a few ulps at most: gpt-oss leaves it off.
+  EPX_TEST_SEEDED_RNG(rng);
+  for (std::int32_t k : {1, 2, 4, 8}) {
+    RouterConfig c{.num_experts = 32, .top_k = k, .scoring = Scoring::kTopKSoftmax};
+    auto const logits = test::random_vector<float>(static_cast<std::size_t>(200 * c.num_experts), rng, 3.0f);
+    auto const plain = run_route(c, logits, {});
+    c.renormalize = true;
+    auto const renormalized = run_route(c, logits, {});
+    CHECK(plain.ids == renormalized.ids);
+    for (std::size_t i = 0; i < plain.weights.size(); ++i)
+      CHECK(std::abs(plain.weights[i] - renormalized.weights[i]) <= 8 * std::numeric_limits<float>::epsilon() * plain.weights[i]);
+  }
 }
 
 TEST_CASE("Router::route: the DeepSeek-V3 configuration") {

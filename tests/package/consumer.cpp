@@ -67,8 +67,9 @@ int main() {
     epx::MoeConfig const config{
         .router = {.num_experts = kExperts, .top_k = kTopK},
         .mlp = {.hidden = kHidden, .intermediate = kInter},
-        .weights = epx::expert_weights<float>(local.count, gate_up.data() + first * 2 * kInter * kHidden,
-                                              down.data() + first * kHidden * kInter),
+        .weights = epx::expert_weights(
+            epx::TensorView(gate_up.data() + first * 2 * kInter * kHidden, {local.count, 2 * kInter, kHidden}),
+            epx::TensorView(down.data() + first * kHidden * kInter, {local.count, kHidden, kInter})),
         .placement = placement};
     epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> layer(config, comm);
     std::vector<std::byte> workspace(layer.workspace_bytes(kTokens));

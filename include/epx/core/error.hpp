@@ -26,19 +26,21 @@ enum class Errc {
   kNccl,               //!< an NCCL call failed
 };
 
-//! Short name of an error code, as printed in messages.
+//! The enumerator's name, e.g. "kInvalidArgument": what a caller writes to branch on the code, so
+//! that a log line can be searched for in code and in docs/errors.md. ("unknown" for a value
+//! outside the enumeration.) The message of an Error carries the words; the code is this name.
 constexpr std::string_view to_string(Errc code) noexcept {
   switch (code) {
-    case Errc::kInvalidArgument: return "invalid argument";
-    case Errc::kShapeMismatch: return "shape mismatch";
-    case Errc::kWorkspaceTooSmall: return "workspace too small";
-    case Errc::kInvalidExpertId: return "invalid expert id";
-    case Errc::kTimeout: return "timeout";
-    case Errc::kPeerFailed: return "peer failed";
-    case Errc::kCollectiveMismatch: return "collective mismatch";
-    case Errc::kUnsupported: return "unsupported";
-    case Errc::kCuda: return "CUDA error";
-    case Errc::kNccl: return "NCCL error";
+    case Errc::kInvalidArgument: return "kInvalidArgument";
+    case Errc::kShapeMismatch: return "kShapeMismatch";
+    case Errc::kWorkspaceTooSmall: return "kWorkspaceTooSmall";
+    case Errc::kInvalidExpertId: return "kInvalidExpertId";
+    case Errc::kTimeout: return "kTimeout";
+    case Errc::kPeerFailed: return "kPeerFailed";
+    case Errc::kCollectiveMismatch: return "kCollectiveMismatch";
+    case Errc::kUnsupported: return "kUnsupported";
+    case Errc::kCuda: return "kCuda";
+    case Errc::kNccl: return "kNccl";
   }
   return "unknown";
 }

@@ -16,6 +16,7 @@
 #include <epx/core/workspace.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/gemm/expert_mlp.hpp>
 #include <epx/parallel/expert_parallel.hpp>
 
@@ -108,6 +109,7 @@ class CudaCublasGroupedExperts {
   template <class T>
   void run(StreamRef stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/) {
+    EPX_NVTX_RANGE(Experts);  // includes the offsets' copy to the host and the stream sync it waits for
     constexpr std::string_view where = "expert_mlp (CublasGrouped)";
     require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()", "a CUDA stream");
     auto const w = check_expert_mlp_args<T>(where, mlp, weights, x, out, device_offsets);

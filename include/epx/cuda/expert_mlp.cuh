@@ -11,6 +11,7 @@
 #include <epx/core/space.hpp>
 #include <epx/core/workspace.hpp>
 #include <epx/cuda/grouped_gemm.cuh>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/gemm/expert_mlp.hpp>
 #include <epx/parallel/expert_parallel.hpp>
 
@@ -56,6 +57,7 @@ template <float_element T>
 void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights const& weights,
                 std::type_identity_t<MatrixView<T const>> x, std::span<std::int32_t const> expert_offsets,
                 MatrixView<T> out, Workspace workspace, ExpertMlpOptions const& options = {}) {
+  EPX_NVTX_RANGE(Experts);
   constexpr std::string_view where = "expert_mlp";
   detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
                   "a CUDA stream (device memory in, device memory out)");

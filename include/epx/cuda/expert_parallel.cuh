@@ -22,6 +22,7 @@
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
 #include <epx/cuda/expert_mlp.cuh>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/permute.cuh>
 #include <epx/cuda/plan.cuh>
 #include <epx/cuda/router.cuh>
@@ -163,19 +164,18 @@ struct UploadLayout {
   [[nodiscard]] std::size_t bytes() const noexcept { return offsets_bytes + segments_bytes; }
 };
 
-//! The Error of InvalidIds::kThrow, worded as the Host backend's.
-[[noreturn]] inline void throw_invalid_ids(std::string_view where, Status const& status, std::uint64_t first,
-                                           std::int32_t top_k, std::int32_t num_experts) {
-  std::string first_text = "unknown";
+//! The Error of InvalidIds::kThrow (worded as the Host backend's, by the shared throw_invalid_ids),
+//! from the device's record of the first invalid slot.
+[[noreturn]] inline void throw_device_invalid_ids(std::string_view where, int rank, Status const& status,
+                                                  std::uint64_t first, std::int32_t top_k, std::int32_t num_experts) {
+  InvalidIdSite site;
   if (first != kNoInvalidId) {
     std::int64_t const slot = static_cast<std::int64_t>(first >> 32);
-    first_text = fmt::format("topk_ids[{}, {}] = {}", slot / top_k, slot % top_k,
-                             static_cast<std::int32_t>(static_cast<std::uint32_t>(first & 0xffffffffu)));
+    site = {.token = slot / top_k,
+            .slot = static_cast<std::int32_t>(slot % top_k),
+            .id = static_cast<std::int32_t>(static_cast<std::uint32_t>(first & 0xffffffffu))};
   }
-  throw_error(Errc::kInvalidExpertId,
-              fmt::format("{}: topk_ids held {} invalid expert id(s) (first: {}), expected -1 or an id in [0, {}); "
-                          "those slots were dropped and the output written without them",
-                          where, status.invalid_ids, first_text, num_experts));
+  throw_invalid_ids(where, rank, status.invalid_ids, site, num_experts);
 }
 
 }  // namespace detail
@@ -255,6 +255,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
   template <class L, float_element T>
   void forward(StreamRef stream, MatrixView<L> router_logits, std::type_identity_t<MatrixView<T const>> x,
                MatrixView<T> y, Workspace workspace) {
+    EPX_NVTX_RANGE(Forward);
     using Logit = std::remove_const_t<L>;
     static_assert(detail::router_logit<Logit>, "epx: router logits are float or epx::bfloat16");
     detail::check_matrix("forward", "router_logits", MatrixView<Logit const>(router_logits), x.rows,
@@ -263,10 +264,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
       auto const k = config_.router.top_k;
       MatrixView<std::int32_t> ids(parts.topk_ids.data(), num_tokens, k);
       MatrixView<float> weights(parts.topk_weights.data(), num_tokens, k);
-      std::span<float const> bias;
-      if (config_.correction_bias != nullptr)
-        bias = {config_.correction_bias, static_cast<std::size_t>(config_.router.num_experts)};
-      route(stream, config_.router, MatrixView<Logit const>(router_logits), bias, ids, weights);
+      route(stream, config_.router, MatrixView<Logit const>(router_logits), config_.correction_bias, ids, weights);
       return Routing{MatrixView<std::int32_t const>(ids), MatrixView<float const>(weights)};
     });
   }
@@ -281,6 +279,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
   template <float_element T>
   void forward(StreamRef stream, MatrixView<std::int32_t const> topk_ids, MatrixView<float const> topk_weights,
                std::type_identity_t<MatrixView<T const>> x, MatrixView<T> y, Workspace workspace) {
+    EPX_NVTX_RANGE(Forward);
     detail::check_matrix("forward", "topk_ids", topk_ids, x.rows, config_.router.top_k);
     detail::check_matrix("forward", "topk_weights", topk_weights, x.rows, config_.router.top_k);
     run<T>(stream, x, y, workspace, [&](Parts<T> const& parts, std::int64_t num_tokens) {
@@ -315,8 +314,8 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
     }
     if (!invalid_reported_ && last_.status.invalid_ids > 0 && config_.on_invalid_ids == InvalidIds::kThrow) {
       invalid_reported_ = true;
-      detail::throw_invalid_ids("status", last_.status, last_.first_invalid, config_.router.top_k,
-                                config_.router.num_experts);
+      detail::throw_device_invalid_ids("status", comm_->rank(), last_.status, last_.first_invalid,
+                                       config_.router.top_k, config_.router.num_experts);
     }
     return last_.status;
   }
@@ -477,6 +476,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
       plan = make_plan(stream, routing.ids, num_experts, ExpertRange{0, num_experts}, parts.plan, &ctrl->status);
       permute(stream, plan, x, x_perm);
     }
+    nvtx::ScopedRange<nvtx::Dispatch> dispatch;  // steps 2 to 4
     auto const row_width = static_cast<std::int64_t>(parts.table_send.size());
     detail::count_table_row_kernel<std::int32_t>
         <<<detail::grid_blocks(row_width, policy), policy.threads_per_block, 0, s>>>(
@@ -517,17 +517,20 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
     MatrixView<T> x_local(parts.x_local.data(), layout.num_recv_rows, hidden);
     comm_->all_to_all_v(parts.x_perm.data(), send_bytes_, recv.data, recv_bytes_, stream);
     regroup<T>(s, layout, segments, recv, x_local, false);
+    dispatch.end();
     // 5. Experts: x_local -> recv (expert-major); then recv -> x_local, back in rank-major order.
     if (num_local > 0)
       experts_.template run<T>(stream, config_.mlp, config_.weights, MatrixView<T const>(x_local), device_offsets,
                                recv, parts.experts, layout.num_recv_rows);
+    nvtx::ScopedRange<nvtx::Combine> combine;  // the regroup back and step 6's all-to-all
     regroup<T>(s, layout, segments, x_local, recv, true);
     // 6. Rows back to the ranks they came from, in the order they were sent, then the weighted sum.
     comm_->all_to_all_v(parts.x_local.data(), recv_bytes_, parts.x_perm.data(), send_bytes_, stream);
+    combine.end();
     unpermute(stream, plan, MatrixView<T const>(x_perm), routing.weights, y);
     if (last_.status.invalid_ids > 0 && config_.on_invalid_ids == InvalidIds::kThrow) {
       invalid_reported_ = true;
-      detail::throw_invalid_ids("forward", last_.status, last_.first_invalid, k, num_experts);
+      detail::throw_device_invalid_ids("forward", comm_->rank(), last_.status, last_.first_invalid, k, num_experts);
     }
   }
 
@@ -583,6 +586,7 @@ class ExpertParallel<Experts, Dispatch, Cuda> {
     //    summed over the ranks, then rounded once to T.
     MatrixView<float> partial(parts.partial.data(), num_tokens, hidden);
     unpermute(stream, plan, MatrixView<T const>(out), routing.weights, partial);
+    EPX_NVTX_RANGE(Combine);  // to the end: the sum over ranks, then the rounding to T
     comm_->all_reduce_sum(partial.data, static_cast<std::size_t>(partial.size()), DType::kF32, stream);
     if (num_tokens > 0) {
       detail::RowBlock const block = detail::row_block(hidden, policy.threads_per_block);

@@ -18,6 +18,7 @@
 #include <epx/cuda/gemm/simt.cuh>
 #include <epx/cuda/gemm/tile_shapes.hpp>
 #include <epx/cuda/gemm/wgmma_sm90.cuh>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/gemm/grouped_gemm.hpp>
 
 #include <cuda_runtime.h>
@@ -294,6 +295,7 @@ template <class TA, class TB, float_element TC>
 void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b_in,
                   std::type_identity_t<std::remove_const_t<TB> const*> bias, std::span<std::int32_t const> offsets,
                   MatrixView<TC> c, GroupedGemmOptions const& options = {}) {
+  EPX_NVTX_RANGE(GroupedGemm);
   using T = std::remove_const_t<TA>;
   static_assert(std::is_same_v<T, std::remove_const_t<TB>>,
                 "epx: grouped_gemm on CUDA needs a and b of one element type (bf16, fp16 or fp32)");

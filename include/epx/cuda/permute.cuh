@@ -13,6 +13,7 @@
 #include <epx/core/stream.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/row_blocks.hpp>
 #include <epx/permute/permute.hpp>
 
@@ -104,6 +105,7 @@ inline cudaStream_t cuda_stream(StreamRef stream, std::string_view where) {
 template <float_element T>
 void permute(StreamRef stream, RoutingPlan const& plan, std::type_identity_t<MatrixView<T const>> x,
              MatrixView<T> x_perm) {
+  EPX_NVTX_RANGE(Permute);
   constexpr std::string_view where = "permute";
   cudaStream_t const s = detail::cuda_stream(stream, where);
   // The routed rows are only known on the device: require room for every slot.
@@ -140,6 +142,7 @@ template <class TIn, float_element TOut>
   requires float_element<TIn>
 void unpermute(StreamRef stream, RoutingPlan const& plan, MatrixView<TIn> expert_out_in,
                MatrixView<float const> topk_weights, MatrixView<TOut> y) {
+  EPX_NVTX_RANGE(Unpermute);
   using T = std::remove_const_t<TIn>;
   constexpr std::string_view where = "unpermute";
   cudaStream_t const s = detail::cuda_stream(stream, where);

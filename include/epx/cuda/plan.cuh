@@ -11,6 +11,7 @@
 #include <epx/core/status.hpp>
 #include <epx/core/stream.hpp>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/permute/plan.hpp>
 
 #include <cub/device/device_radix_sort.cuh>
@@ -20,19 +21,31 @@
 namespace epx {
 namespace detail {
 
-//! Threads per block of the plan's element-wise kernels.
+//! Threads per block of the plan's element-wise kernels. A multiple of 32: plan_keys_kernel
+//! sums its counter over whole warps.
 struct PlanPolicy {
   int threads_per_block = 256;
 };
 
+//! True when no slot of one token's row of topk_ids holds an id in [0, num_experts).
+__device__ inline bool token_has_no_expert(std::int32_t const* __restrict__ row, std::int32_t top_k,
+                                           std::int32_t num_experts) {
+  for (std::int32_t j = 0; j < top_k; ++j)
+    if (row[j] >= 0 && row[j] < num_experts) return false;
+  return true;
+}
+
 //! Keys: local expert (id - first) for slots routed to the range, `count` (one past the last
-//! local expert) for everything else; values: the slot index. Invalid ids are counted.
+//! local expert) for everything else; values: the slot index. Invalid ids are counted, and so are
+//! the tokens with no valid id (the thread of a token's slot 0 reads its row; over every expert,
+//! not only the range, so that every rank of an AllGather layer counts the same).
 __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int64_t ld, std::int32_t num_tokens,
                                  std::int32_t top_k, std::int32_t num_experts, ExpertRange range,
                                  std::uint32_t* __restrict__ keys, std::int32_t* __restrict__ slots,
                                  Status* __restrict__ status) {
   // Slot indices fit an int32 (check_plan_args): 32-bit division, not 64-bit (~3x fewer instructions).
   auto const n = static_cast<std::uint32_t>(num_tokens) * static_cast<std::uint32_t>(top_k);
+  std::uint32_t tokens_without_expert = 0;  // this thread's, summed per warp after the loop
   for (std::uint32_t s = blockIdx.x * blockDim.x + threadIdx.x; s < n; s += gridDim.x * blockDim.x) {
     std::uint32_t const t = s / static_cast<std::uint32_t>(top_k), j = s - t * static_cast<std::uint32_t>(top_k);
     std::int32_t const id = ids[std::int64_t{t} * ld + j];
@@ -41,10 +54,19 @@ __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int6
       atomicAdd(reinterpret_cast<unsigned long long*>(&status->invalid_ids), 1ull);
       atomicAdd(reinterpret_cast<unsigned long long*>(&status->dropped_slots), 1ull);
     }
+    if (j == 0 && token_has_no_expert(ids + std::int64_t{t} * ld, top_k, num_experts)) ++tokens_without_expert;
     bool const here = !invalid && id != -1 && id >= range.first && id < range.first + range.count;
     keys[s] = here ? static_cast<std::uint32_t>(id - range.first) : static_cast<std::uint32_t>(range.count);
     slots[s] = static_cast<std::int32_t>(s);
   }
+  // One atomic per warp, not per token: a batch padded with thousands of all -1 tokens would
+  // otherwise queue thousands of atomics on one address. Every lane of every warp gets here (no
+  // early exit, whole warps: PlanPolicy), so the full-mask shuffles are well defined.
+  for (int offset = 16; offset > 0; offset /= 2)
+    tokens_without_expert += __shfl_xor_sync(0xffffffffu, tokens_without_expert, offset);
+  if (tokens_without_expert != 0 && threadIdx.x % 32 == 0)
+    atomicAdd(reinterpret_cast<unsigned long long*>(&status->tokens_without_expert),
+              static_cast<unsigned long long>(tokens_without_expert));
 }
 
 //! From the sorted keys: expert_offsets (every boundary writes the offsets of the experts it
@@ -132,11 +154,13 @@ CudaPlanParts carve_cuda_plan(Carver& c, std::int32_t num_tokens, std::int32_t t
 //! @param[in]  stream       the caller's stream; all work is ordered on it, nothing syncs
 //! @param[in]  topk_ids     [num_tokens, top_k] device memory
 //! @param[in]  workspace    device memory, at least cuda_plan_workspace_bytes(num_tokens, top_k, experts.count)
-//! @param[out] status       device memory; invalid_ids/dropped_slots are added to, max_tokens_per_expert
-//!                          is folded with atomicMax (zero it before the first call)
+//! @param[out] status       device memory; invalid_ids, dropped_slots and tokens_without_expert are
+//!                          added to, max_tokens_per_expert is folded with atomicMax (zero it
+//!                          before the first call)
 //! @return the plan; its arrays live in `workspace` and are valid once the stream reaches them
 inline RoutingPlan make_plan(StreamRef stream, MatrixView<std::int32_t const> topk_ids, std::int32_t num_experts,
                              ExpertRange experts, Workspace workspace, Status* status) {
+  EPX_NVTX_RANGE(Plan);  // CUB's sort adds its own range inside, in NVTX domain "CCCL"
   constexpr std::string_view where = "make_plan";
   detail::check_plan_args(where, topk_ids, num_experts, experts);
   detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",

@@ -19,6 +19,7 @@
 #include <epx/core/stream.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/router_lanes.hpp>
 #include <epx/router/router.hpp>
 
@@ -259,6 +260,7 @@ template <class L>
 void route(StreamRef stream, RouterConfig const& config, MatrixView<L> logits_in,
            std::span<float const> correction_bias, MatrixView<std::int32_t> topk_ids, MatrixView<float> topk_weights,
            std::int32_t* tokens_per_expert = nullptr) {
+  EPX_NVTX_RANGE(Route);
   using Logit = std::remove_const_t<L>;
   constexpr std::string_view where = "route";
   MatrixView<Logit const> const logits(logits_in);

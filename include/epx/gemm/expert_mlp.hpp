@@ -8,12 +8,17 @@
 //!   out = a · down[e]ᵀ (+ down_bias[e])               [rows, hidden]        (stored as T)
 
 #include <epx/core/dtype.hpp>
+#include <epx/core/tensor_view.hpp>
 #include <epx/core/views.hpp>
 #include <epx/core/workspace.hpp>
 #include <epx/gemm/activation.hpp>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <limits>
 #include <span>
+#include <type_traits>
 
 namespace epx {
 
@@ -38,7 +43,13 @@ struct ExpertMlpConfig {
 };
 
 //! The local experts' weights, K-major and stacked over local experts, all of one element type
-//! (in the memory of the execution space). Biases are optional. Build with `expert_weights(...)`.
+//! (in the memory of the execution space). Biases are optional.
+//!
+//! Build it with `expert_weights(TensorView...)`: it records each tensor's extents and strides, and
+//! the layer (and `expert_mlp`) then refuses a tensor whose layout is not the one below, naming the
+//! expected one. The pointer-only `expert_weights(count, ptr, ptr, ...)` records no shape, so
+//! nothing can check it: a tensor in another layout (gpt-oss's `gate_up_proj` is [E, H, 2I],
+//! not [E, 2I, H]) is then read as if it were this one, and the result is silently wrong.
 struct ExpertWeights {
   DType dtype = DType::kBF16;
   std::int32_t num_local_experts = 0;
@@ -46,9 +57,68 @@ struct ExpertWeights {
   void const* down = nullptr;          //!< [num_local_experts, hidden, intermediate]
   void const* gate_up_bias = nullptr;  //!< [num_local_experts, gate_up_rows] or nullptr
   void const* down_bias = nullptr;     //!< [num_local_experts, hidden] or nullptr
+  // What the caller said each tensor is (rank 0: not known, not checked). All four are checked
+  // against the config where the weights are used: ExpertParallel's constructor, expert_mlp.
+  TensorShape gate_up_shape = {};
+  TensorShape down_shape = {};
+  TensorShape gate_up_bias_shape = {};
+  TensorShape down_bias_shape = {};
 };
 
-//! Typed construction of ExpertWeights (the dtype follows T).
+namespace detail {
+
+//! Checks what a TensorView of one weight can say without the config (extents >= 0, memory for
+//! its elements) and returns its shape; a view with no data and no elements is "no tensor".
+template <class T, std::size_t Rank>
+TensorShape weight_view_shape(std::string_view name, TensorView<T, Rank> const& view) {
+  constexpr std::string_view where = "expert_weights";
+  for (std::size_t d = 0; d < Rank; ++d)
+    require(view.extents[d] >= 0, Errc::kInvalidArgument, where, fmt::format("{}.extents", name),
+            format_list(view.extents), "every extent >= 0");
+  require(view.data != nullptr || view.size() == 0, Errc::kInvalidArgument, where, fmt::format("{}.data", name),
+          "nullptr", fmt::format("a pointer to the {} elements of a {} tensor", view.size(), format_list(view.extents)));
+  return view.shape();
+}
+
+}  // namespace detail
+
+//! @brief The checked construction of ExpertWeights: each weight as a view with its extents and
+//! strides (element strides: torch's `.sizes()` and `.strides()`), so that the layer can refuse a
+//! mismatch with a message naming the expected layout. The dtype follows the element type; the
+//! number of local experts is `gate_up.extents[0]`.
+//! @param gate_up       [local experts, gate_up_rows, hidden], contiguous (gate_up_rows = 2 *
+//!                      intermediate when gated; gpt-oss's [E, H, 2I] gate_up_proj is the transpose)
+//! @param down          [local experts, hidden, intermediate], contiguous (gpt-oss's down_proj
+//!                      [E, I, H] is the transpose)
+//! @param gate_up_bias  [local experts, gate_up_rows], or an empty view for none
+//! @param down_bias     [local experts, hidden], or an empty view for none
+//! @throws Error naming a negative extent, or a null pointer for a tensor with elements. The
+//!         extents and strides are compared with the config where it is known (ExpertParallel's
+//!         constructor, expert_mlp).
+template <class T>
+  requires float_element<T>
+[[nodiscard]] ExpertWeights expert_weights(TensorView<T, 3> const& gate_up,
+                                           std::type_identity_t<TensorView<std::remove_const_t<T> const, 3>> const& down,
+                                           std::type_identity_t<TensorView<std::remove_const_t<T> const, 2>> const&
+                                               gate_up_bias = {},
+                                           std::type_identity_t<TensorView<std::remove_const_t<T> const, 2>> const&
+                                               down_bias = {}) {
+  ExpertWeights w{.dtype = dtype_of_v<T>, .gate_up = gate_up.data, .down = down.data,
+                  .gate_up_bias = gate_up_bias.data, .down_bias = down_bias.data};
+  w.gate_up_shape = detail::weight_view_shape("gate_up", gate_up);
+  w.down_shape = detail::weight_view_shape("down", down);
+  if (gate_up_bias.data != nullptr || gate_up_bias.size() != 0)
+    w.gate_up_bias_shape = detail::weight_view_shape("gate_up_bias", gate_up_bias);
+  if (down_bias.data != nullptr || down_bias.size() != 0)
+    w.down_bias_shape = detail::weight_view_shape("down_bias", down_bias);
+  detail::require(gate_up.extents[0] <= std::numeric_limits<std::int32_t>::max(), Errc::kInvalidArgument,
+                  "expert_weights", "gate_up.extents[0] (local experts)", gate_up.extents[0], "< 2^31");
+  w.num_local_experts = static_cast<std::int32_t>(gate_up.extents[0]);
+  return w;
+}
+
+//! Pointer-only construction of ExpertWeights (the dtype follows T). Records no extents or
+//! strides, so a tensor in another layout cannot be refused: prefer the TensorView overload.
 template <float_element T>
 [[nodiscard]] ExpertWeights expert_weights(std::int32_t num_local_experts, T const* gate_up, T const* down,
                                            T const* gate_up_bias = nullptr, T const* down_bias = nullptr) {
@@ -75,6 +145,67 @@ inline void validate(ExpertMlpConfig const& c, std::string_view where = "ExpertM
   require(c.hidden <= (1 << 29), Errc::kInvalidArgument, where, "hidden", c.hidden, "<= 2^29");
 }
 
+//! Compares one recorded weight shape with the layout epx reads: these extents, dense row-major
+//! (K-major: the reduction dimension moves fastest). `meaning` names the dimensions;
+//! `transposed_hint` is added when the extents are the expected ones with the last two swapped.
+inline void check_weight_shape(std::string_view where, std::string_view name, TensorShape const& shape,
+                               std::span<std::int64_t const> expected, std::string_view meaning,
+                               std::string_view transposed_hint = {}) {
+  auto const rank = static_cast<std::int32_t>(expected.size());
+  require(shape.rank == rank, Errc::kInvalidArgument, where, fmt::format("weights.{}_shape.rank", name), shape.rank,
+          fmt::format("{} ({})", rank, meaning));
+  auto const given = shape.extent_list();
+  if (!std::equal(given.begin(), given.end(), expected.begin())) {
+    bool const transposed = rank == 3 && given[0] == expected[0] && given[1] == expected[2] &&
+                            given[2] == expected[1];
+    throw_error(Errc::kShapeMismatch,
+                fmt::format("{}: weights.{}.extents = {}, expected {} = {}, contiguous and K-major{}{}", where, name,
+                            format_list(given), format_list(expected), meaning,
+                            transposed && !transposed_hint.empty() ? " " : "", transposed ? transposed_hint : ""));
+  }
+  if (!is_row_major(given, shape.stride_list())) {
+    std::array<std::int64_t, kMaxTensorRank> dense{};
+    std::int64_t step = 1;
+    for (auto d = static_cast<std::size_t>(rank); d-- > 0;) {
+      dense[d] = step;
+      step *= given[d];
+    }
+    throw_error(Errc::kInvalidArgument,
+                fmt::format("{}: weights.{}.strides = {}, expected {} (contiguous and K-major: {} in row-major "
+                            "order, the last dimension moving fastest; a transposed or sliced view has other "
+                            "strides: make it contiguous first, e.g. torch's .contiguous())",
+                            where, name, format_list(shape.stride_list()),
+                            format_list({dense.data(), static_cast<std::size_t>(rank)}), meaning));
+  }
+}
+
+//! Checks every weight whose shape was recorded (ExpertWeights built from TensorViews) against
+//! the config: gate_up [L, gate_up_rows, H], down [L, H, I], biases [L, gate_up_rows] and [L, H],
+//! all contiguous. Weights given as bare pointers have no shape and are not checked. A square
+//! weight (gate_up_rows == hidden, or hidden == intermediate) stored the other way round has the
+//! same extents and strides: no check can tell it apart.
+inline void check_weight_shapes(std::string_view where, ExpertMlpConfig const& c, ExpertWeights const& w) {
+  std::int64_t const experts = w.num_local_experts, rows = c.gate_up_rows(), hidden = c.hidden,
+                     inter = c.intermediate;
+  std::string_view const gate_up_meaning =
+      is_gated(c.activation) ? "[local experts, gate_up_rows (2 * intermediate), hidden]"
+                             : "[local experts, gate_up_rows (intermediate: not gated), hidden]";
+  std::string_view const gate_up_bias_meaning =
+      is_gated(c.activation) ? "[local experts, gate_up_rows (2 * intermediate)]"
+                             : "[local experts, gate_up_rows (intermediate: not gated)]";
+  if (w.gate_up_shape.known())
+    check_weight_shape(where, "gate_up", w.gate_up_shape, std::array{experts, rows, hidden}, gate_up_meaning,
+                       "(gpt-oss's gate_up_proj is [E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)");
+  if (w.down_shape.known())
+    check_weight_shape(where, "down", w.down_shape, std::array{experts, hidden, inter},
+                       "[local experts, hidden, intermediate]",
+                       "(gpt-oss's down_proj is [E, I, H]: pass its transpose [E, H, I], made contiguous)");
+  if (w.gate_up_bias != nullptr && w.gate_up_bias_shape.known())
+    check_weight_shape(where, "gate_up_bias", w.gate_up_bias_shape, std::array{experts, rows}, gate_up_bias_meaning);
+  if (w.down_bias != nullptr && w.down_bias_shape.known())
+    check_weight_shape(where, "down_bias", w.down_bias_shape, std::array{experts, hidden}, "[local experts, hidden]");
+}
+
 template <class T>
 TypedExpertWeights<T> typed_weights(ExpertMlpConfig const& c, ExpertWeights const& w, std::string_view where) {
   require(w.dtype == dtype_of_v<T>, Errc::kInvalidArgument, where, "weights.dtype", w.dtype,
@@ -87,6 +218,7 @@ TypedExpertWeights<T> typed_weights(ExpertMlpConfig const& c, ExpertWeights cons
     require(w.down != nullptr, Errc::kInvalidArgument, where, "weights.down", "nullptr",
             fmt::format("[{}, {}, {}] elements", w.num_local_experts, c.hidden, c.intermediate));
   }
+  check_weight_shapes(where, c, w);
   return {.gate_up = {static_cast<T const*>(w.gate_up), w.num_local_experts, c.gate_up_rows(), c.hidden},
           .down = {static_cast<T const*>(w.down), w.num_local_experts, c.hidden, c.intermediate},
           .gate_up_bias = static_cast<T const*>(w.gate_up_bias),

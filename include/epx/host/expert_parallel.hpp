@@ -60,13 +60,13 @@ void copy_row_segments(std::span<RowSegment const> segments, MatrixView<T> from,
   }
 }
 
-//! "topk_ids[t, j] = id" for the first invalid id, for messages.
-inline std::string first_invalid_id(MatrixView<std::int32_t const> ids, std::int32_t num_experts) {
+//! The first (token, slot) in row-major order whose id is invalid, for messages.
+inline InvalidIdSite first_invalid_id(MatrixView<std::int32_t const> ids, std::int32_t num_experts) {
   for (std::int64_t t = 0; t < ids.rows; ++t)
     for (std::int64_t j = 0; j < ids.cols; ++j)
       if (ids(t, j) != -1 && (ids(t, j) < 0 || ids(t, j) >= num_experts))
-        return fmt::format("topk_ids[{}, {}] = {}", t, j, ids(t, j));
-  return "none";
+        return {.token = t, .slot = static_cast<std::int32_t>(j), .id = ids(t, j)};
+  return {};
 }
 
 }  // namespace detail
@@ -120,10 +120,7 @@ class ExpertParallel<Experts, Dispatch, Host> {
     detail::check_matrix("forward", "router_logits", MatrixView<Logit const>(router_logits), x.rows,
                          config_.router.num_experts);
     return run<T>(x, y, workspace, [&](MatrixView<std::int32_t> ids, MatrixView<float> weights) {
-      std::span<float const> bias;
-      if (config_.correction_bias != nullptr)
-        bias = {config_.correction_bias, static_cast<std::size_t>(config_.router.num_experts)};
-      route(Host{}, config_.router, MatrixView<Logit const>(router_logits), bias, ids, weights);
+      route(Host{}, config_.router, MatrixView<Logit const>(router_logits), config_.correction_bias, ids, weights);
     });
   }
 
@@ -219,11 +216,8 @@ class ExpertParallel<Experts, Dispatch, Host> {
     Status status = kAllToAll ? all_to_all<T>(parts, fits, num_tokens, capacity, ids, weights, x, y)
                               : all_gather<T>(parts, num_tokens, capacity, ids, weights, x, y);
     if (status.invalid_ids > 0 && config_.on_invalid_ids == InvalidIds::kThrow)
-      detail::throw_error(Errc::kInvalidExpertId,
-                          fmt::format("forward: topk_ids held {} invalid expert id(s) (first: {}), expected -1 or an "
-                                      "id in [0, {}); those slots were dropped and the output written without them",
-                                      status.invalid_ids, detail::first_invalid_id(ids, config_.router.num_experts),
-                                      config_.router.num_experts));
+      detail::throw_invalid_ids("forward", comm_->rank(), status.invalid_ids,
+                                detail::first_invalid_id(ids, config_.router.num_experts), config_.router.num_experts);
     return status;
   }
 

@@ -19,7 +19,9 @@ namespace epx {
 //!                          are invalid: dropped and counted in `status`)
 //! @param[in]  experts      the experts to sort onto; slots routed elsewhere get no row
 //! @param[in]  workspace    at least plan_workspace_bytes(num_tokens, top_k, experts.count) bytes
-//! @param[in,out] status    invalid_ids and dropped_slots are added, max_tokens_per_expert folded
+//! @param[in,out] status    invalid_ids, dropped_slots and tokens_without_expert (tokens with no
+//!                          valid id in any slot, whatever `experts` is) are added,
+//!                          max_tokens_per_expert folded
 //! @return the plan, whose arrays live in `workspace`
 inline RoutingPlan make_plan(Host, MatrixView<std::int32_t const> topk_ids, std::int32_t num_experts,
                              ExpertRange experts, Workspace workspace, Status& status) {
@@ -31,9 +33,11 @@ inline RoutingPlan make_plan(Host, MatrixView<std::int32_t const> topk_ids, std:
     return detail::carve_plan(c, num_tokens, top_k, num_experts, experts);
   });
 
-  // Pass 1: count rows per expert of the range, and the slots dropped for invalid ids.
+  // Pass 1: count rows per expert of the range, the slots dropped for invalid ids, and the tokens
+  // with no valid id at all (over every expert, not only the range: the same on every rank).
   std::fill(plan.tokens_per_expert.begin(), plan.tokens_per_expert.end(), 0);
   for (std::int32_t t = 0; t < num_tokens; ++t) {
+    bool found_expert = false;
     for (std::int32_t j = 0; j < top_k; ++j) {
       std::int32_t const id = topk_ids(t, j);
       if (id == -1) continue;
@@ -42,8 +46,10 @@ inline RoutingPlan make_plan(Host, MatrixView<std::int32_t const> topk_ids, std:
         ++status.dropped_slots;
         continue;
       }
+      found_expert = true;
       if (experts.contains(id)) ++plan.tokens_per_expert[static_cast<std::size_t>(id - experts.first)];
     }
+    if (!found_expert) ++status.tokens_without_expert;
   }
   plan.expert_offsets[0] = 0;
   for (std::size_t e = 0; e < plan.tokens_per_expert.size(); ++e) {

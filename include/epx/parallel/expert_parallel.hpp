@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <span>
+#include <string>
+#include <string_view>
 
 namespace epx {
 
@@ -25,8 +28,12 @@ struct MoeConfig {
   RouterConfig router = {};                     //!< num_experts, top_k, scoring, groups, scaling
   ExpertMlpConfig mlp = {};                     //!< hidden, intermediate, activation, gate/up layout
   ExpertWeights weights = {};                   //!< this rank's local experts only (see placement)
-  float const* correction_bias = nullptr;  //!< [num_experts] selection-only router bias, or nullptr
-  ExpertPlacement placement = {};          //!< empty: contiguous, as even as possible over the group
+  //! [num_experts] selection-only router bias (DeepSeek-V3's e_score_correction_bias), or empty.
+  //! Its length is checked against router.num_experts at construction; the memory is the
+  //! execution space's (Host: host, Cuda: device) and must outlive the layer. E.g.
+  //! `.correction_bias = bias_vector` or `.correction_bias = {device_ptr, std::size_t(num_experts)}`.
+  std::span<float const> correction_bias = {};
+  ExpertPlacement placement = {};  //!< empty: contiguous, as even as possible over the group
   InvalidIds on_invalid_ids = InvalidIds::kThrow;
 };
 
@@ -59,7 +66,36 @@ inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
             fmt::format("the [{}, {}, {}] down weights of this rank's experts", config.weights.num_local_experts,
                         config.mlp.hidden, config.mlp.intermediate));
   }
+  check_weight_shapes(where, config.mlp, config.weights);
+  require(config.correction_bias.empty() ||
+              config.correction_bias.size() == static_cast<std::size_t>(config.router.num_experts),
+          Errc::kShapeMismatch, where, "correction_bias.size()", config.correction_bias.size(),
+          fmt::format("0 (no bias) or router.num_experts = {} (one selection bias per expert)",
+                      config.router.num_experts));
+  require(config.correction_bias.empty() || config.correction_bias.data() != nullptr, Errc::kInvalidArgument, where,
+          "correction_bias.data()", "nullptr", fmt::format("a pointer to {} floats", config.correction_bias.size()));
   return config;
+}
+
+//! Where the first invalid id of a forward was, in the topk_ids of the rank that held it.
+struct InvalidIdSite {
+  std::int64_t token = -1;  //!< row of that rank's topk_ids (its own token index); -1: not recorded
+  std::int32_t slot = 0;    //!< column of topk_ids
+  std::int32_t id = 0;
+};
+
+//! The Error of InvalidIds::kThrow, worded the same by every backend. Token indices are
+//! rank-local (each rank's forward has its own tokens), so the message names the rank with them.
+[[noreturn]] inline void throw_invalid_ids(std::string_view where, int rank, std::uint64_t count,
+                                           InvalidIdSite const& first, std::int32_t num_experts) {
+  std::string const first_text =
+      first.token < 0 ? std::string("not recorded")
+                      : fmt::format("token {} of rank {}, slot {}: topk_ids[{}, {}] = {}", first.token, rank,
+                                    first.slot, first.token, first.slot, first.id);
+  throw_error(Errc::kInvalidExpertId,
+              fmt::format("{}: rank {}: topk_ids held {} invalid expert id(s) (first: {}), expected -1 or an id in "
+                          "[0, {}); those slots were dropped and the output written without them",
+                          where, rank, count, first_text, num_experts));
 }
 
 //! Rows one rank's buffers may hold per token it is sized for: the dropless AllToAll worst case

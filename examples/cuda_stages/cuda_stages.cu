@@ -84,7 +84,9 @@ int main() {
   std::int64_t const slots = std::int64_t{kTokens} * kTopK;  // the routed-row count stays on the device
   epx::permute(stream, plan, epx::MatrixView<bfloat16 const>(d_x, kTokens, kHidden),
                epx::MatrixView<bfloat16>(d_perm, slots, kHidden));
-  epx::expert_mlp<bfloat16>(stream, mlp, epx::expert_weights<bfloat16>(kExperts, d_gate_up, d_down),
+  auto const weights = epx::expert_weights(epx::TensorView(d_gate_up, {kExperts, 2 * kInter, kHidden}),
+                                           epx::TensorView(d_down, {kExperts, kHidden, kInter}));  // shapes checked
+  epx::expert_mlp<bfloat16>(stream, mlp, weights,
                             epx::MatrixView<bfloat16 const>(d_perm, slots, kHidden), plan.expert_offsets,
                             epx::MatrixView<bfloat16>(d_out, slots, kHidden), epx::Workspace(d_mlp_ws, mlp_bytes));
   epx::unpermute(stream, plan, epx::MatrixView<bfloat16 const>(d_out, slots, kHidden),
@@ -95,8 +97,10 @@ int main() {
 
   // The same layer on the Host backend (one rank), as the reference.
   epx::LocalGroup group(1);
-  epx::MoeConfig const config{.router = router, .mlp = mlp,
-                              .weights = epx::expert_weights<bfloat16>(kExperts, gate_up.data(), down.data())};
+  epx::MoeConfig const config{
+      .router = router, .mlp = mlp,
+      .weights = epx::expert_weights(epx::TensorView(gate_up.data(), {kExperts, 2 * kInter, kHidden}),
+                                     epx::TensorView(down.data(), {kExperts, kHidden, kInter}))};
   epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> layer(config, group.communicator(0));
   std::vector<std::byte> ws(layer.workspace_bytes(kTokens));
   std::vector<bfloat16> y_ref(x.size()), y(x.size());

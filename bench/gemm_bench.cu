@@ -184,7 +184,7 @@ void bm_gemm1(benchmark::State& state, Shape shape, int t, bool zipf) {
   double const loop_us = time_us(c.s, [&] { c.loop(c.x, c.w.gate_up, c.h, n, k); });
   double us = 0;
   for (auto _ : state) {
-    us = time_us(c.s, [&] { epx::detail::run_grouped_gemm<epx::detail::EpilogueKind::kSwiGLU>(args, c.rows, c.s, "gemm1"); });
+    us = time_us(c.s, [&] { epx::detail::run_grouped_gemm<epx::detail::EpilogueKind::kSwiGLU>(args, c.rows, {epx::StreamRef(c.s), "gemm1"}, "gemm1"); });
     state.SetIterationTime(us * 1e-6);
   }
   (void)cudaFree(g.ptrs);
@@ -227,7 +227,7 @@ void bm_expert_mlp(benchmark::State& state, Shape shape, int t, bool zipf) {
   std::size_t const cublas_ws_bytes = cublas_experts.workspace_bytes<bfloat16>(c.mlp(), c.rows);
   auto* cublas_ws = device_alloc<std::byte>(cublas_ws_bytes);
   double const cublas_us = time_eager_us(c.s, [&] {
-    cublas_experts.run<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(), epx::MatrixView<bfloat16 const>(c.x, c.rows, h),
+    cublas_experts.run<bfloat16>({epx::StreamRef(c.s), "cublas_experts"}, c.mlp(), c.weights(), epx::MatrixView<bfloat16 const>(c.x, c.rows, h),
                                  c.device_offsets(), epx::MatrixView<bfloat16>(c.out, c.rows, h),
                                  epx::Workspace(cublas_ws, cublas_ws_bytes), c.rows);
   });

@@ -104,9 +104,9 @@ int main() {
   epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> layer(config, group.communicator(0));
   std::vector<std::byte> ws(layer.workspace_bytes(kTokens));
   std::vector<bfloat16> y_ref(x.size()), y(x.size());
-  (void)layer.forward(epx::MatrixView<float const>(logits.data(), kTokens, kExperts),
-                      epx::MatrixView<bfloat16 const>(x.data(), kTokens, kHidden),
-                      epx::MatrixView<bfloat16>(y_ref.data(), kTokens, kHidden), epx::Workspace(ws.data(), ws.size()));
+  layer.forward(epx::Host{}, epx::MatrixView<float const>(logits.data(), kTokens, kExperts),
+                epx::MatrixView<bfloat16 const>(x.data(), kTokens, kHidden),
+                epx::MatrixView<bfloat16>(y_ref.data(), kTokens, kHidden), epx::Workspace(ws.data(), ws.size()));
   EPX_CUDA_CHECK(cudaMemcpy(y.data(), d_y, y.size() * sizeof(bfloat16), cudaMemcpyDeviceToHost));
   double diff = 0.0, ref = 0.0;
   for (std::size_t i = 0; i < y.size(); ++i) {

@@ -104,10 +104,10 @@ int main() {
     // Route, sort rows by expert, send them to their experts' ranks, run the experts, bring the
     // rows back and sum each token's 8 weighted outputs.
     std::vector<std::byte> workspace(moe.workspace_bytes(kTokensPerRank));  // size once, reuse
-    epx::Status const status = moe.forward(epx::MatrixView(logits.data(), kTokensPerRank, kExperts),
-                                           epx::MatrixView(x[rank].data(), kTokensPerRank, kHidden),
-                                           epx::MatrixView(y[rank].data(), kTokensPerRank, kHidden),
-                                           {workspace.data(), workspace.size()});
+    moe.forward(epx::Host{}, epx::MatrixView(logits.data(), kTokensPerRank, kExperts),
+                epx::MatrixView(x[rank].data(), kTokensPerRank, kHidden),
+                epx::MatrixView(y[rank].data(), kTokensPerRank, kHidden), {workspace.data(), workspace.size()});
+    epx::Status const status = moe.status(epx::Host{});  // the routing counters of that forward
     std::printf("rank %d: experts %d to %d, busiest of them computed %u rows\n", rank, mine.first, mine.end() - 1,
                 status.max_tokens_per_expert);
   });

@@ -114,9 +114,9 @@ double run_host(Layer<T> const& layer, std::vector<std::vector<T>>& y) {
     std::vector<std::byte> workspace(moe.workspace_bytes(static_cast<std::int64_t>(layer.tokens)));
     auto const tokens = static_cast<std::int64_t>(layer.tokens);
     ms[rank] = median_ms([&] {
-      (void)moe.forward(epx::MatrixView<float const>(layer.logits[rank].data(), tokens, kExperts),
-                        epx::MatrixView<T const>(layer.x[rank].data(), tokens, kHidden),
-                        epx::MatrixView<T>(y[rank].data(), tokens, kHidden), {workspace.data(), workspace.size()});
+      moe.forward(epx::Host{}, epx::MatrixView<float const>(layer.logits[rank].data(), tokens, kExperts),
+                  epx::MatrixView<T const>(layer.x[rank].data(), tokens, kHidden),
+                  epx::MatrixView<T>(y[rank].data(), tokens, kHidden), {workspace.data(), workspace.size()});
     });
   });
   return *std::max_element(ms.begin(), ms.end());

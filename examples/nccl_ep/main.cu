@@ -212,9 +212,9 @@ std::vector<T> host_reference(Model const& model, Tokens const& tokens) {
          .weights = weights_of<T const>(kExperts, model.gate_up.data(), model.down.data())},
         comm);
     std::vector<std::byte> workspace(moe.workspace_bytes(tokens.count));
-    (void)moe.forward(epx::MatrixView<float const>(tokens.logits.data(), tokens.count, kExperts),
-                      epx::MatrixView<T const>(tokens.x.data(), tokens.count, kHidden),
-                      epx::MatrixView<T>(y.data(), tokens.count, kHidden), {workspace.data(), workspace.size()});
+    moe.forward(epx::Host{}, epx::MatrixView<float const>(tokens.logits.data(), tokens.count, kExperts),
+                epx::MatrixView<T const>(tokens.x.data(), tokens.count, kHidden),
+                epx::MatrixView<T>(y.data(), tokens.count, kHidden), {workspace.data(), workspace.size()});
   });
   return y;
 }

@@ -22,9 +22,10 @@ int main() {
     std::vector<float> logits(kTokens * kExperts), x(kTokens * kHidden, 1.0f), y(x.size());
     for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = float((i * 37 + rank) % 11);  // router output
     std::vector<std::byte> workspace(moe.workspace_bytes(kTokens));  // caller-owned scratch
-    epx::Status status = moe.forward(epx::MatrixView(logits.data(), kTokens, kExperts),
-                                     epx::MatrixView(x.data(), kTokens, kHidden),
-                                     epx::MatrixView(y.data(), kTokens, kHidden), {workspace.data(), workspace.size()});
+    moe.forward(epx::Host{}, epx::MatrixView(logits.data(), kTokens, kExperts),  // on GPUs: a StreamRef
+                epx::MatrixView(x.data(), kTokens, kHidden), epx::MatrixView(y.data(), kTokens, kHidden),
+                {workspace.data(), workspace.size()});
+    epx::Status const status = moe.status(epx::Host{});  // the routing counters of that forward
     std::printf("rank %d: y[0] = %f, busiest expert got %u rows\n", rank, y[0], status.max_tokens_per_expert);
   });
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,30 @@ void check_throws(Errc code, std::string const& part, F&& f) {
   }
   CHECK(thrown);
 }
+
+//! A rank of a communicator that must never be asked for a collective: what a test gives a layer
+//! whose constructor (or can_implement) refuses it first. Claims `memory`, rank 0 of `size`.
+class UnusedCommunicator final : public Communicator {
+ public:
+  explicit UnusedCommunicator(MemorySpace memory, int size = 1) : memory_(memory), size_(size) {}
+  [[nodiscard]] int rank() const noexcept override { return 0; }
+  [[nodiscard]] int size() const noexcept override { return size_; }
+  [[nodiscard]] MemorySpace memory_space() const noexcept override { return memory_; }
+  void all_to_all_v(void const*, std::span<std::size_t const>, void*, std::span<std::size_t const>,
+                    StreamRef) override {
+    unexpected();
+  }
+  void all_to_all(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
+  void all_reduce_sum(void*, std::size_t, DType, StreamRef) override { unexpected(); }
+  void all_gather(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
+  void barrier(StreamRef) override { unexpected(); }
+  void wait(StreamRef) override { unexpected(); }
+
+ private:
+  [[noreturn]] static void unexpected() { throw std::logic_error("UnusedCommunicator: no collective expected"); }
+  MemorySpace memory_;
+  int size_;
+};
 
 template <class T>
 std::vector<T> random_vector(std::size_t n, std::mt19937_64& rng, float scale = 1.0f) {

@@ -23,6 +23,7 @@ int main() {
   epx::MatrixView<float const> weights(nullptr, 0, 1);
   epx::MatrixView<float const> x(nullptr, 0, kHidden);
   epx::MatrixView<float> y(nullptr, 0, kHidden);
-  epx::Status const status = layer.forward<float>(ids, weights, x, y, {workspace.data(), workspace.size()});
+  layer.forward<float>(epx::Host{}, ids, weights, x, y, {workspace.data(), workspace.size()});
+  epx::Status const status = layer.status(epx::Host{});
   return status.ok() ? 0 : 1;
 }

@@ -239,9 +239,9 @@ bool check_epilogue(GemmCase const& c, std::optional<GemmMainloop> mainloop, std
       args.epilogue.concatenated = c.concatenated;
       args.epilogue.clamped = {.alpha = 1.702f, .limit = 1.5f};  // a limit the data reaches
       if (mainloop)
-        detail::launch_grouped_gemm<kKind>(args, *mainloop, dev, stream.s, "grouped_gemm_test");
+        detail::launch_grouped_gemm<kKind>(args, *mainloop, dev, {stream.ref(), "grouped_gemm_test"}, "grouped_gemm_test");
       else
-        detail::run_grouped_gemm<kKind>(args, -1, stream.s, "grouped_gemm_test");
+        detail::run_grouped_gemm<kKind>(args, -1, {stream.ref(), "grouped_gemm_test"}, "grouped_gemm_test");
     }
     stream.sync();
     auto const got = d_c.to_host();
@@ -422,7 +422,7 @@ void check_mlp(ExpertMlpConfig const& config, std::vector<std::int32_t> const& c
     DeviceBuffer<std::byte> ws(experts.workspace_bytes<T>(config, rows));
     d_out.poison(0xff);
     ws.poison(0xff);
-    experts.run<T>(stream.ref(), config, weights, dx, offs, dout, Workspace(ws.data(), ws.size()), -1);
+    experts.run<T>({stream.ref(), "grouped_gemm_test"}, config, weights, dx, offs, dout, Workspace(ws.data(), ws.size()), -1);
     stream.sync();
     // cuBLAS rounds the gate_up product to T before the activation: about one more rounding.
     check_rows(d_out.to_host(), ref_d, rows, h, offsets.front(), offsets.back(),

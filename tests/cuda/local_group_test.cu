@@ -4,14 +4,21 @@
 // across devices when there are several), each rank on its own stream and syncing only that
 // stream; all_reduce_sum is bitwise the host rank-order fp32 sum. Ranks are made slow on purpose
 // (a spin kernel before their inputs are written) and senders overwrite their buffers right after
-// each call, so a missing ready or done wait shows up as wrong bytes. Failures (mismatch, a rank
-// that never arrives, a rank that throws, a host stream) throw on every rank instead of hanging.
+// each call, so a missing ready or done wait shows up as wrong bytes. Failures (a host stream, a
+// stream of another device here; mismatch, a rank that never arrives or throws in the shared cases
+// of ../common/local_group_cases.hpp) throw on every rank instead of hanging.
 //
 // Rank threads only do CUDA work and store what they saw; the checks run on the main thread, so
 // every failure prints the seed.
 
 #include "../common/test_util.hpp"
+#include "cuda_backend.cuh"
 #include "device_buffer.cuh"
+
+// The failure scenarios every local group shares (../common/local_group_cases.hpp), on device memory.
+TYPE_TO_STRING_AS("Cuda", epx::test::CudaBackend);
+#define EPX_LG_BACKENDS epx::test::CudaBackend
+#include "../common/local_group_cases.hpp"
 
 #include <epx/cuda/local_group.cuh>
 
@@ -177,35 +184,6 @@ std::vector<T> rank_order_sum(std::vector<std::vector<T>> const& inputs) {
       out[i] = from_float<T>(acc);
     }
   }
-  return out;
-}
-
-// Runs `body` on every rank and records each rank's epx::Error code (nullopt: returned normally).
-struct Outcome {
-  std::vector<std::optional<Errc>> codes;
-  std::vector<std::string> messages;
-  std::chrono::steady_clock::duration elapsed{};
-};
-
-template <class Body>
-Outcome run_recording(CudaLocalGroup& group, Body&& body) {
-  Outcome out;
-  out.codes.resize(static_cast<std::size_t>(group.size()));
-  out.messages.resize(static_cast<std::size_t>(group.size()));
-  auto const start = std::chrono::steady_clock::now();
-  try {
-    group.run([&](int rank, Communicator& comm) {
-      try {
-        body(rank, comm);
-      } catch (Error const& e) {
-        out.codes[static_cast<std::size_t>(rank)] = e.code();
-        out.messages[static_cast<std::size_t>(rank)] = e.what();
-        throw;
-      }
-    });
-  } catch (...) {  // run rethrows the first failure; the per-rank record is what the tests check
-  }
-  out.elapsed = std::chrono::steady_clock::now() - start;
   return out;
 }
 
@@ -557,92 +535,6 @@ TEST_CASE("CudaLocalGroup::collectives[cuda]: many calls in a row reuse the even
   }
 }
 
-TEST_CASE("CudaLocalGroup::collectives[cuda]: mismatched calls and sizes fail on every rank") {
-  {
-    CudaLocalGroup group(4, {.timeout = 30s});
-    auto const out = run_recording(group, [](int rank, Communicator& comm) {
-      Stream stream;
-      DeviceBuffer<float> v(8);
-      if (rank == 2) comm.barrier(stream.ref());
-      else comm.all_reduce_sum(v.data(), v.size(), DType::kF32, stream.ref());
-    });
-    for (int rank = 0; rank < 4; ++rank) {
-      CAPTURE(rank);
-      CAPTURE(out.messages[static_cast<std::size_t>(rank)]);
-      CHECK(out.codes[static_cast<std::size_t>(rank)] == Errc::kCollectiveMismatch);
-    }
-    CHECK(out.messages[0].find("rank 2 called barrier") != std::string::npos);
-    CHECK(group.aborted());
-  }
-  {
-    CudaLocalGroup group(2, {.timeout = 30s});
-    auto const out = run_recording(group, [](int rank, Communicator& comm) {
-      Stream stream;
-      DeviceBuffer<std::uint8_t> buf(16), recv(16);
-      std::vector<std::size_t> send{4, rank == 0 ? 5u : 4u}, expect{4, 4};  // rank 0 sends 5, rank 1 expects 4
-      comm.all_to_all_v(buf.data(), send, recv.data(), expect, stream.ref());
-    });
-    for (int rank = 0; rank < 2; ++rank) {
-      CAPTURE(rank);
-      CHECK(out.codes[static_cast<std::size_t>(rank)] == Errc::kCollectiveMismatch);
-      CHECK(out.messages[static_cast<std::size_t>(rank)].find("rank 0 sends 5 bytes to rank 1, which expects 4 bytes") !=
-            std::string::npos);
-    }
-  }
-  {
-    CudaLocalGroup group(3, {.timeout = 30s});
-    auto const out = run_recording(group, [](int rank, Communicator& comm) {
-      Stream stream;
-      DeviceBuffer<float> v(16);
-      comm.all_reduce_sum(v.data(), rank == 1 ? 15 : 16, DType::kF32, stream.ref());
-    });
-    for (int rank = 0; rank < 3; ++rank) CHECK(out.codes[static_cast<std::size_t>(rank)] == Errc::kCollectiveMismatch);
-  }
-}
-
-TEST_CASE("CudaLocalGroup::barrier[cuda]: a rank that never arrives makes the others time out") {
-  auto const timeout = 300ms;
-  CudaLocalGroup group(3, {.timeout = timeout});
-  auto const out = run_recording(group, [](int rank, Communicator& comm) {
-    if (rank == 2) return;  // never calls
-    Stream stream;
-    comm.barrier(stream.ref());
-  });
-  CHECK(out.codes[0] == Errc::kTimeout);
-  CHECK(out.codes[1] == Errc::kTimeout);
-  CHECK(!out.codes[2].has_value());
-  CHECK((out.messages[0] + out.messages[1]).find("rank(s) [2]") != std::string::npos);
-  CHECK(out.elapsed >= timeout);
-  CHECK(out.elapsed < timeout + 5s);
-  CHECK(group.aborted());
-  // A new group works afterwards.
-  CudaLocalGroup fresh(3, {.timeout = 30s});
-  CHECK_NOTHROW(fresh.run([](int, Communicator& comm) {
-    Stream stream;
-    comm.barrier(stream.ref());
-    stream.sync();
-  }));
-}
-
-TEST_CASE("CudaLocalGroup::run[cuda]: a rank that throws makes the others fail at once, and is rethrown") {
-  CudaLocalGroup group(4, {.timeout = 60s});
-  std::atomic<int> peer_failed{0};
-  auto const start = std::chrono::steady_clock::now();
-  CHECK_THROWS_WITH_AS(group.run([&](int rank, Communicator& comm) {
-    Stream stream;
-    DeviceBuffer<float> v(64);
-    if (rank == 1) throw std::runtime_error("rank one broke");
-    try {
-      comm.all_reduce_sum(v.data(), v.size(), DType::kF32, stream.ref());
-    } catch (Error const& e) {
-      if (e.code() == Errc::kPeerFailed && std::string(e.what()).find("rank one broke") != std::string::npos) ++peer_failed;
-      throw;
-    }
-  }), "rank one broke", std::runtime_error);
-  CHECK(peer_failed == 3);
-  CHECK(std::chrono::steady_clock::now() - start < 10s);  // far below the 60 s timeout
-}
-
 TEST_CASE("CudaLocalGroup::collectives[cuda]: a host stream is refused and aborts the group") {
   CudaLocalGroup group(2, {.timeout = 30s});
   float* none = nullptr;
@@ -681,10 +573,10 @@ TEST_CASE("CudaLocalGroup::collectives[cuda]: a stream of another device is refu
   CudaLocalGroup group(2, {.timeout = 30s, .devices = {0, 1}});
   EPX_CUDA_CHECK(cudaSetDevice(0));
   Stream on_device0;
-  auto const out = run_recording(group, [&](int rank, Communicator& comm) {
-    Stream own;
-    comm.barrier(rank == 1 ? on_device0.ref() : own.ref());
-  });
+  auto const out = test::run_recording<test::CudaBackend>(
+      group, [&](int rank, Communicator& comm, test::CudaBackend::Rank const& own) {
+        comm.barrier(rank == 1 ? on_device0.ref() : own.comm_stream());
+      });
   CHECK(out.codes[1] == Errc::kInvalidArgument);
   CHECK(out.messages[1].find("stream is on device 0, expected device 1") != std::string::npos);
   CHECK(out.codes[0] == Errc::kPeerFailed);

@@ -6,6 +6,8 @@
 
 #include <epx/cuda.cuh>
 
+#include "../common/test_util.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -137,35 +139,11 @@ TEST_CASE("Routing::stages[cuda-args]: route, make_plan and permute refuse bad a
   CHECK(contains(e.what(), "permute: stream = StreamRef::host(), expected a CUDA stream"));
 }
 
-namespace {
-
-// A rank of a device-memory group that must never be asked for a collective: the layer's
-// constructor refuses bad weights before any (and before any CUDA call).
-class UnusedDeviceComm final : public Communicator {
- public:
-  [[nodiscard]] int rank() const noexcept override { return 0; }
-  [[nodiscard]] int size() const noexcept override { return 2; }
-  [[nodiscard]] MemorySpace memory_space() const noexcept override { return MemorySpace::kDevice; }
-  void all_to_all_v(void const*, std::span<std::size_t const>, void*, std::span<std::size_t const>, StreamRef) override {
-    unexpected();
-  }
-  void all_to_all(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
-  void all_reduce_sum(void*, std::size_t, DType, StreamRef) override { unexpected(); }
-  void all_gather(void const*, void*, std::size_t, StreamRef) override { unexpected(); }
-  void barrier(StreamRef) override { unexpected(); }
-  void wait(StreamRef) override { unexpected(); }
-
- private:
-  [[noreturn]] static void unexpected() { throw std::logic_error("UnusedDeviceComm: no collective expected"); }
-};
-
-}  // namespace
-
 TEST_CASE("ExpertParallel<Cuda>::ExpertParallel[cuda-args]: weights in another layout and a short bias are refused") {
   // gpt-oss-like widths (gate_up_rows 64 != hidden 48); 8 experts over 2 ranks: rank 0 owns 4.
   ExpertMlpConfig const mlp{.hidden = 48, .intermediate = 32, .activation = Activation::kClampedSwiGLU,
                             .gate_up_layout = GateUpLayout::kInterleaved};
-  UnusedDeviceComm comm;
+  test::UnusedCommunicator comm(MemorySpace::kDevice, 2);  // rank 0 of 2: owns 4 of 8 experts
   auto config = [&](ExpertWeights const& w) {
     return MoeConfig{.router = {.num_experts = 8, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp,
                      .weights = w};
@@ -208,24 +186,6 @@ TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: weights in another layout are refus
   CHECK(e.code() == Errc::kShapeMismatch);
   CHECK(contains(e.what(), "expert_mlp: weights.down.extents = [2, 32, 64], expected [2, 64, 32] = [local experts, "
                            "hidden, intermediate], contiguous and K-major (gpt-oss's down_proj is [E, I, H]"));
-}
-
-TEST_CASE("ExpertParallel<Cuda>::status[cuda-args]: the device's record of an invalid id is named as the Host names it") {
-  // The device keeps (slot << 32) | uint32(id) of the first invalid slot; the message must decode it
-  // to the rank's token and slot, negative ids included, in the Host layer's words.
-  Status status;
-  status.invalid_ids = 2;
-  std::uint64_t const first = (std::uint64_t{5} << 32) | static_cast<std::uint32_t>(-3);  // slot 5, id -3
-  Error e = caught([&] { detail::throw_device_invalid_ids("status", 1, status, first, 2, 8); });
-  CHECK(e.code() == Errc::kInvalidExpertId);
-  CHECK(contains(e.what(), "status: rank 1: topk_ids held 2 invalid expert id(s) (first: token 2 of rank 1, slot 1: "
-                           "topk_ids[2, 1] = -3), expected -1 or an id in [0, 8); those slots were dropped and the "
-                           "output written without them"));
-  e = caught([&] {
-    detail::throw_invalid_ids("forward", 1, 2, detail::InvalidIdSite{.token = 2, .slot = 1, .id = -3}, 8);
-  });
-  CHECK(contains(e.what(), "forward: rank 1: topk_ids held 2 invalid expert id(s) (first: token 2 of rank 1, slot 1: "
-                           "topk_ids[2, 1] = -3)"));
 }
 
 namespace {
@@ -309,24 +269,32 @@ TEST_CASE("GroupedGemm::paired_weight_row[cuda-host]: gated columns read gate i 
 TEST_CASE("GroupedGemm::pick_mma_mainloop[cuda-host]: tile height from rows per group, narrower decode tiles when SMs would idle") {
   using detail::GemmMainloop;
   using detail::pick_mma_mainloop;
+  detail::GemmTilePolicy const wgmma{.wgmma = true};
   // Decode with every expert local: 128 groups x 12 n-blocks of 128 = 1536 tiles for 132 SMs.
-  CHECK(pick_mma_mainloop(1024, 128, 1536, 132, false) == GemmMainloop::kMmaDecode);
+  CHECK(pick_mma_mainloop(1024, 128, 1536, 132, {}) == GemmMainloop::kMmaDecode);
   // 8 groups with rows x 12 n-blocks = 96 tiles < 132 SMs: 64-wide tiles give 192.
-  CHECK(pick_mma_mainloop(64, 8, 1536, 132, false) == GemmMainloop::kMmaDecodeN64);
+  CHECK(pick_mma_mainloop(64, 8, 1536, 132, {}) == GemmMainloop::kMmaDecodeN64);
   // One local expert's down projection (n 4096): 32 tiles at 128, 64 at 64, so 32-wide (128 tiles).
-  CHECK(pick_mma_mainloop(4, 1, 4096, 132, false) == GemmMainloop::kMmaDecodeN32);
+  CHECK(pick_mma_mainloop(4, 1, 4096, 132, {}) == GemmMainloop::kMmaDecodeN32);
   // More groups than rows: at most `rows` groups hold rows (10 x 16 n-blocks = 160 tiles).
-  CHECK(pick_mma_mainloop(10, 256, 2048, 132, false) == GemmMainloop::kMmaDecode);
-  CHECK(pick_mma_mainloop(10, 256, 2048, 200, false) == GemmMainloop::kMmaDecodeN64);
+  CHECK(pick_mma_mainloop(10, 256, 2048, 132, {}) == GemmMainloop::kMmaDecode);
+  CHECK(pick_mma_mainloop(10, 256, 2048, 200, {}) == GemmMainloop::kMmaDecodeN64);
   // The threshold is the SM count itself.
-  CHECK(pick_mma_mainloop(16, 1, 128 * 132, 132, false) == GemmMainloop::kMmaDecode);
-  CHECK(pick_mma_mainloop(16, 1, 128 * 131, 132, false) == GemmMainloop::kMmaDecodeN64);
+  CHECK(pick_mma_mainloop(16, 1, 128 * 132, 132, {}) == GemmMainloop::kMmaDecode);
+  CHECK(pick_mma_mainloop(16, 1, 128 * 131, 132, {}) == GemmMainloop::kMmaDecodeN64);
   // Medium and large tiles do not narrow; wgmma replaces the large mma.sync tile where allowed.
-  CHECK(pick_mma_mainloop(8 * 50, 8, 64, 132, false) == GemmMainloop::kMmaMedium);
-  CHECK(pick_mma_mainloop(8 * 64, 8, 64, 132, true) == GemmMainloop::kMmaMedium);
-  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, false) == GemmMainloop::kMmaLarge);
-  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, true) == GemmMainloop::kWgmma);
-  CHECK(pick_mma_mainloop(5000, 0, 64, 132, false) == GemmMainloop::kMmaLarge);  // no groups: rows decide
+  CHECK(pick_mma_mainloop(8 * 50, 8, 64, 132, {}) == GemmMainloop::kMmaMedium);
+  CHECK(pick_mma_mainloop(8 * 64, 8, 64, 132, wgmma) == GemmMainloop::kMmaMedium);
+  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, {}) == GemmMainloop::kMmaLarge);
+  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, wgmma) == GemmMainloop::kWgmma);
+  CHECK(pick_mma_mainloop(5000, 0, 64, 132, {}) == GemmMainloop::kMmaLarge);  // no groups: rows decide
+  // The thresholds are the policy's data, and the policy of a device allows wgmma only where it runs.
+  CHECK(pick_mma_mainloop(8 * 20, 8, 64, 132, {.decode_rows = 32, .medium_rows = 64}) == GemmMainloop::kMmaDecodeN32);
+  CHECK(pick_mma_mainloop(8 * 100, 8, 64, 132, {.decode_rows = 16, .medium_rows = 128}) == GemmMainloop::kMmaMedium);
+  detail::DeviceTraits const hopper{.device = 0, .sms = 132, .major = 9, .minor = 0};
+  detail::DeviceTraits const ampere{.device = 0, .sms = 108, .major = 8, .minor = 0};
+  CHECK(detail::policy_for<detail::GemmTilePolicy>(hopper).wgmma == detail::wgmma_built());
+  CHECK_FALSE(detail::policy_for<detail::GemmTilePolicy>(ampere).wgmma);
 }
 
 TEST_CASE("GroupedGemm::epilogue_kinds[cuda-host]: one kernel per activation, launch errors name the kernel launched") {

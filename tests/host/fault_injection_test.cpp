@@ -103,9 +103,9 @@ Outcome run_forward(int num_ranks, int faulty, Fault fault, int at_call, std::ch
       std::vector<float> y(x.size());
       std::vector<std::byte> ws(ep.workspace_bytes(t));
       try {
-        (void)ep.forward(MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
-                         MatrixView<float const>(x.data(), t, mlp.hidden), MatrixView<float>(y.data(), t, mlp.hidden),
-                         Workspace(ws.data(), ws.size()));
+        ep.forward(Host{}, MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
+                   MatrixView<float const>(x.data(), t, mlp.hidden), MatrixView<float>(y.data(), t, mlp.hidden),
+                   Workspace(ws.data(), ws.size()));
       } catch (Error const& e) {
         out.codes[static_cast<std::size_t>(rank)] = e.code();
         out.messages[static_cast<std::size_t>(rank)] = e.what();
@@ -162,9 +162,9 @@ TEST_CASE_TEMPLATE("FaultInjection::forward: a rank that never reaches the combi
         std::vector<float> y(x.size());
         std::vector<std::byte> ws(ep.workspace_bytes(t));
         try {
-          (void)ep.forward(MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
-                           MatrixView<float const>(x.data(), t, 16), MatrixView<float>(y.data(), t, 16),
-                           Workspace(ws.data(), ws.size()));
+          ep.forward(Host{}, MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
+                     MatrixView<float const>(x.data(), t, 16), MatrixView<float>(y.data(), t, 16),
+                     Workspace(ws.data(), ws.size()));
         } catch (Error const& e) {
           codes[static_cast<std::size_t>(rank)] = e.code();
         }
@@ -206,8 +206,8 @@ TEST_CASE_TEMPLATE("Determinism::forward: the same inputs give the same bits on 
       auto& y = (*ys)[static_cast<std::size_t>(rank)];
       y.resize(x.size());
       std::vector<std::byte> ws(ep.workspace_bytes(t));
-      (void)ep.forward(MatrixView<float const>(logits.data(), t, 12), MatrixView<bfloat16 const>(x.data(), t, mlp.hidden),
-                       MatrixView<bfloat16>(y.data(), t, mlp.hidden), Workspace(ws.data(), ws.size()));
+      ep.forward(Host{}, MatrixView<float const>(logits.data(), t, 12), MatrixView<bfloat16 const>(x.data(), t, mlp.hidden),
+                 MatrixView<bfloat16>(y.data(), t, mlp.hidden), Workspace(ws.data(), ws.size()));
     });
   }
   for (int r = 0; r < 3; ++r)

@@ -1,9 +1,10 @@
 // SPDX-FileCopyrightText: 2026 The epx authors
 // SPDX-License-Identifier: MIT
-// LocalGroup: every collective moves the right bytes; a rank that fails, never arrives or
-// disagrees makes the others throw instead of hanging; a new group works afterwards.
+// LocalGroup: every collective moves the right bytes; local misuse is named at once; and the
+// failure scenarios every local group shares: a rank that fails, never arrives or disagrees makes
+// the others throw instead of hanging, and a new group works afterwards.
 
-#include "../common/test_util.hpp"
+#include "../common/host_backend.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -135,72 +136,7 @@ TEST_CASE("LocalGroup::all_reduce_sum: integers wrap as two's complement, as on 
   });
 }
 
-TEST_CASE("LocalGroup::barrier: a rank that never arrives makes the others time out") {
-  LocalGroup group(3, {.timeout = 200ms});
-  std::atomic<int> timeouts{0};
-  auto const start = std::chrono::steady_clock::now();
-  std::vector<std::jthread> threads;
-  for (int r = 0; r < 2; ++r)  // rank 2 never calls
-    threads.emplace_back([&, r] {
-      try {
-        group.communicator(r).barrier(StreamRef::host());
-      } catch (Error const& e) {
-        if (e.code() == Errc::kTimeout && std::string(e.what()).find("rank(s) [2]") != std::string::npos) ++timeouts;
-      }
-    });
-  threads.clear();
-  auto const elapsed = std::chrono::steady_clock::now() - start;
-  CHECK(timeouts == 2);
-  CHECK(elapsed < 5s);
-  CHECK(group.aborted());
-  // The group stays aborted: rank 2 arriving late fails at once.
-  CHECK_THROWS_WITH_AS(group.communicator(2).barrier(StreamRef::host()), doctest::Contains("the group was aborted"), Error);
-  // A new group in the same process works.
-  LocalGroup fresh(3, {.timeout = 10s});
-  CHECK_NOTHROW(fresh.run([](int, Communicator& comm) { comm.barrier(StreamRef::host()); }));
-}
-
-TEST_CASE("LocalGroup::run: a rank that throws aborts the group and its error is rethrown") {
-  LocalGroup group(4, {.timeout = 30s});
-  std::atomic<int> peer_failed{0};
-  auto const start = std::chrono::steady_clock::now();
-  CHECK_THROWS_WITH_AS(group.run([&](int rank, Communicator& comm) {
-    if (rank == 2) throw std::runtime_error("rank two broke");
-    try {
-      comm.barrier(StreamRef::host());
-    } catch (Error const& e) {
-      if (e.code() == Errc::kPeerFailed && std::string(e.what()).find("rank two broke") != std::string::npos) ++peer_failed;
-      throw;
-    }
-  }), "rank two broke", std::runtime_error);
-  CHECK(peer_failed == 3);
-  CHECK(std::chrono::steady_clock::now() - start < 5s);  // well before the 30 s timeout
-}
-
-TEST_CASE("LocalGroup::collectives: mismatched calls and sizes fail on every rank") {
-  {
-    LocalGroup group(2, {.timeout = 10s});
-    std::atomic<int> mismatches{0};
-    CHECK_THROWS_AS(group.run([&](int rank, Communicator& comm) {
-      float v = 1.0f;
-      try {
-        if (rank == 0) comm.all_reduce_sum(&v, 1, DType::kF32, StreamRef::host());
-        else comm.barrier(StreamRef::host());
-      } catch (Error const& e) {
-        if (e.code() == Errc::kCollectiveMismatch || e.code() == Errc::kPeerFailed) ++mismatches;
-        throw;
-      }
-    }), Error);
-    CHECK(mismatches == 2);
-  }
-  {
-    LocalGroup group(2, {.timeout = 10s});
-    CHECK_THROWS_WITH_AS(group.run([&](int rank, Communicator& comm) {
-      std::vector<std::uint8_t> buf(16);
-      std::vector<std::size_t> send{4, rank == 0 ? 5u : 4u}, recv{4, 4};  // rank 0 sends 5, rank 1 expects 4
-      comm.all_to_all_v(buf.data(), send, buf.data() + 8, recv, StreamRef::host());
-    }), doctest::Contains("rank 0 sends 5 bytes to rank 1, which expects 4 bytes"), Error);
-  }
+TEST_CASE("LocalGroup::collectives: local misuse aborts the group at once, naming what is wrong") {
   {
     LocalGroup group(2, {.timeout = 10s});
     std::vector<std::size_t> wrong_size{1};
@@ -216,3 +152,8 @@ TEST_CASE("LocalGroup::collectives: mismatched calls and sizes fail on every ran
   }
   CHECK_THROWS_WITH_AS(LocalGroup(0), doctest::Contains("num_ranks = 0, expected >= 1"), Error);
 }
+
+// The failure scenarios every local group shares (../common/local_group_cases.hpp), on host memory.
+TYPE_TO_STRING_AS("Host", epx::test::HostBackend);
+#define EPX_LG_BACKENDS epx::test::HostBackend
+#include "../common/local_group_cases.hpp"

@@ -1,8 +1,11 @@
 // SPDX-FileCopyrightText: 2026 The epx authors
 // SPDX-License-Identifier: MIT
-// Plan (stable sort by expert), permute and unpermute against straightforward references.
+// Plan (stable sort by expert), permute and unpermute against straightforward references; and the
+// stage comparisons every execution space runs (../common/routing_cases.hpp), here the Host stages
+// on padded and offset rows against the Host stages on contiguous ones.
 
-#include "../common/test_util.hpp"
+#include "../common/host_backend.hpp"
+#include "../common/routing_comparison.hpp"
 
 #include <cmath>
 #include <cstring>
@@ -283,3 +286,17 @@ TEST_CASE("Plan::make_plan: an expert range whose end overflows int32 is refused
                                  Workspace(ws.data(), ws.size()), st),
                        doctest::Contains("experts = [4, 2147483651), expected a range inside [0, num_experts = 8)"), Error);
 }
+
+namespace epx::test {
+using HostStageF32 = StageCase<HostBackend, float>;
+using HostStageBF16 = StageCase<HostBackend, bfloat16>;
+using HostStageF16 = StageCase<HostBackend, half>;
+}  // namespace epx::test
+
+TYPE_TO_STRING_AS("float", epx::test::HostStageF32);
+TYPE_TO_STRING_AS("bf16", epx::test::HostStageBF16);
+TYPE_TO_STRING_AS("fp16", epx::test::HostStageF16);
+TYPE_TO_STRING_AS("Host", epx::test::HostBackend);
+#define EPX_STAGE_CASES epx::test::HostStageF32, epx::test::HostStageBF16, epx::test::HostStageF16
+#define EPX_STAGE_BACKENDS epx::test::HostBackend
+#include "../common/routing_cases.hpp"

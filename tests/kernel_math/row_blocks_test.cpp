@@ -59,7 +59,7 @@ TEST_CASE("RowBlocks::walk: every (row, chunk) is visited exactly once, whatever
     int const threads = 32 << std::uniform_int_distribution<int>(0, 4)(rng);
     int const max_blocks = std::uniform_int_distribution<int>(1, 40)(rng);  // small caps force the grid stride
     auto const block = detail::row_block(chunks, threads);
-    int const grid = detail::row_grid(rows, block, max_blocks);
+    int const grid = detail::grid_blocks(rows, block.rows_per_block, max_blocks);
     CAPTURE(rows);
     CAPTURE(chunks);
     CAPTURE(threads);

@@ -74,7 +74,7 @@ int main() {
     epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> layer(config, comm);
     std::vector<std::byte> workspace(layer.workspace_bytes(kTokens));
     auto const r = static_cast<std::size_t>(rank);
-    layer.forward<float>(epx::MatrixView<std::int32_t const>(topk_ids[r].data(), kTokens, kTopK),
+    layer.forward<float>(epx::Host{}, epx::MatrixView<std::int32_t const>(topk_ids[r].data(), kTokens, kTopK),
                          epx::MatrixView<float const>(topk_weights[r].data(), kTokens, kTopK),
                          epx::MatrixView<float const>(x[r].data(), kTokens, kHidden),
                          epx::MatrixView<float>(y[r].data(), kTokens, kHidden), {workspace.data(), workspace.size()});

@@ -10,8 +10,9 @@
 
 namespace epx {
 
-//! Counters a routing step leaves behind. On the device they are written without a host sync and
-//! read on request; on the host they are returned directly. Trivially copyable, 32 bytes.
+//! Counters a routing step leaves behind, written where the step runs (on the device without a host
+//! sync) and read on request: ExpertParallel::status() on every execution space. Trivially
+//! copyable, 32 bytes.
 struct Status {
   std::uint64_t invalid_ids = 0;            //!< topk_ids outside [0, num_experts) other than -1
   std::uint64_t dropped_slots = 0;          //!< (token, slot) pairs not computed: invalid ids, capacity
@@ -48,8 +49,8 @@ struct Status {
 
 static_assert(std::is_trivially_copyable_v<Status> && sizeof(Status) == 32);
 
-//! What to do when topk_ids hold invalid ids (DESIGN.md §3): the slots are always dropped and
-//! counted; kThrow then raises Errc::kInvalidExpertId once the call has finished its collectives.
+//! What to do when topk_ids hold invalid ids (the routing-id contract): the slots are always dropped
+//! and counted; kThrow then raises Errc::kInvalidExpertId once the call has finished its collectives.
 enum class InvalidIds : std::uint8_t { kThrow, kDropAndCount };
 
 }  // namespace epx

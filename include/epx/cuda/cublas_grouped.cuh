@@ -16,9 +16,12 @@
 #include <epx/core/workspace.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
+#include <epx/cuda/tuning.cuh>
 #include <epx/gemm/expert_mlp.hpp>
-#include <epx/parallel/expert_parallel.hpp>
+#include <epx/parallel/execution.hpp>
+#include <epx/parallel/moe_config.hpp>
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -49,25 +52,42 @@ __device__ __forceinline__ int group_of_row(std::int32_t const* offsets, int gro
   return lo;
 }
 
-//! a[r, i] = activation(h[r, gate], h[r, up]) (+ gate_up bias of the row's expert), rows [first, last).
+//! cublas_activation_kernel's arguments.
 template <class T>
-__global__ void cublas_activation_kernel(T const* h, std::int64_t ldh, T* a, std::int64_t lda, T const* bias,
-                                         std::int32_t const* offsets, int groups, int inter, bool gated,
-                                         bool interleaved, Activation kind, ClampedSwiGLUParams params) {
-  std::int64_t const row = offsets[0] + blockIdx.x;
-  int const g = group_of_row(offsets, groups, row);
-  int const width = gated ? 2 * inter : inter;
+struct CublasActivationParams {
+  T const* h;                     // [rows, gate_up_rows] the gate_up product, ldh apart
+  std::int64_t ldh;
+  T* a;                           // [rows, intermediate] activated, lda apart
+  std::int64_t lda;
+  T const* bias;                  // [groups, gate_up_rows] or nullptr
+  std::int32_t const* offsets;    // [groups + 1] device
+  int groups;
+  int intermediate;
+  bool gated;
+  bool interleaved;
+  Activation activation;
+  ClampedSwiGLUParams clamped;
+};
+
+//! a[r, i] = activation(h[r, gate], h[r, up]) (+ gate_up bias of the row's expert), one block per
+//! row of [offsets[0], offsets[groups]).
+template <class T>
+__global__ void cublas_activation_kernel(CublasActivationParams<T> const p) {
+  std::int64_t const row = p.offsets[0] + blockIdx.x;
+  int const g = group_of_row(p.offsets, p.groups, row);
+  int const inter = p.intermediate;
+  int const width = p.gated ? 2 * inter : inter;
   for (int i = static_cast<int>(threadIdx.x); i < inter; i += static_cast<int>(blockDim.x)) {
-    int const gate_col = gated && interleaved ? 2 * i : i;
-    int const up_col = interleaved ? 2 * i + 1 : inter + i;
-    float gate = device_to_float(h[row * ldh + gate_col]);
+    int const gate_col = p.gated && p.interleaved ? 2 * i : i;
+    int const up_col = p.interleaved ? 2 * i + 1 : inter + i;
+    float gate = device_to_float(p.h[row * p.ldh + gate_col]);
     float up = 0.0f;
-    if (bias != nullptr) gate += device_to_float(bias[static_cast<std::int64_t>(g) * width + gate_col]);
-    if (gated) {
-      up = device_to_float(h[row * ldh + up_col]);
-      if (bias != nullptr) up += device_to_float(bias[static_cast<std::int64_t>(g) * width + up_col]);
+    if (p.bias != nullptr) gate += device_to_float(p.bias[static_cast<std::int64_t>(g) * width + gate_col]);
+    if (p.gated) {
+      up = device_to_float(p.h[row * p.ldh + up_col]);
+      if (p.bias != nullptr) up += device_to_float(p.bias[static_cast<std::int64_t>(g) * width + up_col]);
     }
-    a[row * lda + i] = device_from_float<T>(activate(kind, gate, up, params));
+    p.a[row * p.lda + i] = device_from_float<T>(activate(p.activation, gate, up, p.clamped));
   }
 }
 
@@ -105,18 +125,20 @@ class CudaCublasGroupedExperts {
     return layout_bytes([&](auto& c) { return carve<T>(c, mlp, max_rows); });
   }
 
+  //! cuBLAS runs every shape the configuration allows.
+  static void check(MoeConfig const&) {}
+
   //! Runs the experts; synchronises `stream` once (to read the offsets).
   template <class T>
-  void run(StreamRef stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+  void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/) {
     EPX_NVTX_RANGE(Experts);  // includes the offsets' copy to the host and the stream sync it waits for
     constexpr std::string_view where = "expert_mlp (CublasGrouped)";
-    require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()", "a CUDA stream");
     auto const w = check_expert_mlp_args<T>(where, mlp, weights, x, out, device_offsets);
     std::size_t const groups = static_cast<std::size_t>(weights.num_local_experts);
     auto const parts = carve_layout(ws, where, [&](auto& c) { return carve<T>(c, mlp, x.rows); });
     if (groups == 0 || x.rows == 0) return;
-    auto* const s = reinterpret_cast<cudaStream_t>(stream.get());
+    cudaStream_t const s = stream.get();
 
     // The one sync: cuBLAS needs every group's row count on the host.
     std::vector<std::int32_t> offsets(groups + 1);
@@ -139,7 +161,7 @@ class CudaCublasGroupedExperts {
     activation<T>(mlp, w.gate_up_bias, device_offsets, static_cast<int>(groups), rows, h, act, s);
     gemm<T>(offsets, w.down, MatrixView<T const>(act), out, parts.pointers.last(half_of_pointers), s);
     if (w.down_bias != nullptr) {
-      int const threads = std::min(256, static_cast<int>(align_up(mlp.hidden, 32)));
+      int const threads = row_threads(mlp.hidden);
       cublas_finish_kernel<T><<<static_cast<unsigned>(rows), threads, 0, s>>>(
           out.data, out.ld, w.down_bias, nullptr, device_offsets.data(), static_cast<int>(groups), mlp.hidden);
       EPX_CUDA_CHECK_LAUNCH(cublas_finish_kernel);
@@ -212,11 +234,26 @@ class CudaCublasGroupedExperts {
   template <class T>
   static void activation(ExpertMlpConfig const& mlp, T const* bias, std::span<std::int32_t const> device_offsets,
                          int groups, std::int64_t rows, MatrixView<T> h, MatrixView<T> act, cudaStream_t s) {
-    int const threads = std::min(256, static_cast<int>(align_up(mlp.intermediate, 32)));
-    cublas_activation_kernel<T><<<static_cast<unsigned>(rows), threads, 0, s>>>(
-        h.data, h.ld, act.data, act.ld, bias, device_offsets.data(), groups, mlp.intermediate, is_gated(mlp.activation),
-        mlp.gate_up_layout == GateUpLayout::kInterleaved, mlp.activation, mlp.clamped_swiglu);
+    CublasActivationParams<T> const params{.h = h.data,
+                                           .ldh = h.ld,
+                                           .a = act.data,
+                                           .lda = act.ld,
+                                           .bias = bias,
+                                           .offsets = device_offsets.data(),
+                                           .groups = groups,
+                                           .intermediate = mlp.intermediate,
+                                           .gated = is_gated(mlp.activation),
+                                           .interleaved = mlp.gate_up_layout == GateUpLayout::kInterleaved,
+                                           .activation = mlp.activation,
+                                           .clamped = mlp.clamped_swiglu};
+    cublas_activation_kernel<T><<<static_cast<unsigned>(rows), row_threads(mlp.intermediate), 0, s>>>(params);
     EPX_CUDA_CHECK_LAUNCH(cublas_activation_kernel);
+  }
+
+  // Threads of a one-row-per-block kernel over `cols` columns: whole warps, at most the policy's.
+  static int row_threads(int cols) {
+    auto const policy = policy_for<CublasPolicy>(current_device_traits());
+    return std::min(policy.max_threads_per_block, static_cast<int>(align_up(cols, 32)));
   }
 
   cublasHandle_t handle_ = nullptr;

@@ -11,12 +11,16 @@
 #include <epx/core/space.hpp>
 #include <epx/core/workspace.hpp>
 #include <epx/cuda/grouped_gemm.cuh>
+#include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/gemm/expert_mlp.hpp>
-#include <epx/parallel/expert_parallel.hpp>
+#include <epx/parallel/execution.hpp>
+#include <epx/parallel/moe_config.hpp>
 
 #include <cstdint>
 #include <span>
+#include <string_view>
+#include <utility>
 
 namespace epx {
 
@@ -59,8 +63,7 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
                 MatrixView<T> out, Workspace workspace, ExpertMlpOptions const& options = {}) {
   EPX_NVTX_RANGE(Experts);
   constexpr std::string_view where = "expert_mlp";
-  detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
-                  "a CUDA stream (device memory in, device memory out)");
+  detail::CudaStream const s(stream, where);
   auto const w = detail::check_expert_mlp_args<T>(where, config, weights, x, out, expert_offsets);
   detail::require(expert_offsets.data() != nullptr, Errc::kInvalidArgument, where, "expert_offsets.data()", "nullptr",
                   "device memory holding num_local_experts + 1 offsets");
@@ -71,7 +74,6 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
   detail::check_gemm_layout<T>(where, "config.intermediate", config.intermediate, MatrixView<T const>(act), w.down.data,
                                weights.num_local_experts);
   if (x.rows == 0 || weights.num_local_experts == 0) return;
-  auto* const s = reinterpret_cast<cudaStream_t>(stream.get());
 
   // GEMM 1 + activation: over paired columns when gated (paired_columns.hpp), ReLU in place
   // otherwise; one kernel per activation (the epilogue's operation is a template parameter).
@@ -101,13 +103,27 @@ namespace detail {
 
 //! Grouped on Cuda: epx's grouped GEMM, no sync.
 struct CudaGroupedExperts {
+  //! The tensor-core kernel reads rows in 16-byte chunks: bf16 and fp16 widths must be multiples of
+  //! 8 (what expert_mlp would refuse at the first forward, said at construction).
+  static void check(MoeConfig const& config) {
+    if (config.weights.dtype == DType::kF32) return;
+    for (auto const& [name, value] : {std::pair<std::string_view, std::int32_t>{"mlp.hidden", config.mlp.hidden},
+                                      std::pair<std::string_view, std::int32_t>{"mlp.intermediate",
+                                                                                config.mlp.intermediate}})
+      require(value % 8 == 0, Errc::kInvalidArgument, "ExpertParallel<Grouped, ..., Cuda>", name, value,
+              fmt::format("a multiple of 8 for {} weights (rows of 16-byte chunks for the tensor-core kernel)",
+                          config.weights.dtype));
+  }
+
   template <class T>
   [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
     return cuda_expert_mlp_workspace_bytes<T>(mlp, max_rows);
   }
+
   template <class T>
-  void run(StreamRef stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
-           std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint) {
+  void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+           std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws,
+           std::int64_t rows_hint) const {
     expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
   }
 };

@@ -7,9 +7,9 @@
 //!
 //! bf16 and fp16 run on tensor cores (mma.sync, sm_80+; gemm/mma_sm80.cuh; wgmma on sm_90a builds
 //! with EPX_ENABLE_WGMMA, gemm/wgmma_sm90.cuh); fp32 runs on CUDA cores in k order (gemm/simt.cuh).
-//! The tile shape is picked from the expected rows per group (pick_mma_mainloop): decode-like calls
-//! (few rows per expert) are bound by reading the weights and use 16-row tiles, so that each weight
-//! tile is read by one CTA; larger calls use 64- or 128-row tiles.
+//! The tile shape is picked from the expected rows per group (pick_mma_mainloop, GemmTilePolicy in
+//! tuning.cuh): decode-like calls (few rows per expert) are bound by reading the weights and use
+//! 16-row tiles, so that each weight tile is read by one CTA; larger calls use 64- or 128-row tiles.
 
 #include <epx/core/math.hpp>
 #include <epx/core/stream.hpp>
@@ -18,7 +18,9 @@
 #include <epx/cuda/gemm/simt.cuh>
 #include <epx/cuda/gemm/tile_shapes.hpp>
 #include <epx/cuda/gemm/wgmma_sm90.cuh>
+#include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
+#include <epx/cuda/tuning.cuh>
 #include <epx/gemm/grouped_gemm.hpp>
 
 #include <cuda_runtime.h>
@@ -26,8 +28,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <span>
 #include <string_view>
 #include <type_traits>
@@ -45,62 +45,6 @@ struct GroupedGemmOptions {
 };
 
 namespace detail {
-
-//! The device's SM count and compute capability (cheap attribute reads, no sync).
-struct DeviceTraits {
-  int device = 0;
-  int sms = 0;
-  int major = 0;
-  int minor = 0;
-};
-
-//! The current device's traits: read once per device and process (they never change), so a
-//! launch costs one cudaGetDevice, not four attribute queries.
-inline DeviceTraits current_device_traits() {
-  DeviceTraits d;
-  EPX_CUDA_CHECK(cudaGetDevice(&d.device));
-  static std::mutex mutex;
-  static std::map<int, DeviceTraits> known;
-  std::lock_guard const lock(mutex);
-  if (auto const it = known.find(d.device); it != known.end()) return it->second;
-  EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.device));
-  EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.device));
-  EPX_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, d.device));
-  known.emplace(d.device, d);
-  return d;
-}
-
-//! Lets `kernel` launch with `bytes` of dynamic shared memory on `device`. The attribute is one
-//! value per kernel and device, shared by every thread (the ranks of a CudaLocalGroup launch the
-//! same kernel with different group counts at once), so it only ever grows, under a lock: a
-//! thread can never lower it between another thread's setting and launch.
-inline void allow_dynamic_smem(void const* kernel, int device, std::size_t bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<void const*, int>, std::size_t> allowed;
-  std::lock_guard const lock(mutex);
-  std::size_t& current = allowed[{kernel, device}];
-  if (bytes <= current) return;
-  EPX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  current = bytes;
-}
-
-//! Launches a persistent grid of `kernel` (named `name` in errors): as many CTAs as fit on the
-//! device at once, or fewer when the tiles (bounded on the host by rows / BM + groups per n-block)
-//! are fewer.
-template <class Kernel, class Args>
-void launch_persistent(Kernel kernel, std::string_view name, Args const& args, int threads, std::size_t smem_bytes,
-                       long long max_tiles, DeviceTraits const& dev, cudaStream_t stream, std::string_view where) {
-  if (max_tiles <= 0) return;
-  allow_dynamic_smem(reinterpret_cast<void const*>(kernel), dev.device, smem_bytes);
-  int per_sm = 0;
-  EPX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
-  require(per_sm > 0, Errc::kUnsupported, where, "shared memory per CTA (bytes)", smem_bytes,
-          fmt::format("a size that fits on device {} (the tile shape or the number of groups is too large)",
-                      dev.device));
-  long long const grid = std::min<long long>(max_tiles, static_cast<long long>(dev.sms) * per_sm);
-  kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, stream>>>(args);
-  check_launch(name, SourceLocation::current());
-}
 
 //! The mainloop (and tile) of one grouped-GEMM launch.
 enum class GemmMainloop : std::uint8_t {
@@ -127,15 +71,6 @@ constexpr std::string_view kernel_name(GemmMainloop mainloop) noexcept {
   return "grouped_gemm kernel";
 }
 
-//! Whether this build has the wgmma mainloop (EPX_ENABLE_WGMMA, sm_90a code).
-constexpr bool wgmma_built() noexcept {
-#if defined(EPX_ENABLE_WGMMA)
-  return true;
-#else
-  return false;
-#endif
-}
-
 //! Whether `mainloop` can run elements of type T on `dev` in this build.
 template <class T>
 bool gemm_mainloop_available(GemmMainloop mainloop, DeviceTraits const& dev) {
@@ -146,30 +81,30 @@ bool gemm_mainloop_available(GemmMainloop mainloop, DeviceTraits const& dev) {
 }
 
 //! The tensor-core mainloop for `rows` rows expected over `groups` groups, n product columns, on a
-//! device with `sms` SMs (wgmma: whether the wgmma mainloop may be used). Average rows per group
-//! decide the tile height: up to 16 rows, one 16-row tile reads each weight tile once; up to 64,
-//! 64-row tiles; beyond, 128-row tiles. Decode tiles get narrower (64, then 32 columns) when the
-//! 128-wide ones would be fewer than the SMs (few groups with rows, e.g. one local expert's down
-//! projection): the weights are then streamed by all SMs, deterministically (no split-K
-//! reduction). Tuned on no GPU yet: see bench/NOTES.md.
-inline GemmMainloop pick_mma_mainloop(std::int64_t rows, int groups, int n, int sms, bool wgmma) {
+//! device with `sms` SMs. The average rows per group decide the tile height (GemmTilePolicy): up to
+//! decode_rows, one 16-row tile reads each weight tile once; up to medium_rows, 64-row tiles;
+//! beyond, 128-row tiles (wgmma where the policy allows it). Decode tiles get narrower (64, then 32
+//! columns) when the 128-wide ones would be fewer than the SMs (few groups with rows, e.g. one
+//! local expert's down projection): the weights are then streamed by all SMs, deterministically
+//! (no split-K reduction).
+inline GemmMainloop pick_mma_mainloop(std::int64_t rows, int groups, int n, int sms, GemmTilePolicy const& policy) {
   std::int64_t const per_group = groups > 0 ? ceil_div<std::int64_t>(rows, groups) : rows;
-  if (per_group <= 16) {
+  if (per_group <= policy.decode_rows) {
     // One m-block per group with rows: the tiles are those groups times the n-blocks.
     long long const busy_groups = std::min<long long>(groups, rows);
     if (busy_groups * ceil_div(n, MmaDecodeTile::kBN) >= sms) return GemmMainloop::kMmaDecode;
     if (busy_groups * ceil_div(n, MmaDecodeN64Tile::kBN) >= sms) return GemmMainloop::kMmaDecodeN64;
     return GemmMainloop::kMmaDecodeN32;
   }
-  if (per_group <= 64) return GemmMainloop::kMmaMedium;
-  return wgmma ? GemmMainloop::kWgmma : GemmMainloop::kMmaLarge;
+  if (per_group <= policy.medium_rows) return GemmMainloop::kMmaMedium;
+  return policy.wgmma ? GemmMainloop::kWgmma : GemmMainloop::kMmaLarge;
 }
 
 //! Launches one grouped GEMM with epilogue kKind through `mainloop` (which the caller checked with
 //! gemm_mainloop_available, or picked): run_grouped_gemm picks; tests name each mainloop.
 template <EpilogueKind kKind, class T, class TC>
 void launch_grouped_gemm(GroupedGemmArgs<T, TC> const& args, GemmMainloop mainloop, DeviceTraits const& dev,
-                         cudaStream_t stream, std::string_view where) {
+                         CudaStream stream, std::string_view where) {
   if (args.num_groups == 0 || args.num_rows == 0 || args.n == 0) return;
   require(gemm_mainloop_available<T>(mainloop, dev), Errc::kUnsupported, where, "GEMM mainloop", kernel_name(mainloop),
           fmt::format("one this build can run on device {} (compute capability {}.{}, element size {})", dev.device,
@@ -211,7 +146,7 @@ void launch_grouped_gemm(GroupedGemmArgs<T, TC> const& args, GemmMainloop mainlo
 //! Runs one grouped GEMM with epilogue kKind (gated kinds: paired columns, see epilogue.cuh) through
 //! the mainloop the element type, the expected rows and the device call for.
 template <EpilogueKind kKind, class T, class TC>
-void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint, cudaStream_t stream,
+void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint, CudaStream stream,
                       std::string_view where) {
   if (args.num_groups == 0 || args.num_rows == 0 || args.n == 0) return;
   DeviceTraits const dev = current_device_traits();
@@ -221,7 +156,7 @@ void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint
     require(dev.major >= 8, Errc::kUnsupported, where, "device compute capability",
             fmt::format("{}.{}", dev.major, dev.minor), ">= 8.0 (bf16/fp16 tensor cores: mma.sync m16n8k16)");
     GemmMainloop const mainloop = pick_mma_mainloop(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups,
-                                                    args.n, dev.sms, wgmma_built() && dev.major == 9);
+                                                    args.n, dev.sms, policy_for<GemmTilePolicy>(dev));
     launch_grouped_gemm<kKind>(args, mainloop, dev, stream, where);
   }
 }
@@ -302,8 +237,7 @@ void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b
   constexpr std::string_view where = "grouped_gemm";
   MatrixView<T const> const a(a_in);
   BatchedMatrixView<T const> const b{b_in.data, b_in.batch, b_in.rows, b_in.cols};
-  detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
-                  "a CUDA stream (device memory in, device memory out)");
+  detail::CudaStream const s(stream, where);
   detail::check_grouped_gemm_args(a, b, bias, offsets, c);
   detail::require(b.rows <= std::numeric_limits<int>::max(), Errc::kUnsupported, where, "b.rows (n)", b.rows,
                   "< 2^31");
@@ -311,7 +245,7 @@ void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b
                   "nullptr", "device memory holding G + 1 offsets");
   detail::check_gemm_layout<T>(where, "a.cols (k)", a.cols, a, b.data, static_cast<int>(b.batch));
   auto const args = detail::linear_gemm_args<T, TC>(a, b, bias, offsets, c, options.row_scale);
-  detail::run_grouped_gemm<detail::EpilogueKind::kLinear>(args, options.rows_hint, reinterpret_cast<cudaStream_t>(stream.get()), where);
+  detail::run_grouped_gemm<detail::EpilogueKind::kLinear>(args, options.rows_hint, s, where);
 }
 
 }  // namespace epx

@@ -12,7 +12,9 @@
 #include <epx/core/stream.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/launch.cuh>
 #include <epx/cuda/scoped_device.hpp>
+#include <epx/cuda/tuning.cuh>
 
 #include <cuda_runtime.h>
 
@@ -36,12 +38,6 @@ struct CudaLocalGroupOptions {
 
 namespace detail {
 
-//! Tuning of the rank-order sum kernel (grid-stride beyond `max_blocks`).
-struct RankSumPolicy {
-  int threads_per_block = 256;
-  int max_blocks = 4096;
-};
-
 template <class T>
 __device__ __forceinline__ auto rank_sum_load(T v) {
   // Integers wrap (two's complement) instead of overflowing, so every order gives the same bits.
@@ -61,8 +57,7 @@ __device__ __forceinline__ T rank_sum_store(Acc acc) {
 template <class T>
 __global__ void rank_order_sum_kernel(T* __restrict__ data, T const* __restrict__ others, std::size_t count,
                                       int num_ranks, int me) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
-       i += std::size_t{gridDim.x} * blockDim.x) {
+  for (std::size_t i = grid_thread<std::size_t>(); i < count; i += grid_threads<std::size_t>()) {
     auto value = [&](int q) {
       return q == me ? data[i] : others[static_cast<std::size_t>(q < me ? q : q - 1) * count + i];
     };
@@ -322,11 +317,10 @@ class CudaLocalGroup {
 
     template <class T>
     void launch_sum(detail::CollectivePost const& post, cudaStream_t s) const {
-      detail::RankSumPolicy const policy;
-      auto const blocks = static_cast<unsigned>(std::min<std::size_t>(
-          ceil_div<std::size_t>(post.count, static_cast<std::size_t>(policy.threads_per_block)),
-          static_cast<std::size_t>(policy.max_blocks)));
-      detail::rank_order_sum_kernel<T><<<blocks, static_cast<unsigned>(policy.threads_per_block), 0, s>>>(
+      auto const policy = detail::policy_for<detail::RankSumPolicy>(detail::current_device_traits());
+      int const blocks =
+          detail::grid_blocks(static_cast<std::int64_t>(post.count), policy.threads_per_block, policy.max_blocks);
+      detail::rank_order_sum_kernel<T><<<blocks, policy.threads_per_block, 0, s>>>(
           static_cast<T*>(post.recv), static_cast<T const*>(scratch_), post.count, size(), rank());
       EPX_CUDA_CHECK_LAUNCH(rank_order_sum_kernel);
     }

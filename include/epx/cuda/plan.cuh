@@ -11,7 +11,10 @@
 #include <epx/core/status.hpp>
 #include <epx/core/stream.hpp>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
+#include <epx/cuda/tuning.cuh>
+#include <epx/parallel/forward_control.hpp>
 #include <epx/permute/plan.hpp>
 
 #include <cub/device/device_radix_sort.cuh>
@@ -20,12 +23,6 @@
 
 namespace epx {
 namespace detail {
-
-//! Threads per block of the plan's element-wise kernels. A multiple of 32: plan_keys_kernel
-//! sums its counter over whole warps.
-struct PlanPolicy {
-  int threads_per_block = 256;
-};
 
 //! True when no slot of one token's row of topk_ids holds an id in [0, num_experts).
 __device__ inline bool token_has_no_expert(std::int32_t const* __restrict__ row, std::int32_t top_k,
@@ -46,10 +43,10 @@ __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int6
   // Slot indices fit an int32 (check_plan_args): 32-bit division, not 64-bit (~3x fewer instructions).
   auto const n = static_cast<std::uint32_t>(num_tokens) * static_cast<std::uint32_t>(top_k);
   std::uint32_t tokens_without_expert = 0;  // this thread's, summed per warp after the loop
-  for (std::uint32_t s = blockIdx.x * blockDim.x + threadIdx.x; s < n; s += gridDim.x * blockDim.x) {
+  for (std::uint32_t s = grid_thread<std::uint32_t>(); s < n; s += grid_threads<std::uint32_t>()) {
     std::uint32_t const t = s / static_cast<std::uint32_t>(top_k), j = s - t * static_cast<std::uint32_t>(top_k);
     std::int32_t const id = ids[std::int64_t{t} * ld + j];
-    bool const invalid = id != -1 && (id < 0 || id >= num_experts);
+    bool const invalid = is_invalid_expert_id(id, num_experts);
     if (invalid) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&status->invalid_ids), 1ull);
       atomicAdd(reinterpret_cast<unsigned long long*>(&status->dropped_slots), 1ull);
@@ -61,7 +58,7 @@ __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int6
   }
   // One atomic per warp, not per token: a batch padded with thousands of all -1 tokens would
   // otherwise queue thousands of atomics on one address. Every lane of every warp gets here (no
-  // early exit, whole warps: PlanPolicy), so the full-mask shuffles are well defined.
+  // early exit, whole warps: PlanPolicy in tuning.cuh), so the full-mask shuffles are well defined.
   for (int offset = 16; offset > 0; offset /= 2)
     tokens_without_expert += __shfl_xor_sync(0xffffffffu, tokens_without_expert, offset);
   if (tokens_without_expert != 0 && threadIdx.x % 32 == 0)
@@ -79,8 +76,7 @@ __global__ void plan_offsets_kernel(std::uint32_t const* __restrict__ sorted_key
       if (blockIdx.x == 0) expert_offsets[e] = 0;
     return;
   }
-  for (std::int64_t p = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; p < n;
-       p += std::int64_t{gridDim.x} * blockDim.x) {
+  for (std::int64_t p = grid_thread<std::int64_t>(); p < n; p += grid_threads<std::int64_t>()) {
     auto const key = static_cast<std::int32_t>(sorted_keys[p]);
     auto const prev = p == 0 ? -1 : static_cast<std::int32_t>(sorted_keys[p - 1]);
     for (std::int32_t e = prev + 1; e <= key; ++e) expert_offsets[e] = static_cast<std::int32_t>(p);
@@ -95,7 +91,7 @@ __global__ void plan_offsets_kernel(std::uint32_t const* __restrict__ sorted_key
 
 __global__ void plan_counts_kernel(std::int32_t const* __restrict__ expert_offsets, std::int32_t count,
                                    std::int32_t* __restrict__ tokens_per_expert, Status* __restrict__ status) {
-  for (std::int32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < count; e += gridDim.x * blockDim.x) {
+  for (std::int32_t e = grid_thread<std::int32_t>(); e < count; e += grid_threads<std::int32_t>()) {
     std::int32_t const rows = expert_offsets[e + 1] - expert_offsets[e];
     tokens_per_expert[e] = rows;
     atomicMax(&status->max_tokens_per_expert, static_cast<std::uint32_t>(rows));
@@ -163,8 +159,7 @@ inline RoutingPlan make_plan(StreamRef stream, MatrixView<std::int32_t const> to
   EPX_NVTX_RANGE(Plan);  // CUB's sort adds its own range inside, in NVTX domain "CCCL"
   constexpr std::string_view where = "make_plan";
   detail::check_plan_args(where, topk_ids, num_experts, experts);
-  detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
-                  "a CUDA stream (device memory in, device memory out)");
+  detail::CudaStream const stream_on(stream, where);
   detail::require(status != nullptr, Errc::kInvalidArgument, where, "status", "nullptr",
                   "a device pointer to an epx::Status");
   auto const num_tokens = static_cast<std::int32_t>(topk_ids.rows);
@@ -174,9 +169,9 @@ inline RoutingPlan make_plan(StreamRef stream, MatrixView<std::int32_t const> to
   auto parts = detail::carve_layout(workspace, where, [&](auto& c) {
     return detail::carve_cuda_plan(c, num_tokens, top_k, num_experts, experts, temp_bytes);
   });
-  auto* s = reinterpret_cast<cudaStream_t>(stream.get());
-  detail::PlanPolicy const policy;
-  int const blocks = static_cast<int>(std::min<std::int64_t>(std::max<std::int64_t>(ceil_div<std::int64_t>(n, policy.threads_per_block), 1), 65535));
+  cudaStream_t const s = stream_on.get();
+  auto const policy = detail::policy_for<detail::PlanPolicy>(detail::current_device_traits());
+  int const blocks = detail::grid_blocks(n, policy.threads_per_block, policy.max_blocks);
   if (n > 0) {
     detail::plan_keys_kernel<<<blocks, policy.threads_per_block, 0, s>>>(
         topk_ids.data, topk_ids.ld, num_tokens, top_k, num_experts, experts, parts.keys_in.data(),
@@ -193,7 +188,7 @@ inline RoutingPlan make_plan(StreamRef stream, MatrixView<std::int32_t const> to
       parts.plan.slot_rows.data());
   EPX_CUDA_CHECK_LAUNCH(plan_offsets_kernel);
   if (experts.count > 0) {
-    int const count_blocks = ceil_div(experts.count, policy.threads_per_block);
+    int const count_blocks = detail::grid_blocks(experts.count, policy.threads_per_block, policy.max_blocks);
     detail::plan_counts_kernel<<<count_blocks, policy.threads_per_block, 0, s>>>(
         parts.plan.expert_offsets.data(), experts.count, parts.plan.tokens_per_expert.data(), status);
     EPX_CUDA_CHECK_LAUNCH(plan_counts_kernel);

@@ -19,21 +19,19 @@
 #include <epx/core/stream.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/router_lanes.hpp>
+#include <epx/cuda/tuning.cuh>
 #include <epx/router/router.hpp>
 
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <cstdint>
 
 namespace epx {
 namespace detail {
-
-//! Tuning of the router launch: one warp per token, warps_per_block tokens per block.
-struct RouterPolicy {
-  int warps_per_block = 4;
-};
 
 inline constexpr int kMaxCudaRouterExperts = 512;
 static_assert(kMaxCudaRouterExperts == 16 * kWarpLanes,
@@ -151,32 +149,47 @@ __device__ __forceinline__ void keep_groups(float* stage, RouterConfig const& co
   selectable &= expert_kept;
 }
 
-template <class L, int kPerLane, int kWarps>
-__global__ void __launch_bounds__(kWarps * kWarpLanes) route_kernel(L const* __restrict__ logits, std::int64_t ld,
-                                                                    std::int64_t num_tokens, RouterConfig config,
-                                                                    float const* __restrict__ bias,
-                                                                    std::int32_t* __restrict__ ids,
-                                                                    std::int64_t ld_ids, float* __restrict__ weights,
-                                                                    std::int64_t ld_w,
-                                                                    std::int32_t* __restrict__ tokens_per_expert) {
-  __shared__ float s_stage[kWarps][router_group_stage_words(kPerLane)];
-  int const warp = static_cast<int>(threadIdx.x) / kWarpLanes, lane = static_cast<int>(threadIdx.x) % kWarpLanes;
-  std::int64_t const t = blockIdx.x * std::int64_t{kWarps} + warp;
-  if (t >= num_tokens) return;  // whole warps only: nothing below synchronises the block
-  int const num_experts = config.num_experts;
+//! The route kernel's arguments.
+template <class L>
+struct RouteParams {
+  L const* logits;             // [num_tokens, num_experts], ld apart
+  std::int64_t ld;
+  std::int64_t num_tokens;
+  RouterConfig config;
+  float const* bias;           // [num_experts] or nullptr
+  std::int32_t* ids;           // [num_tokens, top_k], ld_ids apart
+  std::int64_t ld_ids;
+  float* weights;              // [num_tokens, top_k], ld_w apart
+  std::int64_t ld_w;
+  std::int32_t* tokens_per_expert;  // [num_experts] or nullptr
+};
 
-  // 1. Logits and which experts may be chosen at all.
-  float logit[kPerLane], score[kPerLane], choice[kPerLane];
+// The kernel's steps are the host's (host/router.hpp), one device function each, for one token per
+// warp; register i of a lane holds expert router_expert(lane, i).
+
+//! Step 1: the logits, and which experts may be chosen at all (not NaN, not -inf; +inf counts as
+//! the largest finite float). Returns the selectable mask.
+template <class L, int kPerLane>
+__device__ __forceinline__ RouterLaneMask load_logits(RouteParams<L> const& p, std::int64_t t, int lane,
+                                                      float (&logit)[kPerLane]) {
   RouterLaneMask selectable = 0;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     int const e = router_expert(lane, i);
-    float l = e < num_experts ? device_to_float(logits[t * ld + e]) : -INFINITY;
-    if (e < num_experts && !(isnan(l) || l == -INFINITY)) selectable |= 1u << i;
+    float l = e < p.config.num_experts ? device_to_float(p.logits[t * p.ld + e]) : -INFINITY;
+    if (e < p.config.num_experts && !(isnan(l) || l == -INFINITY)) selectable |= 1u << i;
     if (l == INFINITY) l = FLT_MAX;
     logit[i] = l;
   }
-  // 2. Scores and selection values.
+  return selectable;
+}
+
+//! Step 2: scores (softmax over the selectable experts, the logit, or its sigmoid) and choice
+//! values (score + bias); an expert whose choice is NaN becomes unselectable.
+template <int kPerLane>
+__device__ __forceinline__ void score_experts(RouterConfig const& config, float const* bias, int lane,
+                                              float const (&logit)[kPerLane], float (&score)[kPerLane],
+                                              float (&choice)[kPerLane], RouterLaneMask& selectable) {
   if (config.scoring == Scoring::kSoftmaxTopK) {
     float m = -INFINITY;
 #pragma unroll
@@ -202,48 +215,88 @@ __global__ void __launch_bounds__(kWarps * kWarpLanes) route_kernel(L const* __r
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     int const e = router_expert(lane, i);
-    choice[i] = bias != nullptr && e < num_experts ? score[i] + bias[e] : score[i];
+    choice[i] = bias != nullptr && e < config.num_experts ? score[i] + bias[e] : score[i];
     if (isnan(choice[i])) selectable &= ~(1u << i);
   }
-  // 3. Group-limited selection.
-  if (config.num_groups > 1) keep_groups<kPerLane>(s_stage[warp], config, lane, choice, selectable);
-  // 4. Top-k, best first: each round the winner's lane retires it and the slot's lane records it.
-  // The running max and slot-order sum are what step 5 needs, equal on every lane.
+}
+
+// Step 3, the group limit, is keep_groups above.
+
+//! What step 4 leaves for step 5: the chosen slots (in their lanes' registers), and the running
+//! max and slot-order sum of their scores, equal on every lane.
+struct RouterChoice {
   RouterSlots slots;
-  float chosen_max = -INFINITY, chosen_sum = 0.0f;
-  int num_chosen = 0;
+  float max = -INFINITY;
+  float sum = 0.0f;
+  int count = 0;
+};
+
+//! Step 4: the top_k experts by choice, best first: each round the winner's lane retires it and
+//! the slot's lane records it; slots left when nothing is selectable stay (-1, 0).
+template <int kPerLane>
+__device__ __forceinline__ RouterChoice choose_top_k(RouterConfig const& config, int lane,
+                                                     float const (&choice)[kPerLane], float const (&score)[kPerLane],
+                                                     RouterLaneMask selectable) {
+  RouterChoice chosen;
   for (int j = 0; j < config.top_k; ++j) {
     RouterLaneBest const mine = router_lane_best<kPerLane>(lane, choice, score, selectable);
     RouterCandidate const best = warp_best(mine.candidate);
-    if (best.id < 0) break;  // nothing selectable is left: the remaining slots stay (-1, 0)
+    if (best.id < 0) break;
     float const best_score = __shfl_sync(kRouterFullMask, mine.score, router_expert_lane(best.id));
     selectable = router_retire<kPerLane>(lane, best.id, selectable);
-    slots.keep(lane, j, best.id, best_score);
-    chosen_max = fmaxf(chosen_max, best_score);
-    chosen_sum += best_score;
-    ++num_chosen;
+    chosen.slots.keep(lane, j, best.id, best_score);
+    chosen.max = fmaxf(chosen.max, best_score);
+    chosen.sum += best_score;
+    ++chosen.count;
   }
-  // 5. Weights, summed in slot order as on the host.
+  return chosen;
+}
+
+//! Step 5: the weights (kTopKSoftmax: softmax over the chosen; renormalised by their slot-order
+//! sum; scaled), written with the ids, and the per-expert counts.
+template <class L>
+__device__ __forceinline__ void write_weights(RouteParams<L> const& p, std::int64_t t, int lane, RouterChoice& chosen) {
+  RouterConfig const& config = p.config;
+  RouterSlots& slots = chosen.slots;
   if (config.scoring == Scoring::kTopKSoftmax) {
 #pragma unroll
     for (int r = 0; r < kRouterSlotRegisters; ++r)
-      if (slots.id[r] >= 0) slots.weight[r] = expf(slots.weight[r] - chosen_max);
-    float const sum = slot_order_sum(slots, num_chosen);
+      if (slots.id[r] >= 0) slots.weight[r] = expf(slots.weight[r] - chosen.max);
+    float const sum = slot_order_sum(slots, chosen.count);
 #pragma unroll
     for (int r = 0; r < kRouterSlotRegisters; ++r)
       if (slots.id[r] >= 0) slots.weight[r] /= sum;
-    if (config.renormalize) chosen_sum = slot_order_sum(slots, num_chosen);
+    if (config.renormalize) chosen.sum = slot_order_sum(slots, chosen.count);
   }
 #pragma unroll
   for (int r = 0; r < kRouterSlotRegisters; ++r) {
     int const j = router_slot(lane, r);
     if (j >= config.top_k) continue;
     float w = slots.weight[r];
-    if (config.renormalize) w /= (chosen_sum + 1e-20f);
-    ids[t * ld_ids + j] = slots.id[r];
-    weights[t * ld_w + j] = w * config.routed_scaling_factor;
-    if (tokens_per_expert != nullptr && slots.id[r] >= 0) atomicAdd(&tokens_per_expert[slots.id[r]], 1);
+    if (config.renormalize) w /= (chosen.sum + 1e-20f);
+    p.ids[t * p.ld_ids + j] = slots.id[r];
+    p.weights[t * p.ld_w + j] = w * config.routed_scaling_factor;
+    if (p.tokens_per_expert != nullptr && slots.id[r] >= 0) atomicAdd(&p.tokens_per_expert[slots.id[r]], 1);
   }
+}
+
+//! One warp per token (blockDim.x / 32 tokens per block, at most kMaxRouterWarps). The dynamic
+//! shared memory holds each warp's group stage (router_group_stage_words(kPerLane) floats) when the
+//! configuration has groups, nothing otherwise.
+template <class L, int kPerLane>
+__global__ void __launch_bounds__(kMaxRouterWarps * kWarpLanes) route_kernel(RouteParams<L> const p) {
+  extern __shared__ float router_stage[];
+  int const warp = static_cast<int>(threadIdx.x) / kWarpLanes, lane = static_cast<int>(threadIdx.x) % kWarpLanes;
+  std::int64_t const t = blockIdx.x * std::int64_t{blockDim.x / kWarpLanes} + warp;
+  if (t >= p.num_tokens) return;  // whole warps only: nothing below synchronises the block
+  float logit[kPerLane], score[kPerLane], choice[kPerLane];
+  RouterLaneMask selectable = load_logits<L, kPerLane>(p, t, lane, logit);
+  score_experts<kPerLane>(p.config, p.bias, lane, logit, score, choice, selectable);
+  if (p.config.num_groups > 1)
+    keep_groups<kPerLane>(router_stage + warp * router_group_stage_words(kPerLane), p.config, lane, choice,
+                          selectable);
+  RouterChoice chosen = choose_top_k<kPerLane>(p.config, lane, choice, score, selectable);
+  write_weights(p, t, lane, chosen);
 }
 
 }  // namespace detail
@@ -265,21 +318,30 @@ void route(StreamRef stream, RouterConfig const& config, MatrixView<L> logits_in
   constexpr std::string_view where = "route";
   MatrixView<Logit const> const logits(logits_in);
   detail::check_route_args(config, logits, correction_bias, topk_ids, topk_weights);
-  detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
-                  "a CUDA stream (device memory in, device memory out)");
+  detail::CudaStream const s(stream, where);
   detail::require(config.num_experts <= detail::kMaxCudaRouterExperts, Errc::kUnsupported, where,
                   "num_experts", config.num_experts,
                   fmt::format("<= {} on CUDA", detail::kMaxCudaRouterExperts));
   if (logits.rows == 0) return;
-  auto* s = reinterpret_cast<cudaStream_t>(stream.get());
-  constexpr detail::RouterPolicy kPolicy{};
-  constexpr int kWarps = kPolicy.warps_per_block;
-  auto const blocks = static_cast<unsigned>(ceil_div<std::int64_t>(logits.rows, kWarps));
-  float const* bias = correction_bias.empty() ? nullptr : correction_bias.data();
+  auto const policy = detail::policy_for<detail::RouterPolicy>(detail::current_device_traits());
+  int const warps = std::clamp(policy.warps_per_block, 1, detail::kMaxRouterWarps);
+  auto const blocks = static_cast<unsigned>(ceil_div<std::int64_t>(logits.rows, warps));
+  detail::RouteParams<Logit> const params{.logits = logits.data,
+                                          .ld = logits.ld,
+                                          .num_tokens = logits.rows,
+                                          .config = config,
+                                          .bias = correction_bias.empty() ? nullptr : correction_bias.data(),
+                                          .ids = topk_ids.data,
+                                          .ld_ids = topk_ids.ld,
+                                          .weights = topk_weights.data,
+                                          .ld_w = topk_weights.ld,
+                                          .tokens_per_expert = tokens_per_expert};
   auto launch = [&]<int kPerLane>(std::integral_constant<int, kPerLane>) {
-    detail::route_kernel<Logit, kPerLane, kWarps><<<blocks, kWarps * detail::kWarpLanes, 0, s>>>(
-        logits.data, logits.ld, logits.rows, config, bias, topk_ids.data, topk_ids.ld, topk_weights.data,
-        topk_weights.ld, tokens_per_expert);
+    std::size_t const stage_bytes =
+        config.num_groups > 1
+            ? static_cast<std::size_t>(warps) * detail::router_group_stage_words(kPerLane) * sizeof(float)
+            : 0;
+    detail::route_kernel<Logit, kPerLane><<<blocks, warps * detail::kWarpLanes, stage_bytes, s.get()>>>(params);
   };
   int const per_lane = detail::router_registers(config.num_experts);
   if (per_lane <= 1) launch(std::integral_constant<int, 1>{});

@@ -2,9 +2,9 @@
 // SPDX-License-Identifier: MIT
 #pragma once
 
-//! Index math of the row-moving kernels (permute, regroup, the fp32 -> T output), kept in plain
-//! C++ so that the host tests (tests/kernel_math/row_blocks_test.cpp) check exactly what the
-//! kernels compute, without a GPU.
+//! Launch arithmetic of epx's grid-stride kernels (grid_blocks) and the index math of the row-moving
+//! ones (permute, regroup, the fp32 -> T output), kept in plain C++ so that the host tests
+//! (tests/kernel_math/row_blocks_test.cpp) check exactly what the kernels compute, without a GPU.
 //!
 //! These kernels copy whole rows of 16-byte vectors (or single elements when a row is not made of
 //! whole vectors). A block is two-dimensional: `threads_x` threads walk the chunks of one row,
@@ -34,10 +34,11 @@ EPX_HOST_DEVICE constexpr RowBlock row_block(std::int64_t chunks_per_row, int th
   return {x, threads_per_block / x};
 }
 
-//! Blocks of a grid-stride launch over `rows` rows: one per `rows_per_block` rows, at most
-//! `max_blocks`, at least one (a launch with zero blocks is an error; the kernel then does nothing).
-constexpr int row_grid(std::int64_t rows, RowBlock block, int max_blocks) {
-  std::int64_t const wanted = ceil_div<std::int64_t>(rows, block.rows_per_block);
+//! Blocks of a grid-stride launch over `work` items, `per_block` items a block: one block per
+//! `per_block` items, at most `max_blocks` (the loop covers the rest), at least one (a launch with
+//! zero blocks is an error; the kernel then does nothing). Every epx launcher sizes its grid here.
+constexpr int grid_blocks(std::int64_t work, std::int64_t per_block, int max_blocks) {
+  std::int64_t const wanted = ceil_div<std::int64_t>(work, per_block);
   return wanted < 1 ? 1 : (wanted > max_blocks ? max_blocks : static_cast<int>(wanted));
 }
 

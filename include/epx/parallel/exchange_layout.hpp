@@ -21,6 +21,17 @@ namespace epx::detail {
 
 inline constexpr std::size_t kCountTableHeader = 2;  // num_tokens, capacity (tokens)
 
+//! Entry `i` of one rank's count-table row: num_tokens, capacity, then `counts` (zeros when the
+//! rank made no plan: `counts == nullptr`). One definition for the host loop and the device kernel.
+EPX_HOST_DEVICE constexpr std::int64_t count_table_entry(std::int64_t i, std::int32_t const* counts,
+                                                         std::int32_t num_counts, std::int64_t num_tokens,
+                                                         std::int64_t capacity) {
+  if (i == 0) return num_tokens;
+  if (i == 1) return capacity;
+  std::int64_t const e = i - static_cast<std::int64_t>(kCountTableHeader);
+  return counts != nullptr && e < num_counts ? counts[e] : 0;
+}
+
 //! A run of rows copied between the AllToAll receive buffer (rank-major) and the experts' input
 //! (expert-major): rank-major rows [src_row, src_row + num_rows) <-> expert-major rows
 //! [dst_row, dst_row + num_rows). A layout's segments tile the rank-major rows in order, so

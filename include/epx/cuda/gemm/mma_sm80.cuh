@@ -124,6 +124,33 @@ __device__ __forceinline__ TileCopies<StageCopy<BM, kThreads>, StageCopy<BN, kTh
           args.k};
 }
 
+//! The cp.async side of the stage ring (pipeline.hpp), written once for the mma.sync and wgmma
+//! mainloops: the prologue that runs kPrefetch k-tiles ahead, and the top of each k-iteration.
+template <class Ring>
+struct CopyRing {
+  //! The copies of the first kPrefetch k-tiles; empty groups past k_tiles keep the wait counts uniform.
+  template <class LoadStage>
+  __device__ __forceinline__ static void prefetch(int k_tiles, LoadStage const& load_stage) {
+#pragma unroll
+    for (int kt = 0; kt < Ring::kPrefetch; ++kt) {
+      if (kt < k_tiles) load_stage(kt);
+      cp_async_commit();
+    }
+  }
+
+  //! The top of k-iteration `kt`: k-tile kt has landed for this thread, then (after `fence`, e.g. the
+  //! async-proxy fence wgmma reads need, and the barrier) for every thread; the stage no warp reads
+  //! any more is refilled with k-tile refill_tile(kt).
+  template <class LoadStage, class Fence>
+  __device__ __forceinline__ static void advance(int kt, int k_tiles, LoadStage const& load_stage, Fence const& fence) {
+    cp_async_wait<Ring::kCopyGroupsPending>();
+    fence();
+    __syncthreads();
+    if (Ring::refill_tile(kt) < k_tiles) load_stage(Ring::refill_tile(kt));
+    cp_async_commit();
+  }
+};
+
 }  // namespace mma
 
 template <class Shape, class T, class TC, EpilogueKind kKind>
@@ -161,16 +188,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 
-#pragma unroll
-    for (int kt = 0; kt < Ring::kPrefetch; ++kt) {
-      if (kt < k_tiles) load_stage(kt);
-      mma::cp_async_commit();  // empty groups keep the wait count uniform
-    }
+    mma::CopyRing<Ring>::prefetch(k_tiles, load_stage);
     for (int kt = 0; kt < k_tiles; ++kt) {
-      mma::cp_async_wait<Ring::kCopyGroupsPending>();  // k-tile kt has landed (for this thread) ...
-      __syncthreads();                                 // ... for every thread; the stage refilled next is no longer read
-      if (Ring::refill_tile(kt) < k_tiles) load_stage(Ring::refill_tile(kt));
-      mma::cp_async_commit();
+      mma::CopyRing<Ring>::advance(kt, k_tiles, load_stage, [] {});  // ldmatrix reads need no fence
 
       int const stage = Ring::stage(kt);
       std::uint32_t const sa = a_stages + stage * Shape::kStageBytesA;

@@ -3,19 +3,19 @@
 #pragma once
 
 //! The Hopper (sm_90a) mainloop of the grouped GEMM: warpgroup wgmma.mma_async reading both
-//! operands from shared memory through matrix descriptors. **Opt-in and not yet run on a GPU**:
-//! compiled only when EPX_ENABLE_WGMMA is defined, which requires building for sm_90a
-//! (CMAKE_CUDA_ARCHITECTURES=90a); grouped_gemm then uses it for large tiles on compute
-//! capability 9.0 devices. tests/cuda builds grouped_gemm_test a second time this way.
+//! operands from shared memory through matrix descriptors. Opt-in: compiled only when
+//! EPX_ENABLE_WGMMA is defined, which requires building for sm_90a (CMAKE_CUDA_ARCHITECTURES=90a);
+//! grouped_gemm then uses it for large tiles on compute capability 9.0 devices. tests/cuda builds
+//! grouped_gemm_test a second time this way.
 //!
-//! Why: the mma.sync mainloop tops out near half of Hopper's tensor rate
-//! (../shared/reference/hopper-grouped-gemm.md §2). This kernel keeps everything else of
+//! Why: mma.sync issues Ampere-shaped (m16n8k16) instructions from single warps, which cannot keep
+//! Hopper's tensor cores fed (about half of their rate); wgmma issues warpgroup-wide asynchronous
+//! ones that read shared memory directly. This kernel keeps everything else of
 //! mma_sm80.cuh (scheduler, cp.async copies, epilogue) and swaps the math: 2 consumer warpgroups of
 //! 64 x 128 each. The stage layout is already the canonical K-major 128-byte swizzle with
 //! 1024-byte aligned stages, so a descriptor (wgmma_layout.hpp) describes it as it is. One wgmma
 //! group stays in flight across iterations (the tensor cores do not drain at every k-tile): the
 //! ring (pipeline.hpp, WgmmaStageRing) refills a stage one iteration later than the mma.sync ring.
-//! Next steps (TMA loads, a producer warpgroup, mbarriers, 128 x 256 tiles) are in bench/NOTES.md.
 
 #include <epx/core/dtype.hpp>
 #include <epx/cuda/gemm/epilogue.cuh>
@@ -100,17 +100,10 @@ __global__ void __launch_bounds__(WgmmaTileShape::kThreads, 1)
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-#pragma unroll
-    for (int kt = 0; kt < Ring::kPrefetch; ++kt) {
-      if (kt < k_tiles) load_stage(kt);
-      mma::cp_async_commit();
-    }
+    mma::CopyRing<Ring>::prefetch(k_tiles, load_stage);
     for (int kt = 0; kt < k_tiles; ++kt) {
-      mma::cp_async_wait<Ring::kCopyGroupsPending>();
-      wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' async proxy
-      __syncthreads();             // everyone's copies landed; the stage refilled below is no longer read
-      if (Ring::refill_tile(kt) < k_tiles) load_stage(Ring::refill_tile(kt));
-      mma::cp_async_commit();
+      // This thread's copies made visible to the tensor cores' async proxy before the barrier.
+      mma::CopyRing<Ring>::advance(kt, k_tiles, load_stage, [] { wgmma::fence_proxy_async(); });
 
       int const stage = Ring::stage(kt);
       std::uint64_t const desc_a = stage_wgmma_descriptor(a_stages + stage * Shape::kStageBytesA +

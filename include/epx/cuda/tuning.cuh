@@ -1,0 +1,92 @@
+// SPDX-FileCopyrightText: 2026 The epx authors
+// SPDX-License-Identifier: MIT
+#pragma once
+
+//! Tuning as data: the launch policy of every CUDA stage, in one place. A policy is a small
+//! aggregate; `policy_for<Policy>(DeviceTraits)` is the one place that picks it for a device, and
+//! launchers read nothing else (no launch shape is a literal inside a launcher or a kernel).
+//!
+//! Where the values come from: every default below is unmeasured. Each was chosen by reasoning
+//! (whole warps, occupancy, coalescing, the expected rows per expert), none has been timed on a
+//! GPU, and policy_for returns them for every device until a measurement says otherwise.
+//! bench/NOTES.md lists what to measure and the predictions to check.
+
+#include <epx/cuda/launch.cuh>
+
+#include <cstdint>
+
+namespace epx::detail {
+
+//! The most blocks a grid-stride launch takes: enough to fill any current GPU many times over;
+//! beyond it the loops stride. One cap for every grid-stride kernel.
+inline constexpr int kMaxGridStrideBlocks = 65535 * 8;
+
+//! route: one warp per token, `warps_per_block` tokens per block.
+struct RouterPolicy {
+  int warps_per_block = 4;
+};
+//! The largest warps_per_block the router kernel is compiled for (its __launch_bounds__).
+inline constexpr int kMaxRouterWarps = 8;
+
+//! make_plan's element-wise kernels. threads_per_block is a multiple of 32: the key kernel sums a
+//! counter over whole warps.
+struct PlanPolicy {
+  int threads_per_block = 256;
+  int max_blocks = kMaxGridStrideBlocks;
+};
+
+//! The row-moving kernels: permute, unpermute, the layer's regroup and its fp32 -> T rounding.
+//! threads_per_block is a power of two of at least 32 (row_blocks.hpp's row_block).
+struct RowPolicy {
+  int threads_per_block = 256;
+  int max_blocks = kMaxGridStrideBlocks;
+};
+
+//! The layer's small element-wise kernels (its count-table row, the first invalid id).
+struct LayerPolicy {
+  int threads_per_block = 256;
+  int max_blocks = kMaxGridStrideBlocks;
+};
+
+//! CudaLocalGroup's rank-order sum.
+struct RankSumPolicy {
+  int threads_per_block = 256;
+  int max_blocks = kMaxGridStrideBlocks;
+};
+
+//! CublasGrouped's activation and bias kernels: one block per row, threads across its columns.
+struct CublasPolicy {
+  int max_threads_per_block = 256;
+};
+
+//! The grouped GEMM's tile height, from the average rows per group: up to decode_rows, 16-row
+//! tiles (each weight tile read by one CTA); up to medium_rows, 64-row tiles; beyond, 128-row tiles
+//! (wgmma ones where `wgmma`: an sm_90a build with EPX_ENABLE_WGMMA on a compute-capability-9 GPU).
+struct GemmTilePolicy {
+  std::int64_t decode_rows = 16;
+  std::int64_t medium_rows = 64;
+  bool wgmma = false;
+};
+
+//! Whether this build has the wgmma mainloop (EPX_ENABLE_WGMMA, sm_90a code).
+constexpr bool wgmma_built() noexcept {
+#if defined(EPX_ENABLE_WGMMA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+//! The policy of a stage for `device`: the defaults above, the same for every device (unmeasured).
+template <class Policy>
+constexpr Policy policy_for(DeviceTraits const&) noexcept {
+  return Policy{};
+}
+
+//! The GEMM's tiles depend on what the device and the build can run: wgmma on sm_90a only.
+template <>
+constexpr GemmTilePolicy policy_for<GemmTilePolicy>(DeviceTraits const& device) noexcept {
+  return {.wgmma = wgmma_built() && device.major == 9};
+}
+
+}  // namespace epx::detail

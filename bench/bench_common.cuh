@@ -195,7 +195,8 @@ int run_benchmarks(int argc, char** argv, char const* name, BeforeExit&& before_
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   auto const [calls, timings] = repetitions();
   benchmark::AddCustomContext("epx_repetitions", std::to_string(calls) + " calls per timing, median of " +
-                                                     std::to_string(timings) + (quick_mode() ? " (EPX_BENCH_QUICK)" : ""));
+                                                     std::to_string(timings) +
+                                                     (quick_mode() ? " (EPX_BENCH_QUICK)" : ""));
   try {
     benchmark::RunSpecifiedBenchmarks();
   } catch (epx::Error const& e) {

@@ -46,8 +46,9 @@ ExpertWeightsOnDevice const& weights_of(Shape const& shape) {
   auto it = cache.find(shape.name);
   if (it == cache.end()) {
     std::size_t const e = shape.num_experts, h = shape.hidden, i = shape.intermediate;
-    it = cache.emplace(shape.name, ExpertWeightsOnDevice{random_device(e * 2 * i * h, 11, 1.0f / std::sqrt(float(h))),
-                                                          random_device(e * h * i, 12, 1.0f / std::sqrt(float(i)))})
+    it = cache
+             .emplace(shape.name, ExpertWeightsOnDevice{random_device(e * 2 * i * h, 11, 1.0f / std::sqrt(float(h))),
+                                                        random_device(e * h * i, 12, 1.0f / std::sqrt(float(i)))})
              .first;
   }
   return it->second;
@@ -98,13 +99,13 @@ struct GemmCase {
     (void)cublasDestroy(blas);
     (void)cudaStreamDestroy(s);
   }
-  [[nodiscard]] epx::ExpertMlpConfig mlp() const { return {.hidden = shape.hidden, .intermediate = shape.intermediate}; }
+  [[nodiscard]] epx::ExpertMlpConfig mlp() const {
+    return {.hidden = shape.hidden, .intermediate = shape.intermediate};
+  }
   [[nodiscard]] epx::ExpertWeights weights() const {
     return epx::expert_weights<bfloat16>(shape.num_experts, w.gate_up, w.down);
   }
-  [[nodiscard]] std::span<std::int32_t const> device_offsets() const {
-    return {d_offsets, offsets.size()};
-  }
+  [[nodiscard]] std::span<std::int32_t const> device_offsets() const { return {d_offsets, offsets.size()}; }
 
   // c[rows, n] = a[rows, k] · b[n, k]ᵀ as one dense cuBLAS call (column-major: cᵀ = b · aᵀ).
   void dense(bfloat16 const* a, bfloat16 const* b, bfloat16* c, int n, int k, int m) const {
@@ -116,7 +117,8 @@ struct GemmCase {
   void loop(bfloat16 const* a, bfloat16 const* b, bfloat16* c, int n, int k) const {
     for (int e = 0; e < shape.num_experts; ++e) {
       int const m = offsets[e + 1] - offsets[e];
-      if (m > 0) dense(a + std::int64_t{offsets[e]} * k, b + std::int64_t{e} * n * k, c + std::int64_t{offsets[e]} * n, n, k, m);
+      if (m > 0)
+        dense(a + std::int64_t{offsets[e]} * k, b + std::int64_t{e} * n * k, c + std::int64_t{offsets[e]} * n, n, k, m);
     }
   }
   // cublasGemmGroupedBatchedEx over the experts with rows; pointer arrays built once (capturable).
@@ -150,8 +152,8 @@ struct GemmCase {
     BENCH_CUBLAS(cublasGemmGroupedBatchedEx(blas, g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(),
                                             g.alpha.data(), g.ptrs, CUDA_R_16BF, g.lda.data(), g.ptrs + g.groups,
                                             CUDA_R_16BF, g.ldb.data(), g.beta.data(),
-                                            const_cast<void* const*>(g.ptrs + 2 * g.groups), CUDA_R_16BF,
-                                            g.ldc.data(), g.groups, g.size.data(), CUBLAS_COMPUTE_32F));
+                                            const_cast<void* const*>(g.ptrs + 2 * g.groups), CUDA_R_16BF, g.ldc.data(),
+                                            g.groups, g.size.data(), CUBLAS_COMPUTE_32F));
   }
 };
 
@@ -184,7 +186,10 @@ void bm_gemm1(benchmark::State& state, Shape shape, int t, bool zipf) {
   double const loop_us = time_us(c.s, [&] { c.loop(c.x, c.w.gate_up, c.h, n, k); });
   double us = 0;
   for (auto _ : state) {
-    us = time_us(c.s, [&] { epx::detail::run_grouped_gemm<epx::detail::EpilogueKind::kSwiGLU>(args, c.rows, {epx::StreamRef(c.s), "gemm1"}, "gemm1"); });
+    us = time_us(c.s, [&] {
+      epx::detail::run_grouped_gemm<epx::detail::EpilogueKind::kSwiGLU>(args, c.rows, {epx::StreamRef(c.s), "gemm1"},
+                                                                        "gemm1");
+    });
     state.SetIterationTime(us * 1e-6);
   }
   (void)cudaFree(g.ptrs);
@@ -227,15 +232,17 @@ void bm_expert_mlp(benchmark::State& state, Shape shape, int t, bool zipf) {
   std::size_t const cublas_ws_bytes = cublas_experts.workspace_bytes<bfloat16>(c.mlp(), c.rows);
   auto* cublas_ws = device_alloc<std::byte>(cublas_ws_bytes);
   double const cublas_us = time_eager_us(c.s, [&] {
-    cublas_experts.run<bfloat16>({epx::StreamRef(c.s), "cublas_experts"}, c.mlp(), c.weights(), epx::MatrixView<bfloat16 const>(c.x, c.rows, h),
-                                 c.device_offsets(), epx::MatrixView<bfloat16>(c.out, c.rows, h),
+    cublas_experts.run<bfloat16>({epx::StreamRef(c.s), "cublas_experts"}, c.mlp(), c.weights(),
+                                 epx::MatrixView<bfloat16 const>(c.x, c.rows, h), c.device_offsets(),
+                                 epx::MatrixView<bfloat16>(c.out, c.rows, h),
                                  epx::Workspace(cublas_ws, cublas_ws_bytes), c.rows);
   });
   double us = 0;
   for (auto _ : state) {
     us = time_us(c.s, [&] {
-      epx::expert_mlp<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(), epx::MatrixView<bfloat16 const>(c.x, c.rows, h),
-                                c.device_offsets(), epx::MatrixView<bfloat16>(c.out, c.rows, h), ws);
+      epx::expert_mlp<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(),
+                                epx::MatrixView<bfloat16 const>(c.x, c.rows, h), c.device_offsets(),
+                                epx::MatrixView<bfloat16>(c.out, c.rows, h), ws);
     });
     state.SetIterationTime(us * 1e-6);
   }
@@ -250,10 +257,15 @@ int register_all() {
     for (int t : kTokens)
       for (bool zipf : {false, true}) {
         std::string const name = std::string(shape.name) + "/T=" + std::to_string(t) + (zipf ? "/zipf1.2" : "/uniform");
-        benchmark::RegisterBenchmark(("gemm1/" + name).c_str(), bm_gemm1, shape, t, zipf)->UseManualTime()->Iterations(1);
-        benchmark::RegisterBenchmark(("gemm2/" + name).c_str(), bm_gemm2, shape, t, zipf)->UseManualTime()->Iterations(1);
+        benchmark::RegisterBenchmark(("gemm1/" + name).c_str(), bm_gemm1, shape, t, zipf)
+            ->UseManualTime()
+            ->Iterations(1);
+        benchmark::RegisterBenchmark(("gemm2/" + name).c_str(), bm_gemm2, shape, t, zipf)
+            ->UseManualTime()
+            ->Iterations(1);
         benchmark::RegisterBenchmark(("expert_mlp/" + name).c_str(), bm_expert_mlp, shape, t, zipf)
-            ->UseManualTime()->Iterations(1);
+            ->UseManualTime()
+            ->Iterations(1);
       }
   return 0;
 }

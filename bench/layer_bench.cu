@@ -87,7 +87,7 @@ struct BlockFigures {
   double transformers_ms, floor_ms, target_ms;
 };
 constexpr BlockFigures kBlockTable[] = {
-    {"qwen3-30b-a3b", 128, 0.69, 0.41, 0.45},  {"qwen3-30b-a3b", 4096, 2.19, 0.60, 1.09},
+    {"qwen3-30b-a3b", 128, 0.69, 0.41, 0.45},   {"qwen3-30b-a3b", 4096, 2.19, 0.60, 1.09},
     {"qwen3-30b-a3b", 16384, 7.21, 1.65, 3.60}, {"mixtral-8x7b", 128, 1.30, 0.96, 1.05},
     {"mixtral-8x7b", 4096, 6.60, 3.85, 4.23},   {"mixtral-8x7b", 16384, 24.85, 15.39, 16.93},
     {"gpt-oss-120b", 128, 2.66, 2.09, 2.30},    {"gpt-oss-120b", 4096, 5.67, 2.39, 2.83},
@@ -112,8 +112,13 @@ Family family_of(Shape const& shape) {
 epx::RouterConfig router_of(Shape const& shape) {
   switch (family_of(shape)) {
     case Family::kDeepSeek:
-      return {.num_experts = shape.num_experts, .top_k = shape.top_k, .scoring = epx::Scoring::kSigmoidTopK,
-              .renormalize = true, .num_groups = 8, .topk_groups = 4, .routed_scaling_factor = 2.5f};
+      return {.num_experts = shape.num_experts,
+              .top_k = shape.top_k,
+              .scoring = epx::Scoring::kSigmoidTopK,
+              .renormalize = true,
+              .num_groups = 8,
+              .topk_groups = 4,
+              .routed_scaling_factor = 2.5f};
     case Family::kGptOss:
       return {.num_experts = shape.num_experts, .top_k = shape.top_k, .scoring = epx::Scoring::kTopKSoftmax};
     case Family::kSoftmax: break;
@@ -390,25 +395,34 @@ StageTimes stage_ms(Shape const& shape, LayerWeights const& w, LayerInputs const
   MatrixView<float> const weights(in.topk_weights.get(), t, k);
   epx::RoutingPlan plan;
   StageTimes ms;
-  ms.route = graph_us(stream, [&] {
-    epx::route(s, cfg, MatrixView<float const>(in.logits.get(), t, e), w.router_bias(), ids, weights);
-  }) / 1e3;
-  ms.plan_permute = graph_us(stream, [&] {
-    plan = epx::make_plan(s, MatrixView<std::int32_t const>(ids), e, epx::ExpertRange{0, e}, plan_ws.workspace(),
-                          status.get());
-    epx::permute(s, plan, MatrixView<bfloat16 const>(in.x.get(), t, h), MatrixView<bfloat16>(x_perm.get(), rows, h));
-  }) / 1e3;
-  ms.experts = graph_us(stream, [&] {
-    epx::expert_mlp<bfloat16>(s, w.mlp, w.slice(epx::ExpertRange{0, e}),
-                              MatrixView<bfloat16 const>(x_perm.get(), rows, h),
-                              std::span<std::int32_t const>(plan.expert_offsets),
-                              MatrixView<bfloat16>(expert_out.get(), rows, h), mlp_ws.workspace(),
-                              epx::ExpertMlpOptions{.rows_hint = rows});
-  }) / 1e3;
-  ms.unpermute = graph_us(stream, [&] {
-    epx::unpermute(s, plan, MatrixView<bfloat16 const>(expert_out.get(), rows, h), MatrixView<float const>(weights),
-                   MatrixView<bfloat16>(in.y.get(), t, h));
-  }) / 1e3;
+  ms.route =
+      graph_us(
+          stream,
+          [&] { epx::route(s, cfg, MatrixView<float const>(in.logits.get(), t, e), w.router_bias(), ids, weights); }) /
+      1e3;
+  ms.plan_permute = graph_us(stream,
+                             [&] {
+                               plan = epx::make_plan(s, MatrixView<std::int32_t const>(ids), e, epx::ExpertRange{0, e},
+                                                     plan_ws.workspace(), status.get());
+                               epx::permute(s, plan, MatrixView<bfloat16 const>(in.x.get(), t, h),
+                                            MatrixView<bfloat16>(x_perm.get(), rows, h));
+                             }) /
+                    1e3;
+  ms.experts = graph_us(stream,
+                        [&] {
+                          epx::expert_mlp<bfloat16>(s, w.mlp, w.slice(epx::ExpertRange{0, e}),
+                                                    MatrixView<bfloat16 const>(x_perm.get(), rows, h),
+                                                    std::span<std::int32_t const>(plan.expert_offsets),
+                                                    MatrixView<bfloat16>(expert_out.get(), rows, h), mlp_ws.workspace(),
+                                                    epx::ExpertMlpOptions{.rows_hint = rows});
+                        }) /
+               1e3;
+  ms.unpermute = graph_us(stream,
+                          [&] {
+                            epx::unpermute(s, plan, MatrixView<bfloat16 const>(expert_out.get(), rows, h),
+                                           MatrixView<float const>(weights), MatrixView<bfloat16>(in.y.get(), t, h));
+                          }) /
+                 1e3;
   return ms;
 }
 

@@ -76,7 +76,8 @@ struct Case {
     BENCH_CHECK(cudaMemset(x_perm, 0x3c, slots * shape.hidden * sizeof(bfloat16)));
   }
   ~Case() {
-    for (void* p : std::initializer_list<void*>{ids, weights, logits, bias, x, x_perm, y, ws, status}) (void)cudaFree(p);
+    for (void* p : std::initializer_list<void*>{ids, weights, logits, bias, x, x_perm, y, ws, status})
+      (void)cudaFree(p);
     (void)cudaStreamDestroy(s);
   }
   epx::RoutingPlan plan() const {
@@ -85,8 +86,13 @@ struct Case {
   }
   epx::RouterConfig router() const {
     if (shape.deepseek)
-      return {.num_experts = shape.num_experts, .top_k = shape.top_k, .scoring = epx::Scoring::kSigmoidTopK,
-              .renormalize = true, .num_groups = 8, .topk_groups = 4, .routed_scaling_factor = 2.5f};
+      return {.num_experts = shape.num_experts,
+              .top_k = shape.top_k,
+              .scoring = epx::Scoring::kSigmoidTopK,
+              .renormalize = true,
+              .num_groups = 8,
+              .topk_groups = 4,
+              .routed_scaling_factor = 2.5f};
     return {.num_experts = shape.num_experts, .top_k = shape.top_k, .renormalize = true};
   }
 };
@@ -102,12 +108,14 @@ void set_counters(benchmark::State& state, Case const& c, double us, double byte
 void bm_router(benchmark::State& state, Shape shape, int t) {
   Case c(shape, t, false);
   auto const cfg = c.router();
-  std::span<float const> bias = shape.deepseek ? std::span<float const>(c.bias, shape.num_experts) : std::span<float const>{};
+  std::span<float const> bias =
+      shape.deepseek ? std::span<float const>(c.bias, shape.num_experts) : std::span<float const>{};
   double us = 0;
   for (auto _ : state) {
     us = time_us(c.s, [&] {
       epx::route(epx::StreamRef(c.s), cfg, epx::MatrixView<float const>(c.logits, t, shape.num_experts), bias,
-                 epx::MatrixView<std::int32_t>(c.ids, t, shape.top_k), epx::MatrixView<float>(c.weights, t, shape.top_k));
+                 epx::MatrixView<std::int32_t>(c.ids, t, shape.top_k),
+                 epx::MatrixView<float>(c.weights, t, shape.top_k));
     });
     state.SetIterationTime(us * 1e-6);
   }
@@ -175,16 +183,18 @@ void bm_unpermute(benchmark::State& state, Shape shape, int t, bool zipf) {
                          std::size_t const slot = i / h, col = i % h;
                          int const row = rows[slot];
                          if (row >= 0)
-                           atomicAdd(acc + (slot / k) * h + col, w[slot] * __uint_as_float(std::uint32_t{xp[std::size_t(row) * h + col].bits} << 16));
+                           atomicAdd(
+                               acc + (slot / k) * h + col,
+                               w[slot] * __uint_as_float(std::uint32_t{xp[std::size_t(row) * h + col].bits} << 16));
                        });
-    thrust::for_each_n(policy, thrust::counting_iterator<std::size_t>(0), n, [=] __device__(std::size_t i) {
-      y[i] = epx::detail::device_from_float<bfloat16>(acc[i]);
-    });
+    thrust::for_each_n(policy, thrust::counting_iterator<std::size_t>(0), n,
+                       [=] __device__(std::size_t i) { y[i] = epx::detail::device_from_float<bfloat16>(acc[i]); });
   });
   double us = 0;
   for (auto _ : state) {
     us = time_us(c.s, [&] {
-      epx::unpermute(epx::StreamRef(c.s), p, epx::MatrixView<bfloat16 const>(c.x_perm, static_cast<std::int64_t>(t) * k, h),
+      epx::unpermute(epx::StreamRef(c.s), p,
+                     epx::MatrixView<bfloat16 const>(c.x_perm, static_cast<std::int64_t>(t) * k, h),
                      epx::MatrixView<float const>(c.weights, t, k), epx::MatrixView<bfloat16>(c.y, t, h));
     });
     state.SetIterationTime(us * 1e-6);
@@ -201,9 +211,11 @@ int register_all() {
       for (bool zipf : {false, true}) {
         std::string const suffix = base + (zipf ? "/zipf1.2" : "/uniform");
         benchmark::RegisterBenchmark(("plan+permute/" + suffix).c_str(), bm_plan_permute, shape, t, zipf)
-            ->UseManualTime()->Iterations(1);
+            ->UseManualTime()
+            ->Iterations(1);
         benchmark::RegisterBenchmark(("unpermute/" + suffix).c_str(), bm_unpermute, shape, t, zipf)
-            ->UseManualTime()->Iterations(1);
+            ->UseManualTime()
+            ->Iterations(1);
       }
     }
   return 0;

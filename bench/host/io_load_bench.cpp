@@ -48,7 +48,7 @@ struct Options {
   int repeat = 5;
   int shards = 4;
   bool keep = false;
-  bool goal = true;  // exit 1 when load / plain < 0.8
+  bool goal = true;      // exit 1 when load / plain < 0.8
   bool stacked = false;  // transformers 5's layout: one [E, 2I, H] and one [E, H, I] tensor per layer
 };
 
@@ -187,20 +187,32 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string const a = argv[i];
     auto next = [&]() -> char const* { return i + 1 < argc ? argv[++i] : "0"; };
-    if (a == "--dir") o.dir = next();
-    else if (a == "--layers") o.layers = std::atoi(next());
-    else if (a == "--experts") o.experts = std::atoi(next());
-    else if (a == "--hidden") o.hidden = std::atoi(next());
-    else if (a == "--inter") o.inter = std::atoi(next());
-    else if (a == "--ranks") o.ranks = std::atoi(next());
-    else if (a == "--rank") o.rank = std::atoi(next());
-    else if (a == "--repeat") o.repeat = std::atoi(next());
-    else if (a == "--keep") o.keep = true;
-    else if (a == "--no-goal") o.goal = false;  // a smoke run: small files on a busy machine
-    else if (a == "--stacked") o.stacked = true;
+    if (a == "--dir")
+      o.dir = next();
+    else if (a == "--layers")
+      o.layers = std::atoi(next());
+    else if (a == "--experts")
+      o.experts = std::atoi(next());
+    else if (a == "--hidden")
+      o.hidden = std::atoi(next());
+    else if (a == "--inter")
+      o.inter = std::atoi(next());
+    else if (a == "--ranks")
+      o.ranks = std::atoi(next());
+    else if (a == "--rank")
+      o.rank = std::atoi(next());
+    else if (a == "--repeat")
+      o.repeat = std::atoi(next());
+    else if (a == "--keep")
+      o.keep = true;
+    else if (a == "--no-goal")
+      o.goal = false;  // a smoke run: small files on a busy machine
+    else if (a == "--stacked")
+      o.stacked = true;
     else {
-      std::fprintf(stderr, "usage: io_load_bench [--dir DIR] [--layers N] [--experts E] [--hidden H] [--inter I] "
-                           "[--ranks R] [--rank r] [--repeat K] [--keep] [--no-goal] [--stacked]\n");
+      std::fprintf(stderr,
+                   "usage: io_load_bench [--dir DIR] [--layers N] [--experts E] [--hidden H] [--inter I] "
+                   "[--ranks R] [--rank r] [--repeat K] [--keep] [--no-goal] [--stacked]\n");
       return 2;
     }
   }
@@ -211,10 +223,11 @@ int main(int argc, char** argv) {
     t0 = std::chrono::steady_clock::now();
     std::uint64_t const total = read_everything(o.dir);
     double const warm_s = seconds_since(t0);
-    std::printf("checkpoint: %s, %.2f GB in %d shards (%d layers x %d experts, H %d, I %d, bf16, %s); written in "
-                "%.1f s, read whole in %.2f s (%.2f GB/s, page cache warm after)\n",
-                o.dir.c_str(), double(total) / 1e9, o.shards, o.layers, o.experts, o.hidden, o.inter,
-                o.stacked ? "stacked" : "per expert", write_s, warm_s, double(total) / 1e9 / warm_s);
+    std::printf(
+        "checkpoint: %s, %.2f GB in %d shards (%d layers x %d experts, H %d, I %d, bf16, %s); written in "
+        "%.1f s, read whole in %.2f s (%.2f GB/s, page cache warm after)\n",
+        o.dir.c_str(), double(total) / 1e9, o.shards, o.layers, o.experts, o.hidden, o.inter,
+        o.stacked ? "stacked" : "per expert", write_s, warm_s, double(total) / 1e9 / warm_s);
 
     auto const placement = epx::ExpertPlacement::contiguous(o.experts, o.ranks);
     epx::io::LayerRequest const request{.layer = o.layers - 1, .placement = placement, .rank = o.rank};
@@ -241,10 +254,11 @@ int main(int argc, char** argv) {
         // Where the slice is in the file: known from the planning checkpoint (not timed).
         auto const matrix_bytes = static_cast<std::size_t>(job.stored_rows * job.value_row_bytes());
         auto const bytes = static_cast<std::size_t>(job.count) * matrix_bytes;
-        auto* dst = reinterpret_cast<char*>(job.buffer == epx::io::LayerBuffer::kRouterWeight ? storage.router_weight.data()
-                                            : job.buffer == epx::io::LayerBuffer::kDown     ? storage.down.data()
-                                                                                            : storage.gate_up.data()) +
-                    job.offset * 2;
+        auto* dst =
+            reinterpret_cast<char*>(job.buffer == epx::io::LayerBuffer::kRouterWeight ? storage.router_weight.data()
+                                    : job.buffer == epx::io::LayerBuffer::kDown       ? storage.down.data()
+                                                                                      : storage.gate_up.data()) +
+            job.offset * 2;
         std::uint64_t const where = planning.file_offset(job.values) + std::uint64_t(job.first) * matrix_bytes;
         for (std::size_t done = 0; done < bytes;) {
           ssize_t const got = ::pread(fd, dst + done, bytes - done, static_cast<off_t>(where + done));
@@ -261,14 +275,16 @@ int main(int argc, char** argv) {
     std::sort(load_s.begin(), load_s.end());
     std::sort(plain_s.begin(), plain_s.end());
     double const load_med = load_s[load_s.size() / 2], plain_med = plain_s[plain_s.size() / 2];
-    std::printf("rank %d of %d, layer %d: %d experts, %.1f MB of tensor data (%.1f%% of the checkpoint), %.1f KB of "
-                "index and headers\n",
-                o.rank, o.ranks, request.layer, plan.experts.count, double(last.data_bytes) / 1e6,
-                100.0 * double(last.data_bytes) / double(total), double(last.header_bytes) / 1e3);
-    std::printf("  load_layer bf16->bf16: median %.1f ms (%.2f GB/s); plain pread of the same ranges: median %.1f ms "
-                "(%.2f GB/s); load / plain throughput = %.2f (goal >= 0.8)\n",
-                load_med * 1e3, double(last.data_bytes) / 1e9 / load_med, plain_med * 1e3,
-                double(last.data_bytes) / 1e9 / plain_med, plain_med / load_med);
+    std::printf(
+        "rank %d of %d, layer %d: %d experts, %.1f MB of tensor data (%.1f%% of the checkpoint), %.1f KB of "
+        "index and headers\n",
+        o.rank, o.ranks, request.layer, plan.experts.count, double(last.data_bytes) / 1e6,
+        100.0 * double(last.data_bytes) / double(total), double(last.header_bytes) / 1e3);
+    std::printf(
+        "  load_layer bf16->bf16: median %.1f ms (%.2f GB/s); plain pread of the same ranges: median %.1f ms "
+        "(%.2f GB/s); load / plain throughput = %.2f (goal >= 0.8)\n",
+        load_med * 1e3, double(last.data_bytes) / 1e9 / load_med, plain_med * 1e3,
+        double(last.data_bytes) / 1e9 / plain_med, plain_med / load_med);
     std::printf("  extra memory: staging %zu bytes; peak RSS above the caller's buffers %.1f MB\n", last.staging_bytes,
                 double(last.peak_extra_bytes) / 1e6);
 
@@ -282,10 +298,11 @@ int main(int argc, char** argv) {
       convert_s.push_back(converted.seconds);
     }
     std::sort(convert_s.begin(), convert_s.end());
-    std::printf("  load_layer bf16->fp32 (converting): median %.1f ms (%.2f GB/s read); staging %zu bytes; peak RSS "
-                "above the caller's buffers %.1f MB\n",
-                convert_s[convert_s.size() / 2] * 1e3, double(converted.data_bytes) / 1e9 / convert_s[convert_s.size() / 2],
-                converted.staging_bytes, double(converted.peak_extra_bytes) / 1e6);
+    std::printf(
+        "  load_layer bf16->fp32 (converting): median %.1f ms (%.2f GB/s read); staging %zu bytes; peak RSS "
+        "above the caller's buffers %.1f MB\n",
+        convert_s[convert_s.size() / 2] * 1e3, double(converted.data_bytes) / 1e9 / convert_s[convert_s.size() / 2],
+        converted.staging_bytes, double(converted.peak_extra_bytes) / 1e6);
     if (!o.keep) fs::remove_all(o.dir);
     return !o.goal || plain_med / load_med >= 0.8 ? 0 : 1;
   } catch (std::exception const& e) {

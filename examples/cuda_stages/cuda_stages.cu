@@ -86,9 +86,9 @@ int main() {
                epx::MatrixView<bfloat16>(d_perm, slots, kHidden));
   auto const weights = epx::expert_weights(epx::TensorView(d_gate_up, {kExperts, 2 * kInter, kHidden}),
                                            epx::TensorView(d_down, {kExperts, kHidden, kInter}));  // shapes checked
-  epx::expert_mlp<bfloat16>(stream, mlp, weights,
-                            epx::MatrixView<bfloat16 const>(d_perm, slots, kHidden), plan.expert_offsets,
-                            epx::MatrixView<bfloat16>(d_out, slots, kHidden), epx::Workspace(d_mlp_ws, mlp_bytes));
+  epx::expert_mlp<bfloat16>(stream, mlp, weights, epx::MatrixView<bfloat16 const>(d_perm, slots, kHidden),
+                            plan.expert_offsets, epx::MatrixView<bfloat16>(d_out, slots, kHidden),
+                            epx::Workspace(d_mlp_ws, mlp_bytes));
   epx::unpermute(stream, plan, epx::MatrixView<bfloat16 const>(d_out, slots, kHidden),
                  epx::MatrixView<float const>(d_weights, kTokens, kTopK),
                  epx::MatrixView<bfloat16>(d_y, kTokens, kHidden));
@@ -98,7 +98,8 @@ int main() {
   // The same layer on the Host backend (one rank), as the reference.
   epx::LocalGroup group(1);
   epx::MoeConfig const config{
-      .router = router, .mlp = mlp,
+      .router = router,
+      .mlp = mlp,
       .weights = epx::expert_weights(epx::TensorView(gate_up.data(), {kExperts, 2 * kInter, kHidden}),
                                      epx::TensorView(down.data(), {kExperts, kHidden, kInter}))};
   epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> layer(config, group.communicator(0));

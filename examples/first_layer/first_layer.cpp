@@ -69,7 +69,8 @@ int main() {
   auto const router = uniform(kExperts * kHidden, 1.0f / std::sqrt(float(kHidden)), rng);  // mlp.gate.weight [E, H]
   auto const gate_up = uniform(std::size_t{kExperts} * 2 * kInter * kHidden,  // gate_proj then up_proj: [E, 2I, H]
                                1.0f / std::sqrt(float(kHidden)), rng);
-  auto const down = uniform(std::size_t{kExperts} * kHidden * kInter, 1.0f / std::sqrt(float(kInter)), rng);  // [E, H, I]
+  auto const down =
+      uniform(std::size_t{kExperts} * kHidden * kInter, 1.0f / std::sqrt(float(kInter)), rng);  // [E, H, I]
   std::vector<std::vector<float>> x(kRanks), y(kRanks);  // each rank's own tokens (AllToAll)
   for (int r = 0; r < kRanks; ++r) {
     x[r] = uniform(kTokensPerRank * kHidden, 1.0f, rng);
@@ -83,9 +84,11 @@ int main() {
     epx::ExpertRange const mine = placement.local_range(rank);  // experts [first, first + count)
     std::size_t const gate_up_size = 2 * kInter * kHidden, down_size = kHidden * kInter;  // one expert's
     epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> moe(
-        {.router = {.num_experts = kExperts, .top_k = kTopK, .scoring = epx::Scoring::kSoftmaxTopK,
-                    .renormalize = true},
-         .mlp = {.hidden = kHidden, .intermediate = kInter, .activation = epx::Activation::kSwiGLU,
+        {.router =
+             {.num_experts = kExperts, .top_k = kTopK, .scoring = epx::Scoring::kSoftmaxTopK, .renormalize = true},
+         .mlp = {.hidden = kHidden,
+                 .intermediate = kInter,
+                 .activation = epx::Activation::kSwiGLU,
                  .gate_up_layout = epx::GateUpLayout::kConcatenated},
          .weights = epx::expert_weights(  // this rank's experts only; shapes checked by the layer
              epx::TensorView(gate_up.data() + mine.first * gate_up_size, {mine.count, 2 * kInter, kHidden}),

@@ -80,7 +80,8 @@ void write_checkpoint(fs::path const& dir, std::mt19937_64& rng) {
   for (int s = 0; s < 2; ++s) {
     std::string const file = fmt::format("model-{:05d}-of-00002.safetensors", s + 1);
     write_safetensors(dir / file, shards[s]);
-    for (auto const& t : shards[s]) weight_map += fmt::format("{}\"{}\":\"{}\"", weight_map.empty() ? "" : ",", t.name, file);
+    for (auto const& t : shards[s])
+      weight_map += fmt::format("{}\"{}\":\"{}\"", weight_map.empty() ? "" : ",", t.name, file);
   }
   std::ofstream(dir / "model.safetensors.index.json") << "{\"metadata\":{},\"weight_map\":{" << weight_map << "}}";
   std::ofstream(dir / "config.json") << fmt::format(
@@ -100,10 +101,10 @@ std::vector<std::vector<epx::bfloat16>> run(fs::path const& dir, epx::ExpertPlac
   epx::LocalGroup group(ranks);
   group.run([&](int rank, epx::Communicator& comm) {
     // example-begin loading
-    epx::io::Checkpoint checkpoint(dir);                                  // reads the index only
-    epx::io::MoeModel const model = epx::io::read_model(checkpoint);       // config.json + family (qwen3_moe)
+    epx::io::Checkpoint checkpoint(dir);                              // reads the index only
+    epx::io::MoeModel const model = epx::io::read_model(checkpoint);  // config.json + family (qwen3_moe)
     epx::io::LayerRequest const request{.layer = 1, .placement = placement, .rank = rank};
-    epx::io::HostLayerStorage<epx::bfloat16> storage(model, request);     // or your own buffers (layer_sizes)
+    epx::io::HostLayerStorage<epx::bfloat16> storage(model, request);  // or your own buffers (layer_sizes)
     epx::io::LoadedLayer<epx::bfloat16> const layer =
         epx::io::load_layer(checkpoint, model, request, storage.buffers());  // this rank's experts + the router
     epx::ExpertParallel<epx::Grouped, epx::AllToAll, epx::Host> moe(layer.config, comm);
@@ -117,7 +118,8 @@ std::vector<std::vector<epx::bfloat16>> run(fs::path const& dir, epx::ExpertPlac
       for (int e = 0; e < kExperts; ++e) {
         float acc = 0.0f;
         for (int h = 0; h < kHidden; ++h)
-          acc += static_cast<float>(xr[static_cast<std::size_t>(t * kHidden + h)]) * static_cast<float>(layer.router_weight(e, h));
+          acc += static_cast<float>(xr[static_cast<std::size_t>(t * kHidden + h)]) *
+                 static_cast<float>(layer.router_weight(e, h));
         logits[static_cast<std::size_t>(t * kExperts + e)] = acc;
       }
     auto& yr = y[static_cast<std::size_t>(rank)];
@@ -126,11 +128,12 @@ std::vector<std::vector<epx::bfloat16>> run(fs::path const& dir, epx::ExpertPlac
     moe.forward(epx::Host{}, epx::MatrixView<float const>(logits.data(), tokens, kExperts),
                 epx::MatrixView(xr.data(), tokens, kHidden), epx::MatrixView(yr.data(), tokens, kHidden),
                 {workspace.data(), workspace.size()});
-    std::printf("%d rank(s), rank %d: experts %d..%d, read %llu bytes of tensor data and %llu of headers in %d "
-                "shard(s)\n",
-                ranks, rank, layer.experts.first, layer.experts.end() - 1,
-                static_cast<unsigned long long>(checkpoint.stats().data_bytes),
-                static_cast<unsigned long long>(checkpoint.stats().header_bytes), checkpoint.stats().shards_opened);
+    std::printf(
+        "%d rank(s), rank %d: experts %d..%d, read %llu bytes of tensor data and %llu of headers in %d "
+        "shard(s)\n",
+        ranks, rank, layer.experts.first, layer.experts.end() - 1,
+        static_cast<unsigned long long>(checkpoint.stats().data_bytes),
+        static_cast<unsigned long long>(checkpoint.stats().header_bytes), checkpoint.stats().shards_opened);
   });
   return y;
 }

@@ -49,10 +49,10 @@ struct Layer {
   epx::RouterConfig router{.num_experts = kExperts, .top_k = kTopK, .renormalize = true};
   epx::ExpertMlpConfig mlp{.hidden = kHidden, .intermediate = kIntermediate, .activation = epx::Activation::kSwiGLU};
   epx::ExpertPlacement placement = epx::ExpertPlacement::contiguous(kExperts, kRanks);
-  std::vector<T> gate_up, down;             // [E, 2I, H] (gate rows, then up rows), [E, H, I]
-  std::size_t tokens = 0;                   // per rank
-  std::vector<std::vector<T>> x;            // [rank][tokens, H]
-  std::vector<std::vector<float>> logits;   // [rank][tokens, E]
+  std::vector<T> gate_up, down;            // [E, 2I, H] (gate rows, then up rows), [E, H, I]
+  std::size_t tokens = 0;                  // per rank
+  std::vector<std::vector<T>> x;           // [rank][tokens, H]
+  std::vector<std::vector<float>> logits;  // [rank][tokens, E]
 };
 
 // AllToAll: each rank brings its own tokens. AllGather: every rank holds the same tokens.
@@ -79,9 +79,8 @@ Layer<T> make_layer(std::mt19937_64& rng) {
 template <class T>
 epx::ExpertWeights local_weights(epx::ExpertRange local, T* gate_up, T* down) {
   std::int64_t const count = local.count;
-  return epx::expert_weights(
-      epx::TensorView(gate_up + local.first * kGateUpSize, {count, 2 * kIntermediate, kHidden}),
-      epx::TensorView(down + local.first * kDownSize, {count, kHidden, kIntermediate}));
+  return epx::expert_weights(epx::TensorView(gate_up + local.first * kGateUpSize, {count, 2 * kIntermediate, kHidden}),
+                             epx::TensorView(down + local.first * kDownSize, {count, kHidden, kIntermediate}));
 }
 
 // The median of three timed forwards after a warm-up.
@@ -256,8 +255,10 @@ Row run(char const* policy, char const* dtype, bool on_gpu, std::mt19937_64& rng
   std::vector<std::vector<T>> y(kRanks, std::vector<T>(layer.tokens * kHidden, epx::from_float<T>(NAN)));
   double ms = 0.0;
 #if defined(__CUDACC__)
-  if (on_gpu) ms = run_cuda<Dispatch, T>(layer, y);
-  else ms = run_host<Dispatch, T>(layer, y);
+  if (on_gpu)
+    ms = run_cuda<Dispatch, T>(layer, y);
+  else
+    ms = run_host<Dispatch, T>(layer, y);
 #else
   (void)on_gpu;
   ms = run_host<Dispatch, T>(layer, y);

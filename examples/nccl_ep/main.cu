@@ -176,8 +176,8 @@ Model make_model() {
 // Tokens and their router logits, in host memory.
 struct Tokens {
   std::int64_t count = 0;
-  std::vector<T> x;            // [count, H]
-  std::vector<float> logits;   // [count, E]
+  std::vector<T> x;           // [count, H]
+  std::vector<float> logits;  // [count, E]
 };
 
 // The logits of a token are a random permutation of evenly spaced levels. Two experts' scores are
@@ -301,7 +301,8 @@ struct LocalExperts {
   DeviceBuffer<T> gate_up, down;
 
   LocalExperts(Model const& model, epx::ExpertRange r, cudaStream_t stream)
-      : range(r), gate_up(static_cast<std::size_t>(r.count) * kGateUpSize),
+      : range(r),
+        gate_up(static_cast<std::size_t>(r.count) * kGateUpSize),
         down(static_cast<std::size_t>(r.count) * kDownSize) {
     upload(gate_up, model.gate_up.data() + static_cast<std::size_t>(r.first) * kGateUpSize, stream);
     upload(down, model.down.data() + static_cast<std::size_t>(r.first) * kDownSize, stream);
@@ -373,8 +374,8 @@ Outcome run_policy(epx::NcclCommunicator& comm, cudaStream_t stream, Model const
 
   Outcome out;
   out.max_rel_error = max_rel_error(got, want);
-  out.repeatable = first.size() == got.size() &&
-                   (got.empty() || std::memcmp(first.data(), got.data(), got.size() * sizeof(T)) == 0);
+  out.repeatable =
+      first.size() == got.size() && (got.empty() || std::memcmp(first.data(), got.data(), got.size() * sizeof(T)) == 0);
   out.ms_per_forward = static_cast<double>(ms) / static_cast<double>(iters);
   out.status = moe.status(ref);  // AllGather: one copy and a bounded wait; AllToAll: already on the host
   return out;
@@ -392,11 +393,12 @@ void print_line(fmt::format_string<Args...> format, Args&&... args) {
 bool report(epx::NcclCommunicator const& comm, std::string_view policy, epx::ExpertRange local, std::int64_t tokens,
             Outcome const& o) {
   bool const pass = o.max_rel_error <= kTolerance && o.repeatable && o.status.dropped_slots == 0;
-  print_line("rank {}/{} | {:<9} | tokens {:>5} | experts [{:>2}, {:>2}) | max rel. error {:.2e} | {:>8.3f} ms/forward "
-             "| busiest local expert {:>5} rows | {}{}",
-             comm.rank(), comm.size(), policy, tokens, local.first, local.first + local.count, o.max_rel_error,
-             o.ms_per_forward, o.status.max_tokens_per_expert, pass ? "PASS" : "FAIL",
-             o.repeatable ? "" : " (not bitwise repeatable)");
+  print_line(
+      "rank {}/{} | {:<9} | tokens {:>5} | experts [{:>2}, {:>2}) | max rel. error {:.2e} | {:>8.3f} ms/forward "
+      "| busiest local expert {:>5} rows | {}{}",
+      comm.rank(), comm.size(), policy, tokens, local.first, local.first + local.count, o.max_rel_error,
+      o.ms_per_forward, o.status.max_tokens_per_expert, pass ? "PASS" : "FAIL",
+      o.repeatable ? "" : " (not bitwise repeatable)");
   return pass;
 }
 
@@ -421,10 +423,11 @@ int run(Options const& options) {
     EPX_NCCL_CHECK(ncclGetVersion(&nccl_version));
     cudaDeviceProp prop{};
     EPX_CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.device()));
-    print_line("epx {}.{}.{} nccl_ep: {} ranks, NCCL {}, rank 0 on {}; {} experts, top-{}, hidden {}, intermediate "
-               "{}, bf16, SwiGLU; tolerance {:.0e}",
-               EPX_VERSION_MAJOR, EPX_VERSION_MINOR, EPX_VERSION_PATCH, world, nccl_version, prop.name, kExperts,
-               kTopK, kHidden, kIntermediate, kTolerance);
+    print_line(
+        "epx {}.{}.{} nccl_ep: {} ranks, NCCL {}, rank 0 on {}; {} experts, top-{}, hidden {}, intermediate "
+        "{}, bf16, SwiGLU; tolerance {:.0e}",
+        EPX_VERSION_MAJOR, EPX_VERSION_MINOR, EPX_VERSION_PATCH, world, nccl_version, prop.name, kExperts, kTopK,
+        kHidden, kIntermediate, kTolerance);
   }
 
   Model const model = make_model();
@@ -438,16 +441,16 @@ int run(Options const& options) {
     // This rank's own tokens: a different set on every rank.
     Tokens const tokens = make_tokens(my_tokens, Draw::kRankTokens, static_cast<std::uint64_t>(rank));
     auto const want = host_reference(model, tokens);
-    auto const o = run_policy<epx::AllToAll>(comm, stream.get(), model, experts, tokens, max_tokens, options.iters,
-                                             want);
+    auto const o =
+        run_policy<epx::AllToAll>(comm, stream.get(), model, experts, tokens, max_tokens, options.iters, want);
     ok = report(comm, "AllToAll", experts.range, tokens.count, o) && ok;
   }
   if (options.all_gather) {
     // AllGather needs the same tokens on every rank (as after tensor-parallel attention).
     Tokens const tokens = make_tokens(max_tokens, Draw::kSharedTokens, 0);
     auto const want = host_reference(model, tokens);
-    auto const o = run_policy<epx::AllGather>(comm, stream.get(), model, experts, tokens, max_tokens, options.iters,
-                                              want);
+    auto const o =
+        run_policy<epx::AllGather>(comm, stream.get(), model, experts, tokens, max_tokens, options.iters, want);
     ok = report(comm, "AllGather", experts.range, tokens.count, o) && ok;
   }
   // Every rank's work is done before the communicator is finalised (collectively, in its destructor).

@@ -21,8 +21,8 @@ int main() {
         comm);
     std::vector<float> logits(kTokens * kExperts), x(kTokens * kHidden, 1.0f), y(x.size());
     for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = float((i * 37 + rank) % 11);  // router output
-    std::vector<std::byte> workspace(moe.workspace_bytes(kTokens));  // caller-owned scratch
-    moe.forward(epx::Host{}, epx::MatrixView(logits.data(), kTokens, kExperts),  // on GPUs: a StreamRef
+    std::vector<std::byte> workspace(moe.workspace_bytes(kTokens));                           // caller-owned scratch
+    moe.forward(epx::Host{}, epx::MatrixView(logits.data(), kTokens, kExperts),               // on GPUs: a StreamRef
                 epx::MatrixView(x.data(), kTokens, kHidden), epx::MatrixView(y.data(), kTokens, kHidden),
                 {workspace.data(), workspace.size()});
     epx::Status const status = moe.status(epx::Host{});  // the routing counters of that forward

@@ -11,7 +11,7 @@
 #include "expert_parallel_scenarios.hpp"
 
 #if !defined(EPX_EP_POLICIES) || !defined(EPX_EP_ALL_TO_ALL_POLICIES)
-#  error "define EPX_EP_POLICIES and EPX_EP_ALL_TO_ALL_POLICIES (lists of epx::test::EpPolicy types) first"
+#error "define EPX_EP_POLICIES and EPX_EP_ALL_TO_ALL_POLICIES (lists of epx::test::EpPolicy types) first"
 #endif
 
 // ---- The cases, for every policy of EPX_EP_POLICIES ----
@@ -56,8 +56,7 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: one hot expert takes every token", 
   check_rank_counts<P, epx::bfloat16>({.tokens_per_rank = {64, 8}, .routing = Routing::kHotExpert}, rng);
 }
 
-TEST_CASE_TEMPLATE("ExpertParallel::forward: zero tokens everywhere still makes every collective", P,
-                   EPX_EP_POLICIES) {
+TEST_CASE_TEMPLATE("ExpertParallel::forward: zero tokens everywhere still makes every collective", P, EPX_EP_POLICIES) {
   using namespace epx::test;
   EPX_TEST_SEEDED_RNG(rng);
   check_rank_counts<P, float>({.tokens_per_rank = {0}}, rng);
@@ -83,8 +82,8 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: every activation and gate/up layout
   using namespace epx::test;
   using epx::Activation;
   EPX_TEST_SEEDED_RNG(rng);
-  for (auto act : {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU,
-                   Activation::kClampedSwiGLU})
+  for (auto act :
+       {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU, Activation::kClampedSwiGLU})
     for (auto layout : {epx::GateUpLayout::kConcatenated, epx::GateUpLayout::kInterleaved}) {
       CAPTURE(to_string(act));
       CAPTURE(static_cast<int>(layout));
@@ -124,8 +123,11 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: tokens without expert are counted i
                    EPX_EP_POLICIES) {
   using namespace epx::test;
   EPX_TEST_SEEDED_RNG(rng);
-  check_rank_counts<P, float>({.num_experts = 16, .top_k = 4, .tokens_per_rank = {11, 3, 8},
-                               .routing = Routing::kWithoutExpert, .from_logits = true},
+  check_rank_counts<P, float>({.num_experts = 16,
+                               .top_k = 4,
+                               .tokens_per_rank = {11, 3, 8},
+                               .routing = Routing::kWithoutExpert,
+                               .from_logits = true},
                               rng);
   Scenario const s{.tokens_per_rank = {10, 4, 7, 1}, .routing = Routing::kWithoutExpert, .from_logits = true};
   check_scenario<P, epx::bfloat16>(1, s, rng);
@@ -179,9 +181,10 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: given top-k is used as given: unsor
   for (auto const& y : ys) CHECK(rel_error(y, expected) <= B::template tolerance<float>());
 }
 
-TEST_CASE_TEMPLATE("ExpertParallel::forward: invalid ids throw after the collectives (kThrow), naming rank, token "
-                   "and slot",
-                   P, EPX_EP_POLICIES) {
+TEST_CASE_TEMPLATE(
+    "ExpertParallel::forward: invalid ids throw after the collectives (kThrow), naming rank, token "
+    "and slot",
+    P, EPX_EP_POLICIES) {
   using namespace epx;
   using namespace epx::test;
   using B = typename P::Backend;
@@ -206,10 +209,10 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: invalid ids throw after the collect
       CHECK(res.error_code == Errc::kInvalidExpertId);
       // The rank, its token and the slot (ids[3] with top_k 4); AllToAll raises from forward,
       // AllGather from status() (the results contract of ExpertParallel).
-      std::string const text =
-          fmt::format("{}: rank {}: topk_ids held 2 invalid expert id(s) (first: token 0 of rank {}, slot 3: "
-                      "topk_ids[0, 3] = 42), expected -1 or an id in [0, 16)",
-                      kAllToAll ? "forward" : "status", r, r);
+      std::string const text = fmt::format(
+          "{}: rank {}: topk_ids held 2 invalid expert id(s) (first: token 0 of rank {}, slot 3: "
+          "topk_ids[0, 3] = 42), expected -1 or an id in [0, 16)",
+          kAllToAll ? "forward" : "status", r, r);
       CHECK(res.error.find(text) != std::string::npos);
     } else {
       CHECK(res.error.empty());
@@ -239,10 +242,12 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: a rank with more tokens than anothe
       ExpertParallel<typename P::Experts, AllToAll, typename B::Space> ep(layer.config(experts.weights()), comm);
       std::int64_t const t = rank == 2 ? 40 : 4;  // rank 2 sends more than ranks 0 and 1 sized for
       std::mt19937_64 rng(static_cast<std::uint64_t>(rank));
-      typename B::template Buffer<float> x(random_vector<float>(static_cast<std::size_t>(t * SmallLayer::kHidden), rng));
+      typename B::template Buffer<float> x(
+          random_vector<float>(static_cast<std::size_t>(t * SmallLayer::kHidden), rng));
       typename B::template Buffer<float> y(static_cast<std::size_t>(t * SmallLayer::kHidden));
       std::vector<std::int32_t> host_ids(static_cast<std::size_t>(t * 2));
-      for (std::size_t i = 0; i < host_ids.size(); ++i) host_ids[i] = static_cast<std::int32_t>(i % 2);  // all to rank 0
+      for (std::size_t i = 0; i < host_ids.size(); ++i)
+        host_ids[i] = static_cast<std::int32_t>(i % 2);  // all to rank 0
       typename B::template Buffer<std::int32_t> ids(host_ids);
       typename B::template Buffer<float> w(std::vector<float>(host_ids.size(), 0.5f));
       typename B::template Buffer<std::byte> ws(ep.workspace_bytes(t));
@@ -272,7 +277,8 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: bad shapes, element types and works
     ExpertParallel<typename P::Experts, typename P::Dispatch, typename B::Space> ep(layer.config(experts.weights()),
                                                                                     comm);
     std::int64_t const t = 6;
-    typename B::template Buffer<float> x(random_vector<float>(static_cast<std::size_t>(t * SmallLayer::kHidden), layer.rng));
+    typename B::template Buffer<float> x(
+        random_vector<float>(static_cast<std::size_t>(t * SmallLayer::kHidden), layer.rng));
     typename B::template Buffer<float> y(static_cast<std::size_t>(t * SmallLayer::kHidden));
     typename B::template Buffer<std::int32_t> ids(random_ids(t, 2, SmallLayer::kExperts, layer.rng));
     typename B::template Buffer<float> w(random_weights(static_cast<std::size_t>(t * 2), layer.rng));
@@ -282,21 +288,23 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: bad shapes, element types and works
                  MatrixView<float const>(w.data(), id_rows, 2), MatrixView<float const>(x.data(), t, x_cols),
                  MatrixView<float>(y.data(), y_rows, x_cols), Workspace(ws.data(), ws_bytes));
     };
-    check_throws(Errc::kShapeMismatch, "forward: topk_ids.rows = 5, expected 6", [&] { call(t - 1, 16, t, ws.size()); });
+    check_throws(Errc::kShapeMismatch, "forward: topk_ids.rows = 5, expected 6",
+                 [&] { call(t - 1, 16, t, ws.size()); });
     check_throws(Errc::kShapeMismatch, "forward: x.cols = 15, expected 16", [&] { call(t, 15, t, ws.size()); });
     check_throws(Errc::kShapeMismatch, "forward: y.rows = 4, expected 6", [&] { call(t, 16, t - 2, ws.size()); });
-    check_throws(Errc::kWorkspaceTooSmall, "workspace.size() = 100 bytes, expected at least", [&] { call(t, 16, t, 100); });
+    check_throws(Errc::kWorkspaceTooSmall, "workspace.size() = 100 bytes, expected at least",
+                 [&] { call(t, 16, t, 100); });
     // A workspace for fewer tokens than passed: the error names both token counts.
     check_throws(Errc::kWorkspaceTooSmall, "rank 0: num_tokens = 6, expected <= 4", [&] {
-      ep.forward(on.context(), MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
-                 MatrixView<float const>(x.data(), t, 16), MatrixView<float>(y.data(), t, 16),
-                 Workspace(small.data(), small.size()));
+      ep.forward(on.context(), MatrixView<std::int32_t const>(ids.data(), t, 2),
+                 MatrixView<float const>(w.data(), t, 2), MatrixView<float const>(x.data(), t, 16),
+                 MatrixView<float>(y.data(), t, 16), Workspace(small.data(), small.size()));
     });
     typename B::template Buffer<bfloat16> xb(static_cast<std::size_t>(t * 16)), yb(xb.size());
     check_throws(Errc::kInvalidArgument, "x's element type = bf16, expected the weights' dtype f32", [&] {
-      ep.forward(on.context(), MatrixView<std::int32_t const>(ids.data(), t, 2), MatrixView<float const>(w.data(), t, 2),
-                 MatrixView<bfloat16 const>(xb.data(), t, 16), MatrixView<bfloat16>(yb.data(), t, 16),
-                 Workspace(ws.data(), ws.size()));
+      ep.forward(on.context(), MatrixView<std::int32_t const>(ids.data(), t, 2),
+                 MatrixView<float const>(w.data(), t, 2), MatrixView<bfloat16 const>(xb.data(), t, 16),
+                 MatrixView<bfloat16>(yb.data(), t, 16), Workspace(ws.data(), ws.size()));
     });
     check_throws(Errc::kInvalidArgument, "max_tokens = -1", [&] { (void)ep.workspace_bytes(-1); });
     // The object still works after refused calls.

@@ -44,7 +44,9 @@ struct Scenario {
   bool bias = false;
   bool from_logits = false;
 
-  [[nodiscard]] RouterConfig router() const { return {.num_experts = num_experts, .top_k = top_k, .renormalize = true}; }
+  [[nodiscard]] RouterConfig router() const {
+    return {.num_experts = num_experts, .top_k = top_k, .renormalize = true};
+  }
 };
 
 //! `s` with the backend's widths where it sets none (activation and layout are kept).
@@ -61,10 +63,12 @@ Scenario with_backend_widths(Scenario s) {
 template <class T>
 struct RankInputs {
   std::vector<T> x = {};
-  std::vector<float> logits = {};        // from_logits only
-  std::vector<std::int32_t> ids = {};    // given, or what the Host router makes of the logits
+  std::vector<float> logits = {};      // from_logits only
+  std::vector<std::int32_t> ids = {};  // given, or what the Host router makes of the logits
   std::vector<float> weights = {};
-  [[nodiscard]] std::int64_t num_tokens(std::int32_t hidden) const { return static_cast<std::int64_t>(x.size()) / hidden; }
+  [[nodiscard]] std::int64_t num_tokens(std::int32_t hidden) const {
+    return static_cast<std::int64_t>(x.size()) / hidden;
+  }
 };
 
 inline std::vector<std::int32_t> make_ids(Scenario const& s, std::int64_t num_tokens, std::mt19937_64& rng) {
@@ -137,7 +141,8 @@ std::vector<RankInputs<T>> make_inputs(int num_ranks, Scenario const& s, std::mt
       in[ur].ids.resize(static_cast<std::size_t>(t * s.top_k));
       in[ur].weights.resize(in[ur].ids.size());
       route(Host{}, s.router(), MatrixView<float const>(in[ur].logits.data(), t, s.num_experts), {},
-            MatrixView<std::int32_t>(in[ur].ids.data(), t, s.top_k), MatrixView<float>(in[ur].weights.data(), t, s.top_k));
+            MatrixView<std::int32_t>(in[ur].ids.data(), t, s.top_k),
+            MatrixView<float>(in[ur].weights.data(), t, s.top_k));
     } else {
       in[ur].ids = make_ids(s, t, rng);
       in[ur].weights = random_weights(in[ur].ids.size(), rng);
@@ -328,9 +333,9 @@ struct SmallLayer {
   GlobalWeights<float> gw = GlobalWeights<float>::random(kExperts, mlp, false, rng);
 
   [[nodiscard]] MoeConfig config(ExpertWeights const& weights, InvalidIds policy = InvalidIds::kThrow) const {
-    return {.router = {.num_experts = kExperts, .top_k = kTopK}, .mlp = mlp, .weights = weights, .on_invalid_ids = policy};
+    return {
+        .router = {.num_experts = kExperts, .top_k = kTopK}, .mlp = mlp, .weights = weights, .on_invalid_ids = policy};
   }
 };
 
 }  // namespace epx::test
-

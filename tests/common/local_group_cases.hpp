@@ -19,7 +19,7 @@
 #include <vector>
 
 #ifndef EPX_LG_BACKENDS
-#  error "define EPX_LG_BACKENDS (a list of test backends) before including local_group_cases.hpp"
+#error "define EPX_LG_BACKENDS (a list of test backends) before including local_group_cases.hpp"
 #endif
 
 namespace epx::test {
@@ -50,8 +50,7 @@ GroupOutcome run_recording(typename B::Group& group, Body&& body) {
         throw;
       }
     });
-  } catch (...) {
-  }
+  } catch (...) {}
   out.elapsed = std::chrono::steady_clock::now() - start;
   return out;
 }
@@ -108,7 +107,8 @@ TEST_CASE_TEMPLATE("LocalGroup::run: a rank that throws aborts the group and its
         ++peer_failed;
       throw;
     }
-  }), "rank one broke", std::runtime_error);
+  }),
+                       "rank one broke", std::runtime_error);
   CHECK(peer_failed == 3);
   CHECK(std::chrono::steady_clock::now() - start < 10s);  // far below the 60 s timeout
 }
@@ -120,8 +120,10 @@ TEST_CASE_TEMPLATE("LocalGroup::collectives: mismatched calls and sizes fail on 
     typename B::Group group(4, {.timeout = 30s});
     auto const out = test::run_recording<B>(group, [](int rank, Communicator& comm, typename B::Rank const& on) {
       typename B::template Buffer<float> v(8);
-      if (rank == 2) comm.barrier(on.comm_stream());
-      else comm.all_reduce_sum(v.data(), v.size(), DType::kF32, on.comm_stream());
+      if (rank == 2)
+        comm.barrier(on.comm_stream());
+      else
+        comm.all_reduce_sum(v.data(), v.size(), DType::kF32, on.comm_stream());
     });
     for (int rank = 0; rank < 4; ++rank) {
       CAPTURE(rank);
@@ -141,8 +143,8 @@ TEST_CASE_TEMPLATE("LocalGroup::collectives: mismatched calls and sizes fail on 
     for (int rank = 0; rank < 2; ++rank) {
       CAPTURE(rank);
       CHECK(out.codes[static_cast<std::size_t>(rank)] == Errc::kCollectiveMismatch);
-      CHECK(out.messages[static_cast<std::size_t>(rank)].find("rank 0 sends 5 bytes to rank 1, which expects 4 bytes") !=
-            std::string::npos);
+      CHECK(out.messages[static_cast<std::size_t>(rank)].find(
+                "rank 0 sends 5 bytes to rank 1, which expects 4 bytes") != std::string::npos);
     }
   }
   {  // an all_reduce_sum of another count on one rank

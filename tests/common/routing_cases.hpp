@@ -11,14 +11,15 @@
 #include "routing_comparison.hpp"
 
 #if !defined(EPX_STAGE_CASES) || !defined(EPX_STAGE_BACKENDS)
-#  error "define EPX_STAGE_CASES and EPX_STAGE_BACKENDS before including routing_cases.hpp"
+#error "define EPX_STAGE_CASES and EPX_STAGE_BACKENDS before including routing_cases.hpp"
 #endif
 
 TEST_CASE_TEMPLATE("Plan::make_plan: plan, permute and unpermute equal the host twins", C, EPX_STAGE_CASES) {
   using T = typename C::Element;
   EPX_TEST_SEEDED_RNG(rng);
-  std::vector<std::int64_t> const tokens = epx::test::small_sizes() ? std::vector<std::int64_t>{0, 1, 7, 128}
-                                                                      : std::vector<std::int64_t>{0, 1, 7, 128, 4096, 16384};
+  std::vector<std::int64_t> const tokens = epx::test::small_sizes()
+                                               ? std::vector<std::int64_t>{0, 1, 7, 128}
+                                               : std::vector<std::int64_t>{0, 1, 7, 128, 4096, 16384};
   for (std::int32_t e : {8, 128, 256, 384})
     for (std::int32_t k : {1, 2, 4, 8})
       for (std::int64_t t : tokens) {
@@ -37,7 +38,7 @@ TEST_CASE_TEMPLATE("Permute::permute: rows that are not whole 16-byte vectors, p
     for (std::int64_t pad : {0, 1, 8})
       for (std::int64_t offset : {0, 1, 8})
         epx::test::check_routing<typename C::Backend, typename C::Element>(t, 4, 32, {0, 32}, false, rng,
-                                                                            {.hidden = h, .pad = pad, .offset = offset});
+                                                                           {.hidden = h, .pad = pad, .offset = offset});
 }
 
 TEST_CASE_TEMPLATE("Plan::make_plan: a workspace sized for many tokens (CUB's multi-tile sort) used with few", B,

@@ -51,7 +51,8 @@ template <class T>
 bool padding_untouched(std::vector<T> const& m, std::int64_t rows, RowLayout const& l, unsigned char poison) {
   std::vector<char> inside(m.size(), 0);
   for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t c = 0; c < l.hidden; ++c) inside[static_cast<std::size_t>(l.offset + r * (l.hidden + l.pad) + c)] = 1;
+    for (std::int64_t c = 0; c < l.hidden; ++c)
+      inside[static_cast<std::size_t>(l.offset + r * (l.hidden + l.pad) + c)] = 1;
   auto const* bytes = reinterpret_cast<unsigned char const*>(m.data());
   for (std::size_t i = 0; i < m.size(); ++i)
     if (!inside[i])
@@ -103,7 +104,9 @@ void check_routing(std::int64_t t, std::int32_t k, std::int32_t e, ExpertRange r
             MatrixView<T>(host_y.data(), t, h));
 
   // The backend's: every matrix laid out with stride ld from `offset`; outputs poisoned.
-  auto const alloc = [&](std::int64_t r) { return static_cast<std::size_t>(layout.offset + std::max<std::int64_t>(r, 1) * ld); };
+  auto const alloc = [&](std::int64_t r) {
+    return static_cast<std::size_t>(layout.offset + std::max<std::int64_t>(r, 1) * ld);
+  };
   auto spread = [&](std::vector<T> const& dense, std::int64_t r) {
     std::vector<T> out(alloc(r), random_vector<T>(1, rng)[0]);
     for (std::int64_t i = 0; i < r; ++i)
@@ -113,7 +116,8 @@ void check_routing(std::int64_t t, std::int32_t k, std::int32_t e, ExpertRange r
   typename B::Rank const on;
   typename B::template Buffer<std::int32_t> d_ids(ids);
   typename B::template Buffer<float> d_w(weights);
-  typename B::template Buffer<T> d_x(spread(x, t)), d_perm(alloc(t * k)), d_out(spread(expert_out, t * k)), d_y(alloc(t));
+  typename B::template Buffer<T> d_x(spread(x, t)), d_perm(alloc(t * k)), d_out(spread(expert_out, t * k)),
+      d_y(alloc(t));
   std::int32_t const plan_tokens = layout.plan_tokens < 0 ? static_cast<std::int32_t>(t) : layout.plan_tokens;
   typename B::template Buffer<std::byte> d_ws(B::plan_workspace_bytes(plan_tokens, k, range.count));
   typename B::template Buffer<Status> d_status(1);
@@ -130,7 +134,8 @@ void check_routing(std::int64_t t, std::int32_t k, std::int32_t e, ExpertRange r
   on.sync();
 
   CHECK(B::to_host(dp.expert_offsets) == std::vector<std::int32_t>(hp.expert_offsets.begin(), hp.expert_offsets.end()));
-  CHECK(B::to_host(dp.tokens_per_expert) == std::vector<std::int32_t>(hp.tokens_per_expert.begin(), hp.tokens_per_expert.end()));
+  CHECK(B::to_host(dp.tokens_per_expert) ==
+        std::vector<std::int32_t>(hp.tokens_per_expert.begin(), hp.tokens_per_expert.end()));
   CHECK(B::to_host(dp.sorted_slots) == std::vector<std::int32_t>(hp.sorted_slots.begin(), hp.sorted_slots.end()));
   CHECK(B::to_host(dp.slot_rows) == std::vector<std::int32_t>(hp.slot_rows.begin(), hp.slot_rows.end()));
   auto const st = d_status.to_host()[0];
@@ -140,12 +145,12 @@ void check_routing(std::int64_t t, std::int32_t k, std::int32_t e, ExpertRange r
   CHECK(st.tokens_without_expert == host_status.tokens_without_expert);  // summed per warp on a device
   if (t > 0) CHECK(host_status.tokens_without_expert >= 1);
   auto const perm = d_perm.to_host();
-  CHECK(same_bytes(gather_rows(perm, rows, layout).data(), host_perm.data(), static_cast<std::size_t>(rows * h) * sizeof(T)));
+  CHECK(same_bytes(gather_rows(perm, rows, layout).data(), host_perm.data(),
+                   static_cast<std::size_t>(rows * h) * sizeof(T)));
   CHECK(padding_untouched(perm, rows, layout, 0xcd));  // nothing past a row's end, nor past the routed rows
   auto const y = d_y.to_host();
   CHECK(same_bytes(gather_rows(y, t, layout).data(), host_y.data(), host_y.size() * sizeof(T)));
   CHECK(padding_untouched(y, t, layout, 0xcd));
 }
-
 
 }  // namespace epx::test

@@ -42,8 +42,8 @@ T pick_size(T full, T small) {
   return small_sizes() ? small : full;
 }
 
-#define EPX_TEST_SEEDED_RNG(rng)                                           \
-  std::uint64_t const rng##_seed = ::epx::test::test_seed();               \
+#define EPX_TEST_SEEDED_RNG(rng)                                                       \
+  std::uint64_t const rng##_seed = ::epx::test::test_seed();                           \
   INFO("seed = " << rng##_seed << " (rerun with EPX_TEST_SEED=" << rng##_seed << ")"); \
   std::mt19937_64 rng(rng##_seed)
 
@@ -160,8 +160,8 @@ struct GlobalWeights {
     TensorView<T const, 2> gu_bias, dn_bias;
     if (!gate_up_bias.empty()) gu_bias = TensorView(gate_up_bias.data() + f * mlp.gate_up_rows(), {n, rows});
     if (!down_bias.empty()) dn_bias = TensorView(down_bias.data() + f * mlp.hidden, {n, h});
-    return expert_weights(TensorView(gate_up.data() + f * gu, {n, rows, h}), TensorView(down.data() + f * dn, {n, h, i}),
-                          gu_bias, dn_bias);
+    return expert_weights(TensorView(gate_up.data() + f * gu, {n, rows, h}),
+                          TensorView(down.data() + f * dn, {n, h, i}), gu_bias, dn_bias);
   }
 
   //! One expert's MLP on one token, in double.

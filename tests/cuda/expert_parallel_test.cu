@@ -26,8 +26,8 @@ TYPE_TO_STRING_AS("Grouped, AllGather", epx::test::CudaGroupedAllGather);
 TYPE_TO_STRING_AS("CublasGrouped, AllToAll", epx::test::CudaCublasAllToAll);
 TYPE_TO_STRING_AS("CublasGrouped, AllGather", epx::test::CudaCublasAllGather);
 
-#define EPX_EP_POLICIES                                                                                     \
-  epx::test::CudaGroupedAllToAll, epx::test::CudaGroupedAllGather, epx::test::CudaCublasAllToAll,           \
+#define EPX_EP_POLICIES                                                                           \
+  epx::test::CudaGroupedAllToAll, epx::test::CudaGroupedAllGather, epx::test::CudaCublasAllToAll, \
       epx::test::CudaCublasAllGather
 #define EPX_EP_ALL_TO_ALL_POLICIES epx::test::CudaGroupedAllToAll, epx::test::CudaCublasAllToAll
 #include "../common/expert_parallel_cases.hpp"
@@ -62,14 +62,15 @@ TEST_CASE("ExpertParallel<Cuda>: a host-memory communicator is refused, naming i
                   .has_value());  // cuBLAS takes any width
 }
 
-TEST_CASE("ExpertParallel<Grouped, AllGather, Cuda>::forward: captured in a CUDA graph, replays give the eager result") {
+TEST_CASE(
+    "ExpertParallel<Grouped, AllGather, Cuda>::forward: captured in a CUDA graph, replays give the eager result") {
   // The header promises that AllGather with Grouped captures when the communicator's all_reduce_sum
   // does (a 1-rank CudaLocalGroup: yes; NCCL: yes). After one eager warm-up forward (kernel
   // attributes set, the stream's device checked), a captured forward must replay to the eager bits,
   // from router logits and from given top-k alike.
   EPX_TEST_SEEDED_RNG(rng);
-  test::Scenario const s{.num_experts = 32, .top_k = 4, .mlp = {.hidden = 128, .intermediate = 64},
-                         .tokens_per_rank = {77}, .bias = true};
+  test::Scenario const s{
+      .num_experts = 32, .top_k = 4, .mlp = {.hidden = 128, .intermediate = 64}, .tokens_per_rank = {77}, .bias = true};
   auto const gw = GlobalWeights<bfloat16>::random(s.num_experts, s.mlp, s.bias, rng);
   std::int64_t const t = s.tokens_per_rank[0];
   auto const x_host = test::random_vector<bfloat16>(static_cast<std::size_t>(t * s.mlp.hidden), rng);

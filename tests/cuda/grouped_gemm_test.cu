@@ -79,10 +79,12 @@ void check_gemm(std::vector<std::int32_t> const& counts, std::int64_t k, std::in
   // Host reference in fp32 (the row scale applies before the one rounding).
   std::vector<float> ref(static_cast<std::size_t>(rows * n), 0.0f);
   grouped_gemm(Host{}, MatrixView<T const>(a.data(), rows, k), BatchedMatrixView<T const>{b.data(), groups, n, k},
-               with_bias ? bias.data() : nullptr, std::span<std::int32_t const>(offsets), MatrixView<float>(ref.data(), rows, n));
+               with_bias ? bias.data() : nullptr, std::span<std::int32_t const>(offsets),
+               MatrixView<float>(ref.data(), rows, n));
   if (with_scale)
     for (std::int64_t r = 0; r < rows; ++r)
-      for (std::int64_t c = 0; c < n; ++c) ref[static_cast<std::size_t>(r * n + c)] *= scale[static_cast<std::size_t>(r)];
+      for (std::int64_t c = 0; c < n; ++c)
+        ref[static_cast<std::size_t>(r * n + c)] *= scale[static_cast<std::size_t>(r)];
 
   CudaStream stream;
   DeviceBuffer<T> d_a(a), d_b(b), d_bias(bias), d_c(static_cast<std::size_t>(rows * n));
@@ -112,8 +114,7 @@ TEST_CASE_TEMPLATE("GroupedGemm::grouped_gemm[cuda]: mixed group sizes equal the
                    epx::half) {
   EPX_TEST_SEEDED_RNG(rng);
   for (std::int64_t k : {8, 72, 256})
-    for (std::int64_t n : {8, 40, 200})
-      check_gemm<T>(kMixedCounts, k, n, (k + n) % 3 == 0, n == 40, rng);
+    for (std::int64_t n : {8, 40, 200}) check_gemm<T>(kMixedCounts, k, n, (k + n) % 3 == 0, n == 40, rng);
   check_gemm<T>({0, 0, 1000, 0}, 128, 136, true, true, rng);  // every row on one group
 }
 
@@ -133,10 +134,9 @@ namespace {
 using detail::EpilogueKind;
 using detail::GemmMainloop;
 
-constexpr GemmMainloop kEveryMainloop[] = {GemmMainloop::kSimt,         GemmMainloop::kMmaDecode,
-                                           GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
-                                           GemmMainloop::kMmaMedium,    GemmMainloop::kMmaLarge,
-                                           GemmMainloop::kWgmma};
+constexpr GemmMainloop kEveryMainloop[] = {
+    GemmMainloop::kSimt,      GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
+    GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge,  GemmMainloop::kWgmma};
 
 //! One grouped GEMM: rows per group (after `first_row` rows of no group, `rows_after` rows follow
 //! the last group), K, N product columns, padding of lda and ldc, bias, row scale, gate/up layout.
@@ -157,8 +157,8 @@ std::string describe(GemmCase const& c) {
   std::size_t empty = 0;
   for (auto n : c.counts) empty += n == 0;
   return fmt::format("{} groups ({} empty, {} rows), k {}, n {}, lda +{}, ldc +{}, bias {}, scale {}, {}",
-                     c.counts.size(), empty, std::accumulate(c.counts.begin(), c.counts.end(), 0), c.k, c.n,
-                     c.lda_pad, c.ldc_pad, c.bias, c.scale, c.concatenated ? "concatenated" : "interleaved");
+                     c.counts.size(), empty, std::accumulate(c.counts.begin(), c.counts.end(), 0), c.k, c.n, c.lda_pad,
+                     c.ldc_pad, c.bias, c.scale, c.concatenated ? "concatenated" : "interleaved");
 }
 
 //! The Host reference of epilogue kKind, in double: [rows, width] (width = n / 2 when gated).
@@ -168,9 +168,9 @@ std::vector<double> epilogue_reference(GemmCase const& c, std::vector<std::int32
                                        std::vector<float> const& scale) {
   std::int64_t const lda = c.k + c.lda_pad, groups = static_cast<std::int64_t>(c.counts.size());
   std::vector<float> product(static_cast<std::size_t>(rows * c.n), 0.0f);  // fp32, bias added, by weight row
-  grouped_gemm(Host{}, MatrixView<T const>(a.data(), rows, c.k, lda), BatchedMatrixView<T const>{b.data(), groups, c.n, c.k},
-               c.bias ? bias.data() : nullptr, std::span<std::int32_t const>(offsets),
-               MatrixView<float>(product.data(), rows, c.n));
+  grouped_gemm(Host{}, MatrixView<T const>(a.data(), rows, c.k, lda),
+               BatchedMatrixView<T const>{b.data(), groups, c.n, c.k}, c.bias ? bias.data() : nullptr,
+               std::span<std::int32_t const>(offsets), MatrixView<float>(product.data(), rows, c.n));
   constexpr bool kGated = detail::epilogue_is_gated(kKind);
   std::int64_t const width = kGated ? c.n / 2 : c.n;
   std::vector<double> ref(static_cast<std::size_t>(rows * width), 0.0);
@@ -181,7 +181,8 @@ std::vector<double> epilogue_reference(GemmCase const& c, std::vector<std::int32
       if constexpr (kGated) {
         double const gate = c.concatenated ? at(i) : at(2 * i);
         double const up = c.concatenated ? at(c.n / 2 + i) : at(2 * i + 1);
-        v = test::reference_activation(detail::gated_activation(kKind), gate, up, ClampedSwiGLUParams{.alpha = 1.702f, .limit = 1.5f});
+        v = test::reference_activation(detail::gated_activation(kKind), gate, up,
+                                       ClampedSwiGLUParams{.alpha = 1.702f, .limit = 1.5f});
       } else {
         v = at(i);
         if (kKind == EpilogueKind::kReLU) v = std::max(v, 0.0);
@@ -208,7 +209,8 @@ bool check_epilogue(GemmCase const& c, std::optional<GemmMainloop> mainloop, std
   std::int64_t const rows = offsets.back() + c.rows_after, lda = c.k + c.lda_pad;
   std::int64_t const width = kGated ? c.n / 2 : c.n, ldc = width + c.ldc_pad;
   auto const a = test::random_vector<T>(static_cast<std::size_t>(rows * lda), rng);
-  auto const b = test::random_vector<T>(static_cast<std::size_t>(groups * c.n * c.k), rng, 1.0f / std::sqrt(float(c.k)));
+  auto const b =
+      test::random_vector<T>(static_cast<std::size_t>(groups * c.n * c.k), rng, 1.0f / std::sqrt(float(c.k)));
   auto const bias = test::random_vector<T>(static_cast<std::size_t>(groups * c.n), rng, 0.5f);
   auto const scale = test::random_weights(static_cast<std::size_t>(rows), rng);
   auto const ref = epilogue_reference<kKind>(c, offsets, rows, a, b, bias, scale);
@@ -239,7 +241,8 @@ bool check_epilogue(GemmCase const& c, std::optional<GemmMainloop> mainloop, std
       args.epilogue.concatenated = c.concatenated;
       args.epilogue.clamped = {.alpha = 1.702f, .limit = 1.5f};  // a limit the data reaches
       if (mainloop)
-        detail::launch_grouped_gemm<kKind>(args, *mainloop, dev, {stream.ref(), "grouped_gemm_test"}, "grouped_gemm_test");
+        detail::launch_grouped_gemm<kKind>(args, *mainloop, dev, {stream.ref(), "grouped_gemm_test"},
+                                           "grouped_gemm_test");
       else
         detail::run_grouped_gemm<kKind>(args, -1, {stream.ref(), "grouped_gemm_test"}, "grouped_gemm_test");
     }
@@ -314,10 +317,15 @@ TEST_CASE("GroupedGemm::mainloops[cuda]: decode and medium tiles with fp16, bias
   EPX_TEST_SEEDED_RNG(rng);
   std::int64_t const k = test::pick_size(1096, 200);  // 17 k-tiles + a tail of 8
   for (std::int64_t n : {8, 56, 100, 136, 200, 383}) {
-    GemmCase const c{.counts = {3, 16, 0, 9, 1, 12, 64, 40}, .k = k, .n = n, .lda_pad = 8, .ldc_pad = 1, .bias = true,
+    GemmCase const c{.counts = {3, 16, 0, 9, 1, 12, 64, 40},
+                     .k = k,
+                     .n = n,
+                     .lda_pad = 8,
+                     .ldc_pad = 1,
+                     .bias = true,
                      .scale = true};
-    for (GemmMainloop m : {GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
-                           GemmMainloop::kMmaMedium})
+    for (GemmMainloop m :
+         {GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32, GemmMainloop::kMmaMedium})
       CHECK(check_epilogue<EpilogueKind::kLinear, epx::half, epx::half>(c, m, rng));
   }
 }
@@ -341,8 +349,13 @@ TEST_CASE("GroupedGemm::mainloops[cuda]: more than 256 groups, most of them empt
 
 TEST_CASE("GroupedGemm::mainloops[cuda]: every group empty while a has rows leaves c untouched") {
   EPX_TEST_SEEDED_RNG(rng);
-  GemmCase const c{.counts = std::vector<std::int32_t>(300, 0), .k = 64, .n = 40, .bias = true, .scale = true,
-                   .first_row = 4, .rows_after = 9};
+  GemmCase const c{.counts = std::vector<std::int32_t>(300, 0),
+                   .k = 64,
+                   .n = 40,
+                   .bias = true,
+                   .scale = true,
+                   .first_row = 4,
+                   .rows_after = 9};
   check_epilogue<EpilogueKind::kLinear, bfloat16, bfloat16>(c, std::nullopt, rng);
   for (GemmMainloop m : kEveryMainloop) {
     check_epilogue<EpilogueKind::kLinear, bfloat16, bfloat16>(c, m, rng);
@@ -352,12 +365,13 @@ TEST_CASE("GroupedGemm::mainloops[cuda]: every group empty while a has rows leav
 
 TEST_CASE("GroupedGemm::mainloops[cuda]: bf16 in, fp32 out (output type other than the input type)") {
   EPX_TEST_SEEDED_RNG(rng);
-  GemmCase const c{.counts = {0, 1, 17, 70, 130}, .k = 136, .n = 77, .lda_pad = 8, .ldc_pad = 3, .bias = true,
-                   .scale = true};
+  GemmCase const c{
+      .counts = {0, 1, 17, 70, 130}, .k = 136, .n = 77, .lda_pad = 8, .ldc_pad = 3, .bias = true, .scale = true};
   check_epilogue<EpilogueKind::kLinear, bfloat16, float>(c, std::nullopt, rng);
   for (GemmMainloop m : kEveryMainloop) check_epilogue<EpilogueKind::kLinear, bfloat16, float>(c, m, rng);
   GemmCase const even{.counts = {5, 64, 0, 129}, .k = 64, .n = 128, .ldc_pad = 2, .bias = true, .scale = false};
-  for (GemmMainloop m : kEveryMainloop) check_epilogue<EpilogueKind::kLinear, bfloat16, float>(even, m, rng);  // float2 stores
+  for (GemmMainloop m : kEveryMainloop)
+    check_epilogue<EpilogueKind::kLinear, bfloat16, float>(even, m, rng);  // float2 stores
 }
 
 namespace {
@@ -373,8 +387,10 @@ void check_mlp(ExpertMlpConfig const& config, std::vector<std::int32_t> const& c
   std::int64_t const rows = offsets.back() + 3, h = config.hidden, inter = config.intermediate;
   std::int64_t const gu = config.gate_up_rows();
   auto const x = test::random_vector<T>(static_cast<std::size_t>(rows * h), rng);
-  auto const gate_up = test::random_vector<T>(static_cast<std::size_t>(groups * gu * h), rng, 2.0f / std::sqrt(float(h)));
-  auto const down = test::random_vector<T>(static_cast<std::size_t>(groups * h * inter), rng, 1.0f / std::sqrt(float(inter)));
+  auto const gate_up =
+      test::random_vector<T>(static_cast<std::size_t>(groups * gu * h), rng, 2.0f / std::sqrt(float(h)));
+  auto const down =
+      test::random_vector<T>(static_cast<std::size_t>(groups * h * inter), rng, 1.0f / std::sqrt(float(inter)));
   auto const gu_bias = test::random_vector<T>(static_cast<std::size_t>(groups * gu), rng, 0.5f);
   auto const down_bias = test::random_vector<T>(static_cast<std::size_t>(groups * h), rng, 0.5f);
 
@@ -422,7 +438,8 @@ void check_mlp(ExpertMlpConfig const& config, std::vector<std::int32_t> const& c
     DeviceBuffer<std::byte> ws(experts.workspace_bytes<T>(config, rows));
     d_out.poison(0xff);
     ws.poison(0xff);
-    experts.run<T>({stream.ref(), "grouped_gemm_test"}, config, weights, dx, offs, dout, Workspace(ws.data(), ws.size()), -1);
+    experts.run<T>({stream.ref(), "grouped_gemm_test"}, config, weights, dx, offs, dout,
+                   Workspace(ws.data(), ws.size()), -1);
     stream.sync();
     // cuBLAS rounds the gate_up product to T before the activation: about one more rounding.
     check_rows(d_out.to_host(), ref_d, rows, h, offsets.front(), offsets.back(),
@@ -435,13 +452,17 @@ void check_mlp(ExpertMlpConfig const& config, std::vector<std::int32_t> const& c
 TEST_CASE_TEMPLATE("ExpertMlp::expert_mlp[cuda]: every activation and gate/up layout equals the host reference", T,
                    float, bfloat16, epx::half) {
   EPX_TEST_SEEDED_RNG(rng);
-  for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU,
-                         Activation::kClampedSwiGLU})
+  for (Activation act :
+       {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU, Activation::kClampedSwiGLU})
     for (GateUpLayout layout : {GateUpLayout::kConcatenated, GateUpLayout::kInterleaved}) {
       if (act == Activation::kReLU && layout == GateUpLayout::kInterleaved) continue;  // not gated
-      ExpertMlpConfig const config{.hidden = 64, .intermediate = 48, .activation = act, .gate_up_layout = layout,
+      ExpertMlpConfig const config{.hidden = 64,
+                                   .intermediate = 48,
+                                   .activation = act,
+                                   .gate_up_layout = layout,
                                    .clamped_swiglu = {.alpha = 1.702f, .limit = 1.5f}};  // a limit the data reaches
-      check_mlp<T>(config, kMixedCounts, act == Activation::kClampedSwiGLU || layout == GateUpLayout::kInterleaved, rng);
+      check_mlp<T>(config, kMixedCounts, act == Activation::kClampedSwiGLU || layout == GateUpLayout::kInterleaved,
+                   rng);
     }
 }
 
@@ -450,7 +471,9 @@ TEST_CASE("ExpertMlp::expert_mlp[cuda]: model sizes (Qwen3-MoE and gpt-oss width
   check_mlp<bfloat16>({.hidden = test::pick_size(2048, 256), .intermediate = test::pick_size(768, 96)},
                       {40, 0, 9, 130, 1, 0, 17, 64}, false, rng);
   int const gpt = test::pick_size(2880, 360);
-  check_mlp<bfloat16>({.hidden = gpt, .intermediate = gpt, .activation = Activation::kClampedSwiGLU,
+  check_mlp<bfloat16>({.hidden = gpt,
+                       .intermediate = gpt,
+                       .activation = Activation::kClampedSwiGLU,
                        .gate_up_layout = GateUpLayout::kInterleaved},
                       {33, 0, 70}, true, rng);
   check_mlp<bfloat16>({.hidden = 256, .intermediate = 128}, {0, 0, 2000, 0}, false, rng);

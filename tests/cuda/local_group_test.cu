@@ -44,15 +44,16 @@ __host__ __device__ inline std::uint8_t pattern(std::uint64_t seed, std::uint64_
   return static_cast<std::uint8_t>(z ^ (z >> 31));
 }
 
-__global__ void fill_pattern_kernel(std::uint8_t* p, std::size_t bytes, std::uint64_t seed, std::uint64_t call, int src) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < bytes; i += std::size_t{gridDim.x} * blockDim.x)
+__global__ void fill_pattern_kernel(std::uint8_t* p, std::size_t bytes, std::uint64_t seed, std::uint64_t call,
+                                    int src) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < bytes;
+       i += std::size_t{gridDim.x} * blockDim.x)
     p[i] = pattern(seed, call, static_cast<std::uint64_t>(src), i);
 }
 
 __global__ void spin_kernel(long long cycles) {
   long long const start = clock64();
-  while (clock64() - start < cycles) {
-  }
+  while (clock64() - start < cycles) {}
 }
 
 __global__ void set_flag_kernel(std::int32_t* flag, std::int32_t value) { *flag = value; }
@@ -133,7 +134,8 @@ std::string describe(Config const& c) {
 std::vector<std::vector<std::size_t>> random_sizes(int n, std::mt19937_64& rng) {
   std::uniform_int_distribution<std::size_t> size_dist(1, 5000);
   std::bernoulli_distribution zero(0.25);
-  std::vector<std::vector<std::size_t>> sizes(static_cast<std::size_t>(n), std::vector<std::size_t>(static_cast<std::size_t>(n)));
+  std::vector<std::vector<std::size_t>> sizes(static_cast<std::size_t>(n),
+                                              std::vector<std::size_t>(static_cast<std::size_t>(n)));
   for (int p = 0; p < n; ++p)
     for (int q = 0; q < n; ++q) {
       bool const idle = n > 1 && (p == n - 1 || q == n - 1);
@@ -198,7 +200,8 @@ TEST_CASE("CudaLocalGroup::all_to_all_v[cuda]: uneven sizes, idle ranks, each ra
     std::vector<std::vector<std::vector<std::size_t>>> sizes;  // [call][p][q]
     for (int c = 0; c < kCalls; ++c) sizes.push_back(random_sizes(n, rng));
     std::uint64_t const seed = rng();
-    std::vector<std::vector<std::vector<std::uint8_t>>> got(kCalls, std::vector<std::vector<std::uint8_t>>(static_cast<std::size_t>(n)));
+    std::vector<std::vector<std::vector<std::uint8_t>>> got(
+        kCalls, std::vector<std::vector<std::uint8_t>>(static_cast<std::size_t>(n)));
     CudaLocalGroup group(n, {.timeout = 30s, .devices = config.devices});
     group.run([&](int rank, Communicator& comm) {
       auto const r = static_cast<std::size_t>(rank);
@@ -230,7 +233,8 @@ TEST_CASE("CudaLocalGroup::all_to_all_v[cuda]: uneven sizes, idle ranks, each ra
       for (int rank = 0; rank < n; ++rank) {
         CAPTURE(c);
         CAPTURE(rank);
-        auto const want = expected_all_to_all_v(sizes[static_cast<std::size_t>(c)], rank, seed, static_cast<std::uint64_t>(c));
+        auto const want =
+            expected_all_to_all_v(sizes[static_cast<std::size_t>(c)], rank, seed, static_cast<std::uint64_t>(c));
         CHECK(first_mismatch(got[static_cast<std::size_t>(c)][static_cast<std::size_t>(rank)], want) == -1);
       }
   }
@@ -245,7 +249,8 @@ TEST_CASE("CudaLocalGroup::all_to_all and all_gather[cuda]: fixed-size blocks, z
     std::uint64_t const seed = rng();
     std::vector<std::size_t> const block_sizes{1003, 0, 1, 65536 + 5};
     // [call][rank]: call 2b is all_to_all, 2b+1 all_gather
-    std::vector<std::vector<std::vector<std::uint8_t>>> got(2 * block_sizes.size(), std::vector<std::vector<std::uint8_t>>(un));
+    std::vector<std::vector<std::vector<std::uint8_t>>> got(2 * block_sizes.size(),
+                                                            std::vector<std::vector<std::uint8_t>>(un));
     CudaLocalGroup group(n, {.timeout = 30s, .devices = config.devices});
     group.run([&](int rank, Communicator& comm) {
       Stream stream;
@@ -259,8 +264,10 @@ TEST_CASE("CudaLocalGroup::all_to_all and all_gather[cuda]: fixed-size blocks, z
           make_late(rank, call, stream.s);
           fill_pattern(send.data(), send_bytes, seed, call, rank, stream.s);
           EPX_CUDA_CHECK(cudaMemsetAsync(recv.data(), 0xcd, max_b * un, stream.s));
-          if (gather) comm.all_gather(send.data(), recv.data(), b, stream.ref());
-          else comm.all_to_all(send.data(), recv.data(), b, stream.ref());
+          if (gather)
+            comm.all_gather(send.data(), recv.data(), b, stream.ref());
+          else
+            comm.all_to_all(send.data(), recv.data(), b, stream.ref());
           EPX_CUDA_CHECK(cudaMemsetAsync(send.data(), 0xee, max_b * un, stream.s));
           stream.sync();
           got[call][static_cast<std::size_t>(rank)] = to_host(recv.data(), b * un);
@@ -310,7 +317,8 @@ TEST_CASE_TEMPLATE("CudaLocalGroup::all_reduce_sum[cuda]: bitwise the host rank-
         EPX_CUDA_CHECK(cudaMemsetAsync(data.data(), 0xff, max_count * sizeof(T), stream.s));  // NaN / -1 poison
         make_late(rank, c, stream.s);
         if (counts[c] > 0)
-          EPX_CUDA_CHECK(cudaMemcpyAsync(data.data(), source.data(), counts[c] * sizeof(T), cudaMemcpyDeviceToDevice, stream.s));
+          EPX_CUDA_CHECK(
+              cudaMemcpyAsync(data.data(), source.data(), counts[c] * sizeof(T), cudaMemcpyDeviceToDevice, stream.s));
         comm.all_reduce_sum(counts[c] > 0 ? data.data() : nullptr, counts[c], dtype_of_v<T>, stream.ref());
         stream.sync();
         got[c][r] = to_host(data.data(), counts[c]);
@@ -343,8 +351,8 @@ TEST_CASE("CudaLocalGroup::collectives[cuda]: a 1-rank group's collectives captu
     DeviceBuffer<float> source(count), data(count), gathered(count), exchanged(count);
     upload(source.data(), input, stream.s);
     auto collectives = [&] {
-      EPX_CUDA_CHECK(cudaMemcpyAsync(data.data(), source.data(), count * sizeof(float), cudaMemcpyDeviceToDevice,
-                                     stream.s));
+      EPX_CUDA_CHECK(
+          cudaMemcpyAsync(data.data(), source.data(), count * sizeof(float), cudaMemcpyDeviceToDevice, stream.s));
       comm.all_reduce_sum(data.data(), count, DType::kF32, stream.ref());
       comm.all_gather(data.data(), gathered.data(), count * sizeof(float), stream.ref());
       comm.all_to_all_v(gathered.data(), sizes, exchanged.data(), sizes, stream.ref());
@@ -387,10 +395,11 @@ TEST_CASE("CudaLocalGroup::reserve[cuda]: all_reduce_sum within the reservation 
     DeviceBuffer<float> source(max_count), data(max_count);
     upload(source.data(), inputs[r], stream.s);
     auto reduce = [&](std::size_t count) {
-      EPX_CUDA_CHECK(cudaMemcpyAsync(data.data(), source.data(), count * sizeof(float), cudaMemcpyDeviceToDevice, stream.s));
+      EPX_CUDA_CHECK(
+          cudaMemcpyAsync(data.data(), source.data(), count * sizeof(float), cudaMemcpyDeviceToDevice, stream.s));
       comm.all_reduce_sum(data.data(), count, DType::kF32, stream.ref());
     };
-    reduce(max_count);  // warm-up: lazily loaded kernels take device memory on first launch
+    reduce(max_count);           // warm-up: lazily loaded kernels take device memory on first launch
     comm.barrier(stream.ref());  // every rank's buffers and warm-up done before measuring
     stream.sync();
     std::size_t total = 0;
@@ -514,14 +523,17 @@ TEST_CASE("CudaLocalGroup::collectives[cuda]: many calls in a row reuse the even
         CAPTURE(c);
         auto const call = static_cast<std::uint64_t>(c);
         auto const want = expected_all_to_all_v(sizes[static_cast<std::size_t>(c)], rank, seed, 2 * call);
-        std::vector<std::uint8_t> const a2a(got[r].a2a.begin() + static_cast<std::ptrdiff_t>(recv_offsets[r][static_cast<std::size_t>(c)]),
-                                            got[r].a2a.begin() + static_cast<std::ptrdiff_t>(recv_offsets[r][static_cast<std::size_t>(c)] + want.size()));
+        std::vector<std::uint8_t> const a2a(
+            got[r].a2a.begin() + static_cast<std::ptrdiff_t>(recv_offsets[r][static_cast<std::size_t>(c)]),
+            got[r].a2a.begin() +
+                static_cast<std::ptrdiff_t>(recv_offsets[r][static_cast<std::size_t>(c)] + want.size()));
         CHECK(first_mismatch(a2a, want) == -1);
         std::vector<std::uint8_t> want_gather;
         for (std::size_t q = 0; q < un; ++q)
           for (std::size_t j = 0; j < kBlock; ++j) want_gather.push_back(pattern(seed, 2 * call + 1, q, j));
-        std::vector<std::uint8_t> const gather(got[r].gather.begin() + static_cast<std::ptrdiff_t>(call * kBlock * un),
-                                               got[r].gather.begin() + static_cast<std::ptrdiff_t>((call + 1) * kBlock * un));
+        std::vector<std::uint8_t> const gather(
+            got[r].gather.begin() + static_cast<std::ptrdiff_t>(call * kBlock * un),
+            got[r].gather.begin() + static_cast<std::ptrdiff_t>((call + 1) * kBlock * un));
         CHECK(first_mismatch(gather, want_gather) == -1);
         std::vector<std::vector<float>> slices;
         for (std::size_t q = 0; q < un; ++q)
@@ -538,9 +550,11 @@ TEST_CASE("CudaLocalGroup::collectives[cuda]: many calls in a row reuse the even
 TEST_CASE("CudaLocalGroup::collectives[cuda]: a host stream is refused and aborts the group") {
   CudaLocalGroup group(2, {.timeout = 30s});
   float* none = nullptr;
-  CHECK_THROWS_WITH_AS(group.communicator(0).all_reduce_sum(none, 0, DType::kF32, StreamRef::host()),
-                       doctest::Contains("CudaLocalGroup: rank 0: all_reduce_sum: stream = StreamRef::host(), expected a "
-                                         "CUDA stream"), Error);
+  CHECK_THROWS_WITH_AS(
+      group.communicator(0).all_reduce_sum(none, 0, DType::kF32, StreamRef::host()),
+      doctest::Contains("CudaLocalGroup: rank 0: all_reduce_sum: stream = StreamRef::host(), expected a "
+                        "CUDA stream"),
+      Error);
   CHECK(group.aborted());  // so the peer does not wait for the full timeout
   Stream stream;
   CHECK_THROWS_AS(group.communicator(1).barrier(stream.ref()), Error);
@@ -548,8 +562,10 @@ TEST_CASE("CudaLocalGroup::collectives[cuda]: a host stream is refused and abort
 
 TEST_CASE("CudaLocalGroup::CudaLocalGroup[cuda]: arguments, devices and memory space") {
   CHECK_THROWS_WITH_AS(CudaLocalGroup(0), doctest::Contains("CudaLocalGroup: num_ranks = 0, expected >= 1"), Error);
-  CHECK_THROWS_WITH_AS(CudaLocalGroup(2, {.timeout = 0ms}), doctest::Contains("options.timeout (ms) = 0, expected > 0"), Error);
-  CHECK_THROWS_WITH_AS(CudaLocalGroup(2, {.devices = {0}}), doctest::Contains("options.devices.size() = 1, expected 2"), Error);
+  CHECK_THROWS_WITH_AS(CudaLocalGroup(2, {.timeout = 0ms}), doctest::Contains("options.timeout (ms) = 0, expected > 0"),
+                       Error);
+  CHECK_THROWS_WITH_AS(CudaLocalGroup(2, {.devices = {0}}), doctest::Contains("options.devices.size() = 1, expected 2"),
+                       Error);
   int const count = device_count();
   std::string const out_of_range = fmt::format("options.devices[1] = {}, expected in [0, {})", count, count);
   CHECK_THROWS_WITH_AS(CudaLocalGroup(2, {.devices = {0, count}}), doctest::Contains(out_of_range.c_str()), Error);
@@ -563,7 +579,8 @@ TEST_CASE("CudaLocalGroup::CudaLocalGroup[cuda]: arguments, devices and memory s
     CHECK(group.communicator(r).size() == 3);
     CHECK(group.communicator(r).memory_space() == MemorySpace::kDevice);
   }
-  CHECK_THROWS_WITH_AS((void)group.device(3), doctest::Contains("CudaLocalGroup::device: rank = 3, expected in [0, 3)"), Error);
+  CHECK_THROWS_WITH_AS((void)group.device(3), doctest::Contains("CudaLocalGroup::device: rank = 3, expected in [0, 3)"),
+                       Error);
   CHECK_THROWS_WITH_AS((void)group.communicator(-1), doctest::Contains("rank = -1, expected in [0, 3)"), Error);
   CHECK(!group.aborted());
 }

@@ -168,7 +168,7 @@ TEST_CASE("NcclCommunicator::barrier: orders the stream and completes, also afte
   moved.wait(stream.ref());
   CHECK(comm.aborted());
   check_throws(Errc::kPeerFailed, "NcclCommunicator::barrier: rank 0 of 1: the communicator was aborted (moved from)",
-              [&] { comm.barrier(stream.ref()); });
+               [&] { comm.barrier(stream.ref()); });
 }
 
 TEST_CASE("NcclCommunicator::collectives: bad arguments are named and leave the communicator usable") {
@@ -179,27 +179,30 @@ TEST_CASE("NcclCommunicator::collectives: bad arguments are named and leave the 
   std::size_t const two[] = {32, 32};
   std::size_t const other[] = {16};
   check_throws(Errc::kInvalidArgument,
-              "NcclCommunicator::all_to_all_v: stream = StreamRef::host(), expected a CUDA stream on device 0",
-              [&] { comm.all_to_all_v(buf.data(), one, buf.data(), one, StreamRef::host()); });
-  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: send_bytes.size() = 2, expected the group size 1",
-              [&] { comm.all_to_all_v(buf.data(), two, buf.data(), one, stream.ref()); });
-  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: recv_bytes.size() = 2, expected the group size 1",
-              [&] { comm.all_to_all_v(buf.data(), one, buf.data(), two, stream.ref()); });
+               "NcclCommunicator::all_to_all_v: stream = StreamRef::host(), expected a CUDA stream on device 0",
+               [&] { comm.all_to_all_v(buf.data(), one, buf.data(), one, StreamRef::host()); });
+  check_throws(Errc::kInvalidArgument,
+               "NcclCommunicator::all_to_all_v: send_bytes.size() = 2, expected the group size 1",
+               [&] { comm.all_to_all_v(buf.data(), two, buf.data(), one, stream.ref()); });
+  check_throws(Errc::kInvalidArgument,
+               "NcclCommunicator::all_to_all_v: recv_bytes.size() = 2, expected the group size 1",
+               [&] { comm.all_to_all_v(buf.data(), one, buf.data(), two, stream.ref()); });
   check_throws(Errc::kCollectiveMismatch,
-              "NcclCommunicator::all_to_all_v: send_bytes[rank 0] = 64, expected recv_bytes[rank 0] = 16",
-              [&] { comm.all_to_all_v(buf.data(), one, buf.data(), other, stream.ref()); });
-  check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all_v: send = nullptr, expected 64 bytes of device memory",
-              [&] { comm.all_to_all_v(nullptr, one, buf.data(), one, stream.ref()); });
+               "NcclCommunicator::all_to_all_v: send_bytes[rank 0] = 64, expected recv_bytes[rank 0] = 16",
+               [&] { comm.all_to_all_v(buf.data(), one, buf.data(), other, stream.ref()); });
+  check_throws(Errc::kInvalidArgument,
+               "NcclCommunicator::all_to_all_v: send = nullptr, expected 64 bytes of device memory",
+               [&] { comm.all_to_all_v(nullptr, one, buf.data(), one, stream.ref()); });
   check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_to_all: recv = nullptr, expected 8 bytes",
-              [&] { comm.all_to_all(buf.data(), nullptr, 8, stream.ref()); });
+               [&] { comm.all_to_all(buf.data(), nullptr, 8, stream.ref()); });
   check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_reduce_sum: data = nullptr, expected 40 bytes",
-              [&] { comm.all_reduce_sum(nullptr, 10, DType::kF32, stream.ref()); });
+               [&] { comm.all_reduce_sum(nullptr, 10, DType::kF32, stream.ref()); });
   check_throws(Errc::kInvalidArgument, "NcclCommunicator::all_gather: send = nullptr, expected 4 bytes",
-              [&] { comm.all_gather(nullptr, buf.data(), 4, stream.ref()); });
+               [&] { comm.all_gather(nullptr, buf.data(), 4, stream.ref()); });
   check_throws(Errc::kInvalidArgument, "NcclCommunicator::barrier: stream = StreamRef::host()",
-              [&] { comm.barrier(StreamRef::host()); });
+               [&] { comm.barrier(StreamRef::host()); });
   check_throws(Errc::kInvalidArgument, "NcclCommunicator::wait: stream = StreamRef::host()",
-              [&] { comm.wait(StreamRef::host()); });
+               [&] { comm.wait(StreamRef::host()); });
   CHECK_FALSE(comm.aborted());
   comm.all_to_all_v(buf.data(), one, buf.data(), one, stream.ref());
   comm.wait(stream.ref());
@@ -246,9 +249,9 @@ TEST_CASE("NcclCommunicator::abort: every later call throws kPeerFailed naming t
       "reported a failure); destroy it and build a new one on every rank";
   check_throws(Errc::kPeerFailed, text, [&] { comm.all_to_all_v(buf.data(), bytes, buf.data(), bytes, stream.ref()); });
   check_throws(Errc::kPeerFailed, "NcclCommunicator::barrier: rank 0 of 1: the communicator was aborted",
-              [&] { comm.barrier(stream.ref()); });
+               [&] { comm.barrier(stream.ref()); });
   check_throws(Errc::kPeerFailed, "NcclCommunicator::wait: rank 0 of 1: the communicator was aborted",
-              [&] { comm.wait(stream.ref()); });
+               [&] { comm.wait(stream.ref()); });
 }
 
 TEST_CASE("NcclCommunicator::NcclCommunicator: a rank that never joins times out, and a rebuild works") {
@@ -258,10 +261,11 @@ TEST_CASE("NcclCommunicator::NcclCommunicator: a rank that never joins times out
   }
   auto const timeout = 2000ms;
   auto const start = std::chrono::steady_clock::now();
-  check_throws(Errc::kTimeout,
-              "NcclCommunicator: rank 0 of 2 (device 0): ncclCommInitRankConfig (creating the communicator: waiting for "
-              "every rank to join): not finished within the deadline of 2000 ms",
-              [&] { NcclCommunicator never(0, 2, fresh_id(), 0, NcclOptions{.timeout = timeout}); });
+  check_throws(
+      Errc::kTimeout,
+      "NcclCommunicator: rank 0 of 2 (device 0): ncclCommInitRankConfig (creating the communicator: waiting for "
+      "every rank to join): not finished within the deadline of 2000 ms",
+      [&] { NcclCommunicator never(0, 2, fresh_id(), 0, NcclOptions{.timeout = timeout}); });
   auto const took = std::chrono::steady_clock::now() - start;
   CHECK(took >= timeout);
   CHECK(took < timeout + 10s);  // abort of a pending init measured at 0-0.9 s
@@ -294,7 +298,7 @@ TEST_CASE("NcclCommunicator::all_to_all_v: captured into a CUDA graph and replay
   EPX_CUDA_CHECK(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeThreadLocal));
   comm.all_to_all_v(send.data(), bytes, recv.data(), bytes, stream.ref());
   check_throws(Errc::kInvalidArgument, "NcclCommunicator::wait: stream = a stream being captured",
-              [&] { comm.wait(stream.ref()); });
+               [&] { comm.wait(stream.ref()); });
   EPX_CUDA_CHECK(cudaStreamEndCapture(stream.s, &graph));
   EPX_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   comm.wait(stream.ref());
@@ -317,14 +321,15 @@ TEST_CASE("NcclCommunicator::wait: stream work past the deadline aborts and thro
   spin_for<<<1, 1, 0, stream.s>>>(1'500'000'000ull);  // 1.5 s
   EPX_CUDA_CHECK_LAUNCH(spin_for);
   auto const start = std::chrono::steady_clock::now();
-  check_throws(Errc::kTimeout,
-              "NcclCommunicator: rank 0 of 1 (device 0), collective #1: NcclCommunicator::wait: not finished within the "
-              "deadline of 300 ms: the stream's work did not finish",
-              [&] { comm.wait(stream.ref()); });
+  check_throws(
+      Errc::kTimeout,
+      "NcclCommunicator: rank 0 of 1 (device 0), collective #1: NcclCommunicator::wait: not finished within the "
+      "deadline of 300 ms: the stream's work did not finish",
+      [&] { comm.wait(stream.ref()); });
   CHECK(std::chrono::steady_clock::now() - start >= 300ms);
   CHECK(comm.aborted());
   check_throws(Errc::kPeerFailed, "the communicator was aborted (NcclCommunicator: rank 0 of 1",
-              [&] { comm.barrier(stream.ref()); });
+               [&] { comm.barrier(stream.ref()); });
   EPX_CUDA_CHECK(cudaStreamSynchronize(stream.s));  // let the spinning kernel end before the stream goes
 }
 
@@ -354,7 +359,7 @@ TEST_CASE("NcclCommunicator::NcclCommunicator: two ranks on one GPU fail with kN
     REQUIRE(errors[r] != nullptr);
     check_throws(Errc::kNccl, "NCCL call `ncclCommGetAsyncError` failed: ", [&] { std::rethrow_exception(errors[r]); });
     check_throws(Errc::kNccl, "; the communicator was aborted: destroy it and build a new one on every rank",
-                [&] { std::rethrow_exception(errors[r]); });
+                 [&] { std::rethrow_exception(errors[r]); });
   }
 }
 
@@ -366,10 +371,10 @@ TEST_CASE("NcclCommunicator::from_env: a LOCAL_RANK beyond the visible devices i
   env.size = 5000;
   env.local_rank = 4096;
   check_throws(Errc::kInvalidArgument,
-              "NcclCommunicator::from_env: LOCAL_RANK = 4096, expected < " + std::to_string(count) +
-                  ", the CUDA devices this process sees (one rank per GPU",
-              [&] { detail::select_launch_device(env); });
+               "NcclCommunicator::from_env: LOCAL_RANK = 4096, expected < " + std::to_string(count) +
+                   ", the CUDA devices this process sees (one rank per GPU",
+               [&] { detail::select_launch_device(env); });
   env.launcher = "mpirun";
   check_throws(Errc::kInvalidArgument, "from_env: OMPI_COMM_WORLD_LOCAL_RANK = 4096, expected < ",
-              [&] { detail::select_launch_device(env); });
+               [&] { detail::select_launch_device(env); });
 }

@@ -71,9 +71,7 @@ std::vector<float> group_scores(RouterConfig const& c, Selection const& s) {
   return out;
 }
 
-bool near(float a, float b) {
-  return std::abs(a - b) <= kTieTolerance * std::max(std::abs(a), 1e-30f);
-}
+bool near(float a, float b) { return std::abs(a - b) <= kTieTolerance * std::max(std::abs(a), 1e-30f); }
 
 // True when which groups are kept is a near-tie: the topk_groups-th and the next best group score
 // (of those that can be kept) agree to the tolerance.
@@ -99,8 +97,8 @@ struct Outcome {
 // logits: [t, num_experts] with ld = num_experts + opt.pad (padding columns hold garbage the
 // router must not read).
 template <class L>
-Outcome check_route(RouterConfig const& c, std::int64_t t, std::vector<L> const& logits,
-                    std::vector<float> const& bias, Options opt) {
+Outcome check_route(RouterConfig const& c, std::int64_t t, std::vector<L> const& logits, std::vector<float> const& bias,
+                    Options opt) {
   CAPTURE(c.num_experts);
   CAPTURE(c.top_k);
   CAPTURE(c.num_groups);
@@ -175,15 +173,17 @@ Outcome check_route(RouterConfig const& c, std::int64_t t, std::vector<L> const&
                near(sel.choice[static_cast<std::size_t>(h)], sel.choice[static_cast<std::size_t>(d)]);
     if (!tie && c.num_groups > 1) tie = group_near_tie(c, sel);
     auto value = [&](std::int32_t id) { return id >= 0 ? sel.choice[static_cast<std::size_t>(id)] : 0.0f; };
-    INFO("token " << tok << " slot " << j << ": host " << h << " (" << value(h) << "), device " << d << " ("
-                  << value(d) << ")");
+    INFO("token " << tok << " slot " << j << ": host " << h << " (" << value(h) << "), device " << d << " (" << value(d)
+                  << ")");
     CHECK(!opt.exact);
     CHECK(tie);
     ++out.near_ties;
   }
   CHECK(out.near_ties <= std::max<std::int64_t>(1, t / 1000));
-  if (opt.counts) CHECK(counts == own_counts);
-  else CHECK(std::all_of(counts.begin(), counts.end(), [](std::int32_t v) { return v == 0x01010101; }));
+  if (opt.counts)
+    CHECK(counts == own_counts);
+  else
+    CHECK(std::all_of(counts.begin(), counts.end(), [](std::int32_t v) { return v == 0x01010101; }));
   return out;
 }
 
@@ -245,9 +245,9 @@ TEST_CASE("Router::route[cuda]: top_k up to kMaxTopK (two slot registers per lan
     for (std::int32_t k : {31, 32, 33, 63, kMaxTopK})
       for (auto scoring : kScorings)
         for (std::int64_t t : {std::int64_t{1}, std::int64_t{33}, large})
-          check_random<float>({.num_experts = e, .top_k = k, .scoring = scoring, .renormalize = true,
-                               .routed_scaling_factor = 1.5f},
-                              t, scoring != Scoring::kSoftmaxTopK, {.pad = k == 33 ? 5 : 0}, rng);
+          check_random<float>(
+              {.num_experts = e, .top_k = k, .scoring = scoring, .renormalize = true, .routed_scaling_factor = 1.5f}, t,
+              scoring != Scoring::kSoftmaxTopK, {.pad = k == 33 ? 5 : 0}, rng);
 }
 
 TEST_CASE("Router::route[cuda]: NaN and +-inf logits; fewer selectable experts than top_k") {
@@ -259,9 +259,9 @@ TEST_CASE("Router::route[cuda]: NaN and +-inf logits; fewer selectable experts t
       for (auto scoring : kScorings)
         for (double special : {0.1, 0.9}) {  // 0.9: most tokens have fewer than k selectable experts
           RouterConfig const c{.num_experts = e, .top_k = k, .scoring = scoring, .renormalize = k != 12};
-          empty_slots += check_random<float>(c, t, scoring == Scoring::kSigmoidTopK, {.pad = k == 12 ? 1 : 0}, rng,
-                                             special)
-                             .empty_slots;
+          empty_slots +=
+              check_random<float>(c, t, scoring == Scoring::kSigmoidTopK, {.pad = k == 12 ? 1 : 0}, rng, special)
+                  .empty_slots;
           empty_slots += check_random<bfloat16>(c, 7, false, {}, rng, special).empty_slots;
         }
   CHECK(empty_slots > 0);  // -1 slots were exercised
@@ -283,35 +283,72 @@ TEST_CASE("Router::route[cuda]: grouped configurations match the host") {
   };
   Grouped const cases[] = {
       // DeepSeek-V3: 256 experts, 8 groups of 32, 4 kept.
-      {{.num_experts = 256, .top_k = 8, .scoring = Scoring::kSigmoidTopK, .renormalize = true, .num_groups = 8,
-        .topk_groups = 4, .routed_scaling_factor = 2.5f},
+      {{.num_experts = 256,
+        .top_k = 8,
+        .scoring = Scoring::kSigmoidTopK,
+        .renormalize = true,
+        .num_groups = 8,
+        .topk_groups = 4,
+        .routed_scaling_factor = 2.5f},
        true},
       // DeepSeek-V2: 160 experts, 8 groups of 20 (even, not a multiple of 32), softmax scoring.
-      {{.num_experts = 160, .top_k = 6, .scoring = Scoring::kSoftmaxTopK, .num_groups = 8, .topk_groups = 3,
+      {{.num_experts = 160,
+        .top_k = 6,
+        .scoring = Scoring::kSoftmaxTopK,
+        .num_groups = 8,
+        .topk_groups = 3,
         .routed_scaling_factor = 16.0f},
        false},
-      {{.num_experts = 64, .top_k = 6, .scoring = Scoring::kSoftmaxTopK, .renormalize = true, .num_groups = 4,
+      {{.num_experts = 64,
+        .top_k = 6,
+        .scoring = Scoring::kSoftmaxTopK,
+        .renormalize = true,
+        .num_groups = 4,
         .topk_groups = 2},
        false},
-      {{.num_experts = 100, .top_k = 8, .scoring = Scoring::kSigmoidTopK, .renormalize = true, .num_groups = 5,
+      {{.num_experts = 100,
+        .top_k = 8,
+        .scoring = Scoring::kSigmoidTopK,
+        .renormalize = true,
+        .num_groups = 5,
         .topk_groups = 2},
        true},
-      {{.num_experts = 500, .top_k = 16, .scoring = Scoring::kSigmoidTopK, .renormalize = true, .num_groups = 10,
+      {{.num_experts = 500,
+        .top_k = 16,
+        .scoring = Scoring::kSigmoidTopK,
+        .renormalize = true,
+        .num_groups = 10,
         .topk_groups = 3},
        true},
-      {{.num_experts = 512, .top_k = 64, .scoring = Scoring::kSoftmaxTopK, .renormalize = true, .num_groups = 16,
+      {{.num_experts = 512,
+        .top_k = 64,
+        .scoring = Scoring::kSoftmaxTopK,
+        .renormalize = true,
+        .num_groups = 16,
         .topk_groups = 4},
        false},
       {{.num_experts = 128, .top_k = 8, .scoring = Scoring::kTopKSoftmax, .num_groups = 32, .topk_groups = 3}, true},
       // More groups than lanes (each lane scores several), groups of 1, 2 and odd sizes.
-      {{.num_experts = 512, .top_k = 8, .scoring = Scoring::kSoftmaxTopK, .renormalize = true, .num_groups = 256,
+      {{.num_experts = 512,
+        .top_k = 8,
+        .scoring = Scoring::kSoftmaxTopK,
+        .renormalize = true,
+        .num_groups = 256,
         .topk_groups = 8},
        false},
       {{.num_experts = 96, .top_k = 4, .scoring = Scoring::kSigmoidTopK, .num_groups = 96, .topk_groups = 4}, true},
-      {{.num_experts = 375, .top_k = 10, .scoring = Scoring::kSigmoidTopK, .renormalize = true, .num_groups = 75,
+      {{.num_experts = 375,
+        .top_k = 10,
+        .scoring = Scoring::kSigmoidTopK,
+        .renormalize = true,
+        .num_groups = 75,
         .topk_groups = 5},
        true},
-      {{.num_experts = 384, .top_k = 8, .scoring = Scoring::kTopKSoftmax, .renormalize = true, .num_groups = 64,
+      {{.num_experts = 384,
+        .top_k = 8,
+        .scoring = Scoring::kTopKSoftmax,
+        .renormalize = true,
+        .num_groups = 64,
         .topk_groups = 6},
        false},
   };
@@ -331,8 +368,12 @@ TEST_CASE("Router::route[cuda]: group scores of +inf, -inf and NaN are kept as t
   // (never kept) or to NaN (+inf and -inf; kept only as the lowest competing group), and many
   // choices are exactly equal (ties to the lower id).
   EPX_TEST_SEEDED_RNG(rng);
-  RouterConfig const c{.num_experts = 64, .top_k = 6, .scoring = Scoring::kTopKSoftmax, .renormalize = true,
-                       .num_groups = 16, .topk_groups = 3};
+  RouterConfig const c{.num_experts = 64,
+                       .top_k = 6,
+                       .scoring = Scoring::kTopKSoftmax,
+                       .renormalize = true,
+                       .num_groups = 16,
+                       .topk_groups = 3};
   std::vector<float> bias(64);
   for (std::size_t e = 0; e < bias.size(); ++e) bias[e] = e % 2 == 0 ? 3e38f : -3e38f;
   std::int64_t const t = test::pick_size<std::int64_t>(4096, 512);

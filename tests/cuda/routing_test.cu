@@ -45,7 +45,8 @@ TEST_CASE("Plan::make_plan[cuda]: router-free pipeline captured in a CUDA graph 
   auto pipeline = [&](bfloat16* y) {
     RoutingPlan const plan = make_plan(stream.ref(), MatrixView<std::int32_t const>(d_ids.data(), t, k), e, {0, e},
                                        Workspace(d_ws.data(), d_ws.size()), d_status.data());
-    permute(stream.ref(), plan, MatrixView<bfloat16 const>(d_x.data(), t, h), MatrixView<bfloat16>(d_perm.data(), t * k, h));
+    permute(stream.ref(), plan, MatrixView<bfloat16 const>(d_x.data(), t, h),
+            MatrixView<bfloat16>(d_perm.data(), t * k, h));
     // permuted rows stand in for expert outputs: y = sum_j w_j * x_t
     unpermute(stream.ref(), plan, MatrixView<bfloat16 const>(d_perm.data(), t * k, h),
               MatrixView<float const>(d_w.data(), t, k), MatrixView<bfloat16>(y, t, h));
@@ -78,6 +79,7 @@ TEST_CASE("Permute::permute[cuda]: a host StreamRef is refused") {
   RoutingPlan const plan = make_plan(Host{}, MatrixView<std::int32_t const>(ids.data(), 1, 2), 2, {0, 2},
                                      Workspace(ws.data(), ws.size()), st);
   std::vector<float> x(8), xp(16);
-  CHECK_THROWS_WITH_AS(permute(StreamRef::host(), plan, MatrixView<float const>(x.data(), 1, 8), MatrixView<float>(xp.data(), 2, 8)),
-                       doctest::Contains("permute: stream = StreamRef::host()"), Error);
+  CHECK_THROWS_WITH_AS(
+      permute(StreamRef::host(), plan, MatrixView<float const>(x.data(), 1, 8), MatrixView<float>(xp.data(), 2, 8)),
+      doctest::Contains("permute: stream = StreamRef::host()"), Error);
 }

@@ -70,9 +70,7 @@ TEST_CASE("Cuda::check: device 0 without a usable GPU throws") {
 
 TEST_CASE("Cuda::check: cudaMemcpy with an invalid kind and null pointers throws") {
   cudaError_t const clear = no_pending_error();
-  auto const e = caught([] {
-    EPX_CUDA_CHECK(cudaMemcpy(nullptr, nullptr, 16, static_cast<cudaMemcpyKind>(42)));
-  });
+  auto const e = caught([] { EPX_CUDA_CHECK(cudaMemcpy(nullptr, nullptr, 16, static_cast<cudaMemcpyKind>(42))); });
   INFO(std::string(e.what()));
   CHECK(e.code() == epx::Errc::kCuda);
   CHECK(contains(e.what(), "cudaMemcpy(nullptr, nullptr, 16, static_cast<cudaMemcpyKind>(42))"));

@@ -50,7 +50,8 @@ TEST_CASE("GroupedGemm::grouped_gemm[cuda-args]: bad arguments are refused befor
   auto call = [&](StreamRef s, std::int64_t k, std::int64_t c_rows, std::size_t num_offsets, std::int64_t lda) {
     grouped_gemm(s, MatrixView<bfloat16 const>(fake<bfloat16 const>(), 10, k, lda),
                  BatchedMatrixView<bfloat16 const>{fake<bfloat16 const>(), 2, 24, k}, nullptr,
-                 std::span<std::int32_t const>(offsets, num_offsets), MatrixView<bfloat16>(fake<bfloat16>(), c_rows, 24));
+                 std::span<std::int32_t const>(offsets, num_offsets),
+                 MatrixView<bfloat16>(fake<bfloat16>(), c_rows, 24));
   };
   Error e = caught([&] { call(StreamRef::host(), 16, 10, 3, 16); });
   CHECK(e.code() == Errc::kInvalidArgument);
@@ -75,7 +76,8 @@ TEST_CASE("GroupedGemm::grouped_gemm[cuda-args]: bad arguments are refused befor
   CHECK(contains(e.what(), "16-byte aligned data"));
 }
 
-TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: widths the tensor-core kernel cannot take and short workspaces are refused") {
+TEST_CASE(
+    "ExpertMlp::expert_mlp[cuda-args]: widths the tensor-core kernel cannot take and short workspaces are refused") {
   std::int32_t const* offsets = fake<std::int32_t const>();
   auto call = [&](ExpertMlpConfig const& c, std::size_t ws_bytes, std::size_t num_offsets) {
     auto const weights = expert_weights<bfloat16>(2, fake<bfloat16 const>(), fake<bfloat16 const>());
@@ -96,10 +98,10 @@ TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: widths the tensor-core kernel canno
   e = caught([&] { call(good, enough - 256, 3); });
   CHECK(e.code() == Errc::kWorkspaceTooSmall);
   e = caught([&] {
-    expert_mlp<bfloat16>(StreamRef::host(), good, expert_weights<bfloat16>(2, fake<bfloat16 const>(), fake<bfloat16 const>()),
-                         MatrixView<bfloat16 const>(fake<bfloat16 const>(), 10, 64),
-                         std::span<std::int32_t const>(offsets, 3), MatrixView<bfloat16>(fake<bfloat16>(), 10, 64),
-                         Workspace(fake<std::byte>(), enough));
+    expert_mlp<bfloat16>(
+        StreamRef::host(), good, expert_weights<bfloat16>(2, fake<bfloat16 const>(), fake<bfloat16 const>()),
+        MatrixView<bfloat16 const>(fake<bfloat16 const>(), 10, 64), std::span<std::int32_t const>(offsets, 3),
+        MatrixView<bfloat16>(fake<bfloat16>(), 10, 64), Workspace(fake<std::byte>(), enough));
   });
   CHECK(contains(e.what(), "expert_mlp: stream = StreamRef::host()"));
 }
@@ -118,7 +120,9 @@ TEST_CASE("Routing::stages[cuda-args]: route, make_plan and permute refuse bad a
   CHECK(contains(e.what(), "route: stream = StreamRef::host(), expected a CUDA stream"));
 
   MatrixView<std::int32_t const> const ids(fake<std::int32_t const>(), 4, 2);
-  e = caught([&] { (void)make_plan(StreamRef::host(), ids, 16, {0, 16}, Workspace(fake<std::byte>(), 1 << 20), fake<Status>()); });
+  e = caught([&] {
+    (void)make_plan(StreamRef::host(), ids, 16, {0, 16}, Workspace(fake<std::byte>(), 1 << 20), fake<Status>());
+  });
   CHECK(contains(e.what(), "make_plan: stream = StreamRef::host(), expected a CUDA stream"));
   e = caught([&] { (void)make_plan(fake_stream(), ids, 16, {0, 16}, Workspace(fake<std::byte>(), 1 << 20), nullptr); });
   CHECK(e.code() == Errc::kInvalidArgument);
@@ -141,12 +145,14 @@ TEST_CASE("Routing::stages[cuda-args]: route, make_plan and permute refuse bad a
 
 TEST_CASE("ExpertParallel<Cuda>::ExpertParallel[cuda-args]: weights in another layout and a short bias are refused") {
   // gpt-oss-like widths (gate_up_rows 64 != hidden 48); 8 experts over 2 ranks: rank 0 owns 4.
-  ExpertMlpConfig const mlp{.hidden = 48, .intermediate = 32, .activation = Activation::kClampedSwiGLU,
+  ExpertMlpConfig const mlp{.hidden = 48,
+                            .intermediate = 32,
+                            .activation = Activation::kClampedSwiGLU,
                             .gate_up_layout = GateUpLayout::kInterleaved};
   test::UnusedCommunicator comm(MemorySpace::kDevice, 2);  // rank 0 of 2: owns 4 of 8 experts
   auto config = [&](ExpertWeights const& w) {
-    return MoeConfig{.router = {.num_experts = 8, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp,
-                     .weights = w};
+    return MoeConfig{
+        .router = {.num_experts = 8, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp, .weights = w};
   };
   auto const down = TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 48, 32});
   // gate_up_proj as the checkpoint stores it ([E, H, 2I]), then its transpose as a strided view.
@@ -155,13 +161,13 @@ TEST_CASE("ExpertParallel<Cuda>::ExpertParallel[cuda-args]: weights in another l
         config(expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 48, 64}), down)), comm);
   });
   CHECK(e.code() == Errc::kShapeMismatch);
-  CHECK(contains(e.what(), "ExpertParallel: weights.gate_up.extents = [4, 48, 64], expected [4, 64, 48] = [local "
-                           "experts, gate_up_rows (2 * intermediate), hidden], contiguous and K-major (gpt-oss's "
-                           "gate_up_proj is [E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)"));
+  CHECK(contains(e.what(),
+                 "ExpertParallel: weights.gate_up.extents = [4, 48, 64], expected [4, 64, 48] = [local "
+                 "experts, gate_up_rows (2 * intermediate), hidden], contiguous and K-major (gpt-oss's "
+                 "gate_up_proj is [E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)"));
   e = caught([&] {
     (void)ExpertParallel<CublasGrouped, AllGather, Cuda>(
-        config(expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 64, 48}, {3072, 1, 64}),
-                              down)),
+        config(expert_weights(TensorView<bfloat16 const, 3>(fake<bfloat16 const>(), {4, 64, 48}, {3072, 1, 64}), down)),
         comm);
   });
   CHECK(e.code() == Errc::kInvalidArgument);
@@ -170,7 +176,8 @@ TEST_CASE("ExpertParallel<Cuda>::ExpertParallel[cuda-args]: weights in another l
   with_bias.correction_bias = std::span<float const>(fake<float const>(), 7);
   e = caught([&] { (void)ExpertParallel<Grouped, AllToAll, Cuda>(with_bias, comm); });
   CHECK(e.code() == Errc::kShapeMismatch);
-  CHECK(contains(e.what(), "ExpertParallel: correction_bias.size() = 7, expected 0 (no bias) or router.num_experts = 8"));
+  CHECK(
+      contains(e.what(), "ExpertParallel: correction_bias.size() = 7, expected 0 (no bias) or router.num_experts = 8"));
 }
 
 TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: weights in another layout are refused before any GPU work") {
@@ -184,8 +191,9 @@ TEST_CASE("ExpertMlp::expert_mlp[cuda-args]: weights in another layout are refus
                          Workspace(fake<std::byte>(), 1 << 20));
   });
   CHECK(e.code() == Errc::kShapeMismatch);
-  CHECK(contains(e.what(), "expert_mlp: weights.down.extents = [2, 32, 64], expected [2, 64, 32] = [local experts, "
-                           "hidden, intermediate], contiguous and K-major (gpt-oss's down_proj is [E, I, H]"));
+  CHECK(contains(e.what(),
+                 "expert_mlp: weights.down.extents = [2, 32, 64], expected [2, 64, 32] = [local experts, "
+                 "hidden, intermediate], contiguous and K-major (gpt-oss's down_proj is [E, I, H]"));
 }
 
 namespace {
@@ -213,7 +221,8 @@ void check_tile_walk(std::vector<std::int32_t> const& offsets, std::int64_t num_
       REQUIRE(tile.row_end - tile.row_begin <= BM);
       REQUIRE(tile.row_end > tile.row_begin);
       REQUIRE(tile.n_begin % BN == 0);
-      for (std::int64_t r = tile.row_begin; r < tile.row_end; ++r) ++written[static_cast<std::size_t>(r * n_blocks + tile.n_begin / BN)];
+      for (std::int64_t r = tile.row_begin; r < tile.row_end; ++r)
+        ++written[static_cast<std::size_t>(r * n_blocks + tile.n_begin / BN)];
     }
   }
   // Every row of every (clamped) group once per n-block; rows of no group never.
@@ -253,20 +262,9 @@ TEST_CASE("GroupedGemm::tile_scheduler[cuda-host]: every output tile is computed
   check_tile_walk<64, 128>({-5, 10, 4, 300, 90}, 100, 256, 7);
 }
 
-TEST_CASE("GroupedGemm::paired_weight_row[cuda-host]: gated columns read gate i and up i side by side") {
-  int const inter = 40, n = 2 * inter;
-  std::vector<int> seen(n, 0);
-  for (int p = 0; p < n; ++p) {
-    int const concatenated = detail::paired_weight_row(p, n, true, true);
-    CHECK(concatenated == (p % 2 == 0 ? p / 2 : inter + p / 2));  // gate rows first, then up rows
-    ++seen[static_cast<std::size_t>(concatenated)];
-    CHECK(detail::paired_weight_row(p, n, true, false) == p);   // interleaved: already paired
-    CHECK(detail::paired_weight_row(p, n, false, true) == p);   // not gated: identity
-  }
-  CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));  // a permutation
-}
-
-TEST_CASE("GroupedGemm::pick_mma_mainloop[cuda-host]: tile height from rows per group, narrower decode tiles when SMs would idle") {
+TEST_CASE(
+    "GroupedGemm::pick_mma_mainloop[cuda-host]: tile height from rows per group, narrower decode tiles when SMs would "
+    "idle") {
   using detail::GemmMainloop;
   using detail::pick_mma_mainloop;
   detail::GemmTilePolicy const wgmma{.wgmma = true};
@@ -315,9 +313,9 @@ TEST_CASE("GroupedGemm::epilogue_kinds[cuda-host]: one kernel per activation, la
 
   using detail::GemmMainloop;
   std::vector<std::string> names;
-  for (GemmMainloop m : {GemmMainloop::kSimt, GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64,
-                         GemmMainloop::kMmaDecodeN32, GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge,
-                         GemmMainloop::kWgmma})
+  for (GemmMainloop m :
+       {GemmMainloop::kSimt, GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
+        GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge, GemmMainloop::kWgmma})
     names.emplace_back(detail::kernel_name(m));
   CHECK(std::set<std::string>(names.begin(), names.end()).size() == names.size());
   CHECK(contains(names[0], "grouped_gemm_simt_kernel"));

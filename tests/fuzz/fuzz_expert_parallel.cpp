@@ -19,12 +19,14 @@ struct Layer {
   std::vector<float> gate_up, down;  // [E, 2I, H], [E, H, I]
 
   std::vector<double> expert(std::int32_t e, float const* x) const {
-    auto const h = static_cast<std::size_t>(hidden), ii = static_cast<std::size_t>(inter), ue = static_cast<std::size_t>(e);
+    auto const h = static_cast<std::size_t>(hidden), ii = static_cast<std::size_t>(inter),
+               ue = static_cast<std::size_t>(e);
     std::vector<double> hv(2 * ii), out(h);
     for (std::size_t n = 0; n < 2 * ii; ++n)
       for (std::size_t k = 0; k < h; ++k) hv[n] += double(x[k]) * gate_up[(ue * 2 * ii + n) * h + k];
     for (std::size_t n = 0; n < h; ++n)
-      for (std::size_t i = 0; i < ii; ++i) out[n] += hv[i] / (1 + std::exp(-hv[i])) * hv[ii + i] * down[(ue * h + n) * ii + i];
+      for (std::size_t i = 0; i < ii; ++i)
+        out[n] += hv[i] / (1 + std::exp(-hv[i])) * hv[ii + i] * down[(ue * h + n) * ii + i];
     return out;
   }
 };
@@ -58,10 +60,11 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
     auto const local = placement.local_range(rank);
     auto const gu = static_cast<std::size_t>(2 * layer.inter) * h, dn = h * static_cast<std::size_t>(layer.inter);
     ExpertParallel<Grouped, Dispatch, Host> ep(
-        MoeConfig{.router = {.num_experts = layer.num_experts, .top_k = layer.top_k},
-                  .mlp = {.hidden = layer.hidden, .intermediate = layer.inter},
-                  .weights = expert_weights(local.count, layer.gate_up.data() + static_cast<std::size_t>(local.first) * gu,
-                                            layer.down.data() + static_cast<std::size_t>(local.first) * dn)},
+        MoeConfig{
+            .router = {.num_experts = layer.num_experts, .top_k = layer.top_k},
+            .mlp = {.hidden = layer.hidden, .intermediate = layer.inter},
+            .weights = expert_weights(local.count, layer.gate_up.data() + static_cast<std::size_t>(local.first) * gu,
+                                      layer.down.data() + static_cast<std::size_t>(local.first) * dn)},
         comm);
     std::vector<std::byte> ws(ep.workspace_bytes(max_tokens));
     try {
@@ -88,7 +91,8 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
         float const w = weights[r][static_cast<std::size_t>(t) * k + j];
         // Compare only where fp32 cannot overflow inside the expert (|x|, |w| < 1e3 with these small
         // weights); a huge finite input may rightly give inf/NaN in fp32 but not in the double reference.
-        for (std::size_t c = 0; c < h; ++c) finite = finite && std::abs(x[r][static_cast<std::size_t>(t) * h + c]) < 1e3f;
+        for (std::size_t c = 0; c < h; ++c)
+          finite = finite && std::abs(x[r][static_cast<std::size_t>(t) * h + c]) < 1e3f;
         finite = finite && std::abs(w) < 1e3f;
         if (!finite) break;
         auto const out = layer.expert(id, x[r].data() + static_cast<std::size_t>(t) * h);
@@ -109,8 +113,10 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
 
 extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size) {
   fuzz::ByteReader in(data, size);
-  Layer layer{.num_experts = static_cast<std::int32_t>(in.in_range(1, 9)), .top_k = 0,
-              .hidden = static_cast<std::int32_t>(in.in_range(1, 6)), .inter = static_cast<std::int32_t>(in.in_range(1, 5))};
+  Layer layer{.num_experts = static_cast<std::int32_t>(in.in_range(1, 9)),
+              .top_k = 0,
+              .hidden = static_cast<std::int32_t>(in.in_range(1, 6)),
+              .inter = static_cast<std::int32_t>(in.in_range(1, 5))};
   layer.top_k = static_cast<std::int32_t>(in.in_range(1, layer.num_experts));
   int const num_ranks = static_cast<int>(in.in_range(1, 4));
   bool const all_gather = in.flag();
@@ -120,7 +126,9 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
   layer.down.resize(static_cast<std::size_t>(layer.num_experts * layer.hidden * layer.inter));
   for (auto& v : layer.gate_up) v = dist(rng);
   for (auto& v : layer.down) v = dist(rng);
-  if (all_gather) run<AllGather>(in, layer, num_ranks);
-  else run<AllToAll>(in, layer, num_ranks);
+  if (all_gather)
+    run<AllGather>(in, layer, num_ranks);
+  else
+    run<AllToAll>(in, layer, num_ranks);
   return 0;
 }

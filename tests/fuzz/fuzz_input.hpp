@@ -56,12 +56,12 @@ class ByteReader {
 };
 
 //! An invariant failed: print it and crash, so libFuzzer saves the input.
-#define EPX_FUZZ_CHECK(cond)                                                              \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
+#define EPX_FUZZ_CHECK(cond)                                                                      \
+  do {                                                                                            \
+    if (!(cond)) {                                                                                \
       std::fprintf(stderr, "epx fuzz invariant failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
+      std::abort();                                                                               \
+    }                                                                                             \
   } while (0)
 
 }  // namespace epx::fuzz

@@ -28,14 +28,17 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
                                      {0, num_experts}, Workspace(ws.data(), ws.size()), status);
   std::int64_t const rows = plan.expert_offsets.back();
   std::vector<float> x_perm(static_cast<std::size_t>(rows) * static_cast<std::size_t>(hidden));
-  permute(Host{}, plan, MatrixView<float const>(x.data(), num_tokens, hidden), MatrixView<float>(x_perm.data(), rows, hidden));
+  permute(Host{}, plan, MatrixView<float const>(x.data(), num_tokens, hidden),
+          MatrixView<float>(x_perm.data(), rows, hidden));
   for (std::int64_t r = 0; r < rows; ++r) {
     auto const token = plan.sorted_slots[static_cast<std::size_t>(r)] / top_k;
-    EPX_FUZZ_CHECK(std::memcmp(&x_perm[static_cast<std::size_t>(r * hidden)], &x[static_cast<std::size_t>(token) * static_cast<std::size_t>(hidden)],
+    EPX_FUZZ_CHECK(std::memcmp(&x_perm[static_cast<std::size_t>(r * hidden)],
+                               &x[static_cast<std::size_t>(token) * static_cast<std::size_t>(hidden)],
                                static_cast<std::size_t>(hidden) * sizeof(float)) == 0);
   }
   std::vector<float> y(x.size(), 7.0f);
-  unpermute(Host{}, plan, MatrixView<float const>(x_perm.data(), rows, hidden), MatrixView<float const>(weights.data(), num_tokens, top_k),
+  unpermute(Host{}, plan, MatrixView<float const>(x_perm.data(), rows, hidden),
+            MatrixView<float const>(weights.data(), num_tokens, top_k),
             MatrixView<float>(y.data(), num_tokens, hidden));
   for (std::int32_t t = 0; t < num_tokens; ++t)
     for (std::int32_t c = 0; c < hidden; ++c) {
@@ -44,7 +47,8 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
       for (std::int32_t j = 0; j < top_k; ++j) {
         auto const id = ids[static_cast<std::size_t>(t * top_k + j)];
         if (id < 0 || id >= num_experts) continue;
-        float const w = weights[static_cast<std::size_t>(t * top_k + j)], v = x[static_cast<std::size_t>(t * hidden + c)];
+        float const w = weights[static_cast<std::size_t>(t * top_k + j)],
+                    v = x[static_cast<std::size_t>(t * hidden + c)];
         finite_inputs = finite_inputs && std::isfinite(w) && std::isfinite(v);
         acc = std::fma(w, v, acc);  // unpermute adds each term with one rounding (detail::add_weighted)
       }

@@ -41,7 +41,8 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
   EPX_FUZZ_CHECK(status.invalid_ids == invalid && status.dropped_slots == invalid);
   EPX_FUZZ_CHECK(plan.expert_offsets.back() == routed);
   for (std::int32_t row = 1; row < routed; ++row) {  // sorted by expert, then by slot (stable)
-    auto const a = plan.sorted_slots[static_cast<std::size_t>(row) - 1], b = plan.sorted_slots[static_cast<std::size_t>(row)];
+    auto const a = plan.sorted_slots[static_cast<std::size_t>(row) - 1],
+               b = plan.sorted_slots[static_cast<std::size_t>(row)];
     auto const ea = ids[static_cast<std::size_t>(a)], eb = ids[static_cast<std::size_t>(b)];
     EPX_FUZZ_CHECK(ea < eb || (ea == eb && a < b));
   }

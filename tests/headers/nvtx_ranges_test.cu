@@ -9,7 +9,7 @@
 // draws them (docs/profiling.md).
 
 #ifndef EPX_ENABLE_NVTX
-#  define EPX_ENABLE_NVTX 1  // this test checks the ranges, whatever the build's EPX_ENABLE_NVTX option
+#define EPX_ENABLE_NVTX 1  // this test checks the ranges, whatever the build's EPX_ENABLE_NVTX option
 #endif
 #include <epx/cuda.cuh>
 
@@ -92,9 +92,9 @@ TEST_CASE("Nvtx::ScopedRange[nvtx]: a range pushes its stage's registered name i
         text({push("forward"), push("combine"), pop(), push("unpermute"), pop(), pop()}));
   // The names profilers filter on (docs/profiling.md).
   CHECK(std::string(nvtx::Domain::name) == "epx");
-  std::vector<std::string> const names{nvtx::Route::message,     nvtx::Plan::message,        nvtx::Permute::message,
-                                       nvtx::Experts::message,   nvtx::GroupedGemm::message, nvtx::Unpermute::message,
-                                       nvtx::Dispatch::message,  nvtx::Combine::message,     nvtx::Forward::message};
+  std::vector<std::string> const names{nvtx::Route::message,    nvtx::Plan::message,        nvtx::Permute::message,
+                                       nvtx::Experts::message,  nvtx::GroupedGemm::message, nvtx::Unpermute::message,
+                                       nvtx::Dispatch::message, nvtx::Combine::message,     nvtx::Forward::message};
   CHECK(names == std::vector<std::string>{"route", "plan", "permute", "experts", "grouped_gemm", "unpermute",
                                           "dispatch", "combine", "forward"});
 }

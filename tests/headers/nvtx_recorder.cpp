@@ -29,9 +29,9 @@ namespace {
 struct Recorder {
   std::mutex mutex;
   bool attached = false;
-  std::deque<std::string> domains;                     // stable addresses: a domain handle points here
-  std::map<void const*, std::string> strings;          // registered string handle -> text
-  std::deque<std::string> string_texts;                // a string handle points here
+  std::deque<std::string> domains;             // stable addresses: a domain handle points here
+  std::map<void const*, std::string> strings;  // registered string handle -> text
+  std::deque<std::string> string_texts;        // a string handle points here
   std::vector<NvtxEvent> events;
 };
 

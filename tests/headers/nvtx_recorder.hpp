@@ -14,15 +14,14 @@ namespace epx::test {
 struct NvtxEvent {
   enum class Kind { kPush, kPop };
   Kind kind = Kind::kPush;
-  std::string domain;    // the domain's name; "" for NVTX's default domain
-  std::string message;   // pushes only
+  std::string domain;       // the domain's name; "" for NVTX's default domain
+  std::string message;      // pushes only
   bool registered = false;  // pushes only: the message was a registered string (a handle), not text
 
   friend bool operator==(NvtxEvent const&, NvtxEvent const&) = default;
   friend std::ostream& operator<<(std::ostream& os, NvtxEvent const& e) {
     if (e.kind == Kind::kPop) return os << "pop(" << e.domain << ")";
-    return os << "push(" << e.domain << ", \"" << e.message << "\", " << (e.registered ? "registered" : "text")
-              << ")";
+    return os << "push(" << e.domain << ", \"" << e.message << "\", " << (e.registered ? "registered" : "text") << ")";
   }
 };
 

@@ -21,7 +21,8 @@ std::uint16_t reference_bf16(float f) {
   std::uint32_t const lo = u & 0xffff0000u, hi = lo + 0x10000u;
   if ((lo & 0x7f800000u) == 0x7f800000u) return static_cast<std::uint16_t>(lo >> 16);  // inf stays inf
   auto value = [](std::uint32_t bits) {  // the float with these bits; the one past the largest is 2^128
-    if ((bits & 0x7fffffffu) == 0x7f800000u) return std::copysign(std::ldexp(1.0, 128), double(std::bit_cast<float>(bits)));
+    if ((bits & 0x7fffffffu) == 0x7f800000u)
+      return std::copysign(std::ldexp(1.0, 128), double(std::bit_cast<float>(bits)));
     return double(std::bit_cast<float>(bits));
   };
   double const dlo = std::abs(value(lo) - f);
@@ -65,8 +66,8 @@ TEST_CASE("DType::half: float to half rounds to nearest even like the compiler")
     REQUIRE_MESSAGE(half(f).bits == reference_half(f), "f = " << f);
   }
   // The edges: largest half, the overflow threshold, subnormals and the underflow threshold.
-  for (float f : {65504.0f, 65519.99f, 65520.0f, 6.1035156e-05f, 5.9604645e-08f, 2.9802322e-08f, 2.9802326e-08f,
-                  -0.0f, 1e-30f})
+  for (float f :
+       {65504.0f, 65519.99f, 65520.0f, 6.1035156e-05f, 5.9604645e-08f, 2.9802322e-08f, 2.9802326e-08f, -0.0f, 1e-30f})
     CHECK_MESSAGE(half(f).bits == reference_half(f), "f = " << f);
 }
 
@@ -103,12 +104,16 @@ TEST_CASE("Error::message: names the parameter, its value, the expectation and t
 
 TEST_CASE("Errc::to_string: prints the enumerator's name") {
   // Every enumerator, spelled as in the source: a log line can be searched for in code and docs.
-  std::pair<Errc, std::string_view> const names[] = {
-      {Errc::kInvalidArgument, "kInvalidArgument"},   {Errc::kShapeMismatch, "kShapeMismatch"},
-      {Errc::kWorkspaceTooSmall, "kWorkspaceTooSmall"}, {Errc::kInvalidExpertId, "kInvalidExpertId"},
-      {Errc::kTimeout, "kTimeout"},                   {Errc::kPeerFailed, "kPeerFailed"},
-      {Errc::kCollectiveMismatch, "kCollectiveMismatch"}, {Errc::kUnsupported, "kUnsupported"},
-      {Errc::kCuda, "kCuda"},                         {Errc::kNccl, "kNccl"}};
+  std::pair<Errc, std::string_view> const names[] = {{Errc::kInvalidArgument, "kInvalidArgument"},
+                                                     {Errc::kShapeMismatch, "kShapeMismatch"},
+                                                     {Errc::kWorkspaceTooSmall, "kWorkspaceTooSmall"},
+                                                     {Errc::kInvalidExpertId, "kInvalidExpertId"},
+                                                     {Errc::kTimeout, "kTimeout"},
+                                                     {Errc::kPeerFailed, "kPeerFailed"},
+                                                     {Errc::kCollectiveMismatch, "kCollectiveMismatch"},
+                                                     {Errc::kUnsupported, "kUnsupported"},
+                                                     {Errc::kCuda, "kCuda"},
+                                                     {Errc::kNccl, "kNccl"}};
   for (auto const& entry : names) {  // not a structured binding: clang 14 cannot CAPTURE one
     CAPTURE(entry.second);
     CHECK(to_string(entry.first) == entry.second);
@@ -189,10 +194,11 @@ TEST_CASE("Workspace::carve: parts are aligned and a small workspace names both 
     CHECK(b.size() == 100);
     CHECK(reinterpret_cast<std::byte*>(b.data() + 100) <= mem.data() + shift + need);
   }
-  CHECK_THROWS_WITH_AS(detail::carve_layout(Workspace(mem.data(), need - 1), "permute", layout),
-                       doctest::Contains(fmt::format("permute: workspace.size() = {} bytes, expected at least {} bytes",
-                                                     need - 1, need).c_str()),
-                       Error);
+  CHECK_THROWS_WITH_AS(
+      detail::carve_layout(Workspace(mem.data(), need - 1), "permute", layout),
+      doctest::Contains(
+          fmt::format("permute: workspace.size() = {} bytes, expected at least {} bytes", need - 1, need).c_str()),
+      Error);
   CHECK_THROWS_AS(detail::carve_layout(Workspace(nullptr, need), "x", layout), Error);
 }
 
@@ -228,8 +234,8 @@ TEST_CASE("ExpertPlacement::rank_of: skips ranks without experts") {
 }
 
 TEST_CASE("RouterConfig::validate: each bad field is named") {
-  RouterConfig const good{.num_experts = 256, .top_k = 8, .scoring = Scoring::kSigmoidTopK, .num_groups = 8,
-                          .topk_groups = 4};
+  RouterConfig const good{
+      .num_experts = 256, .top_k = 8, .scoring = Scoring::kSigmoidTopK, .num_groups = 8, .topk_groups = 4};
   CHECK_NOTHROW(detail::validate(good));
   auto expect = [](RouterConfig c, char const* text) {
     CHECK_THROWS_WITH_AS(detail::validate(c), doctest::Contains(text), Error);
@@ -237,7 +243,8 @@ TEST_CASE("RouterConfig::validate: each bad field is named") {
   expect({.num_experts = 0, .top_k = 1}, "num_experts = 0, expected > 0");
   expect({.num_experts = 8, .top_k = 9}, "top_k = 9, expected in [1, min(num_experts = 8");
   expect({.num_experts = 8, .top_k = 0}, "top_k = 0");
-  expect({.num_experts = 10, .top_k = 2, .num_groups = 4}, "num_groups = 4, expected >= 1 and dividing num_experts = 10");
+  expect({.num_experts = 10, .top_k = 2, .num_groups = 4},
+         "num_groups = 4, expected >= 1 and dividing num_experts = 10");
   expect({.num_experts = 8, .top_k = 2, .num_groups = 4, .topk_groups = 5}, "topk_groups = 5");
   expect({.num_experts = 8, .top_k = 4, .num_groups = 4, .topk_groups = 1}, "expected >= top_k = 4");
   expect({.num_experts = 8, .top_k = 2, .routed_scaling_factor = NAN}, "routed_scaling_factor = nan");
@@ -265,6 +272,6 @@ TEST_CASE("Math::bit_width: bits of the largest key") {
 
 TEST_CASE("ExpertPlacement::from_counts: a total past int32 is refused") {
   std::vector<std::int32_t> const huge{std::numeric_limits<std::int32_t>::max(), 1};
-  CHECK_THROWS_WITH_AS(ExpertPlacement::from_counts(huge), doctest::Contains("sum(experts_per_rank) = 2147483648, expected < 2^31"),
-                       Error);
+  CHECK_THROWS_WITH_AS(ExpertPlacement::from_counts(huge),
+                       doctest::Contains("sum(experts_per_rank) = 2147483648, expected < 2^31"), Error);
 }

@@ -40,13 +40,13 @@ void rethrow(std::exception_ptr const& e) {
 
 // Evaluates the expression (the trailing arguments) once and checks that it throws epx::Error
 // with code `errc` and a message containing `text`.
-#define CHECK_EPX_ERROR(errc, text, ...)                                                                    \
-  do {                                                                                                      \
-    ::epx::Errc epx_code_ = ::epx::Errc::kUnsupported;                                                      \
-    bool epx_thrown_ = false;                                                                               \
-    CHECK_THROWS_WITH_AS(record_code(epx_code_, epx_thrown_, [&] { (void)(__VA_ARGS__); }),                  \
-                         doctest::Contains(text), ::epx::Error);                                            \
-    if (epx_thrown_) CHECK(epx_code_ == (errc));                                                            \
+#define CHECK_EPX_ERROR(errc, text, ...)                                                                             \
+  do {                                                                                                               \
+    ::epx::Errc epx_code_ = ::epx::Errc::kUnsupported;                                                               \
+    bool epx_thrown_ = false;                                                                                        \
+    CHECK_THROWS_WITH_AS(record_code(epx_code_, epx_thrown_, [&] { (void)(__VA_ARGS__); }), doctest::Contains(text), \
+                         ::epx::Error);                                                                              \
+    if (epx_thrown_) CHECK(epx_code_ == (errc));                                                                     \
   } while (0)
 
 namespace {
@@ -68,11 +68,10 @@ struct Layer {
 
   [[nodiscard]] MoeConfig config(Communicator const& comm) const {
     auto const placement = ExpertPlacement::contiguous(8, comm.size());
-    return MoeConfig{.router = {.num_experts = 8, .top_k = 2}, .mlp = mlp,
-                     .weights = gw.local(placement.local_range(comm.rank()))};
+    return MoeConfig{
+        .router = {.num_experts = 8, .top_k = 2}, .mlp = mlp, .weights = gw.local(placement.local_range(comm.rank()))};
   }
 };
-
 
 }  // namespace
 
@@ -107,8 +106,8 @@ TEST_CASE("MatrixView::check: a null view with elements is named and an empty on
   std::vector<float> w(4 * 2);
   RouterConfig const c{.num_experts = 8, .top_k = 2};
   CHECK_EPX_ERROR(Errc::kInvalidArgument, "route: logits.data = nullptr, expected a pointer to 4 x 8 elements",
-                  route(Host{}, c, MatrixView<float const>(nullptr, 4, 8), {}, MatrixView<std::int32_t>(ids.data(), 4, 2),
-                        MatrixView<float>(w.data(), 4, 2)));
+                  route(Host{}, c, MatrixView<float const>(nullptr, 4, 8), {},
+                        MatrixView<std::int32_t>(ids.data(), 4, 2), MatrixView<float>(w.data(), 4, 2)));
   CHECK_NOTHROW(route(Host{}, c, MatrixView<float const>(nullptr, 0, 8), {}, MatrixView<std::int32_t>(nullptr, 0, 2),
                       MatrixView<float>(nullptr, 0, 2)));
 }
@@ -143,12 +142,15 @@ TEST_CASE("Router::route: the output views must be num_tokens x top_k") {
   std::vector<float> w(4 * 3);
   RouterConfig const c{.num_experts = 8, .top_k = 2};
   MatrixView<float const> lv(logits.data(), 4, 8);
-  CHECK_EPX_ERROR(Errc::kShapeMismatch, "route: topk_ids.cols = 3, expected 2",
-                  route(Host{}, c, lv, {}, MatrixView<std::int32_t>(ids.data(), 4, 3), MatrixView<float>(w.data(), 4, 2)));
-  CHECK_EPX_ERROR(Errc::kShapeMismatch, "route: topk_weights.rows = 3, expected 4",
-                  route(Host{}, c, lv, {}, MatrixView<std::int32_t>(ids.data(), 4, 2), MatrixView<float>(w.data(), 3, 2)));
-  CHECK_EPX_ERROR(Errc::kShapeMismatch, "route: topk_weights.cols = 3, expected 2",
-                  route(Host{}, c, lv, {}, MatrixView<std::int32_t>(ids.data(), 4, 2), MatrixView<float>(w.data(), 4, 3)));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch, "route: topk_ids.cols = 3, expected 2",
+      route(Host{}, c, lv, {}, MatrixView<std::int32_t>(ids.data(), 4, 3), MatrixView<float>(w.data(), 4, 2)));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch, "route: topk_weights.rows = 3, expected 4",
+      route(Host{}, c, lv, {}, MatrixView<std::int32_t>(ids.data(), 4, 2), MatrixView<float>(w.data(), 3, 2)));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch, "route: topk_weights.cols = 3, expected 2",
+      route(Host{}, c, lv, {}, MatrixView<std::int32_t>(ids.data(), 4, 2), MatrixView<float>(w.data(), 4, 3)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,12 +172,15 @@ TEST_CASE("Plan::make_plan: zero top_k and too many slots are named") {
 TEST_CASE("Permute::permute: x and x_perm must match the plan and each other") {
   SmallPlan const p;
   std::vector<float> x(4 * 8, 1.0f), x_perm(8 * 8);
-  CHECK_EPX_ERROR(Errc::kShapeMismatch, "permute: x.rows = 3, expected 4",
-                  permute(Host{}, p.plan, MatrixView<float const>(x.data(), 3, 8), MatrixView<float>(x_perm.data(), 8, 8)));
-  CHECK_EPX_ERROR(Errc::kShapeMismatch, "permute: x_perm.cols = 7, expected 8",
-                  permute(Host{}, p.plan, MatrixView<float const>(x.data(), 4, 8), MatrixView<float>(x_perm.data(), 8, 7)));
-  CHECK_EPX_ERROR(Errc::kShapeMismatch, "permute: x_perm.rows = 7, expected >= the plan's routed rows (8)",
-                  permute(Host{}, p.plan, MatrixView<float const>(x.data(), 4, 8), MatrixView<float>(x_perm.data(), 7, 8)));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch, "permute: x.rows = 3, expected 4",
+      permute(Host{}, p.plan, MatrixView<float const>(x.data(), 3, 8), MatrixView<float>(x_perm.data(), 8, 8)));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch, "permute: x_perm.cols = 7, expected 8",
+      permute(Host{}, p.plan, MatrixView<float const>(x.data(), 4, 8), MatrixView<float>(x_perm.data(), 8, 7)));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch, "permute: x_perm.rows = 7, expected >= the plan's routed rows (8)",
+      permute(Host{}, p.plan, MatrixView<float const>(x.data(), 4, 8), MatrixView<float>(x_perm.data(), 7, 8)));
 }
 
 TEST_CASE("Permute::unpermute: expert_out and y must match the plan") {
@@ -256,7 +261,8 @@ TEST_CASE("ExpertMlp::run: bad expert_offsets values are named by grouped_gemm")
   CHECK_EPX_ERROR(Errc::kInvalidArgument, "grouped_gemm: offsets[1..2] = [2, 5]", call({0, 2, 5}));
 }
 
-TEST_CASE("ExpertWeights::expert_weights: a negative extent, a null tensor with elements or too many experts is named") {
+TEST_CASE(
+    "ExpertWeights::expert_weights: a negative extent, a null tensor with elements or too many experts is named") {
   std::vector<float> const gate_up(2 * 8 * 4, 0.5f), down(2 * 4 * 4, 0.25f);
   TensorView<float const, 3> const good_gate_up(gate_up.data(), {2, 8, 4}), good_down(down.data(), {2, 4, 4});
   CHECK_NOTHROW((void)expert_weights(good_gate_up, good_down));
@@ -280,7 +286,9 @@ namespace {
 // intermediate 12 (so gate_up_rows 24 differs from hidden and a transposed tensor is visible).
 struct GptOssLayer {
   static constexpr std::int64_t kLocal = 2, kHidden = 16, kInter = 12, kRows = 2 * kInter;
-  ExpertMlpConfig mlp{.hidden = kHidden, .intermediate = kInter, .activation = Activation::kClampedSwiGLU,
+  ExpertMlpConfig mlp{.hidden = kHidden,
+                      .intermediate = kInter,
+                      .activation = Activation::kClampedSwiGLU,
                       .gate_up_layout = GateUpLayout::kInterleaved};
   std::vector<float> gate_up = std::vector<float>(kLocal * kRows * kHidden, 0.5f);
   std::vector<float> down = std::vector<float>(kLocal * kHidden * kInter, 0.25f);
@@ -289,8 +297,8 @@ struct GptOssLayer {
   [[nodiscard]] TensorView<float const, 3> gate_up_view() const { return {gate_up.data(), {kLocal, kRows, kHidden}}; }
   [[nodiscard]] TensorView<float const, 3> down_view() const { return {down.data(), {kLocal, kHidden, kInter}}; }
   [[nodiscard]] MoeConfig config(ExpertWeights const& w) const {
-    return MoeConfig{.router = {.num_experts = 4, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp,
-                     .weights = w};
+    return MoeConfig{
+        .router = {.num_experts = 4, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, .mlp = mlp, .weights = w};
   }
 };
 
@@ -301,8 +309,8 @@ TEST_CASE("ExpertParallel::ExpertParallel: weights in another layout are refused
   LocalGroup group(2, {.timeout = 10s});
   auto& comm = group.communicator(0);  // 4 experts over 2 ranks: rank 0 owns 2
   using EP = ExpertParallel<Grouped, AllToAll, Host>;
-  CHECK_NOTHROW(EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), TensorView(g.bias.data(), {2, 24}))),
-                   comm));
+  CHECK_NOTHROW(
+      EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), TensorView(g.bias.data(), {2, 24}))), comm));
   // gate_up_proj as the checkpoint stores it: [E, H, 2I], not transposed.
   CHECK_EPX_ERROR(Errc::kShapeMismatch,
                   "ExpertParallel: weights.gate_up.extents = [2, 16, 24], expected [2, 24, 16] = [local experts, "
@@ -314,13 +322,13 @@ TEST_CASE("ExpertParallel::ExpertParallel: weights in another layout are refused
                   (ExpertParallel<Grouped, AllGather, Host>(
                       g.config(expert_weights(TensorView(g.gate_up.data(), {2, 16, 24}), g.down_view())), comm)));
   // Its transpose as a view (torch: gate_up_proj.transpose(1, 2) without .contiguous()).
-  CHECK_EPX_ERROR(Errc::kInvalidArgument,
-                  "ExpertParallel: weights.gate_up.strides = [384, 1, 24], expected [384, 16, 1] (contiguous and "
-                  "K-major: [local experts, gate_up_rows (2 * intermediate), hidden] in row-major order, the last "
-                  "dimension moving fastest; a transposed or sliced view has other strides: make it contiguous "
-                  "first, e.g. torch's .contiguous())",
-                  EP(g.config(expert_weights(TensorView(g.gate_up.data(), {2, 24, 16}, {384, 1, 24}), g.down_view())),
-                     comm));
+  CHECK_EPX_ERROR(
+      Errc::kInvalidArgument,
+      "ExpertParallel: weights.gate_up.strides = [384, 1, 24], expected [384, 16, 1] (contiguous and "
+      "K-major: [local experts, gate_up_rows (2 * intermediate), hidden] in row-major order, the last "
+      "dimension moving fastest; a transposed or sliced view has other strides: make it contiguous "
+      "first, e.g. torch's .contiguous())",
+      EP(g.config(expert_weights(TensorView(g.gate_up.data(), {2, 24, 16}, {384, 1, 24}), g.down_view())), comm));
   CHECK_EPX_ERROR(Errc::kShapeMismatch,
                   "ExpertParallel: weights.down.extents = [2, 12, 16], expected [2, 16, 12] = [local experts, hidden, "
                   "intermediate], contiguous and K-major (gpt-oss's down_proj is [E, I, H]: pass its transpose "
@@ -338,16 +346,16 @@ TEST_CASE("ExpertParallel::ExpertParallel: weights in another layout are refused
   }();
   CHECK(text.find("ExpertParallel: weights.down.extents = [3, 16, 12], expected [2, 16, 12] = [local experts, hidden, "
                   "intermediate], contiguous and K-major [") != std::string::npos);
-  CHECK_EPX_ERROR(Errc::kShapeMismatch,
-                  "ExpertParallel: weights.gate_up_bias.extents = [2, 12], expected [2, 24] = [local experts, "
-                  "gate_up_rows (2 * intermediate)], contiguous and K-major",
-                  EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), TensorView(g.bias.data(), {2, 12}))),
-                     comm));
+  CHECK_EPX_ERROR(
+      Errc::kShapeMismatch,
+      "ExpertParallel: weights.gate_up_bias.extents = [2, 12], expected [2, 24] = [local experts, "
+      "gate_up_rows (2 * intermediate)], contiguous and K-major",
+      EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), TensorView(g.bias.data(), {2, 12}))), comm));
   std::vector<float> const down_bias(2 * 32, 0.5f);
-  CHECK_EPX_ERROR(Errc::kInvalidArgument, "ExpertParallel: weights.down_bias.strides = [32, 1], expected [16, 1]",
-                  EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), {},
-                                             TensorView(down_bias.data(), {2, 16}, {32, 1}))),
-                     comm));
+  CHECK_EPX_ERROR(
+      Errc::kInvalidArgument, "ExpertParallel: weights.down_bias.strides = [32, 1], expected [16, 1]",
+      EP(g.config(expert_weights(g.gate_up_view(), g.down_view(), {}, TensorView(down_bias.data(), {2, 16}, {32, 1}))),
+         comm));
   // Not gated (ReLU): gate_up_rows is intermediate.
   auto relu = g.config(expert_weights(g.gate_up_view(), g.down_view()));
   relu.mlp.activation = Activation::kReLU;
@@ -370,8 +378,8 @@ TEST_CASE("ExpertMlp::run: expert_mlp refuses weights in another layout too") {
   std::vector<std::int32_t> const offsets{0, 1, 3};
   std::vector<std::byte> ws(expert_mlp_workspace_bytes<float>(g.mlp, 3));
   auto call = [&](ExpertWeights const& w) {
-    expert_mlp(Host{}, g.mlp, w, MatrixView<float const>(x.data(), 3, 16), offsets, MatrixView<float>(out.data(), 3, 16),
-               Workspace(ws.data(), ws.size()));
+    expert_mlp(Host{}, g.mlp, w, MatrixView<float const>(x.data(), 3, 16), offsets,
+               MatrixView<float>(out.data(), 3, 16), Workspace(ws.data(), ws.size()));
   };
   CHECK_NOTHROW(call(expert_weights(g.gate_up_view(), g.down_view())));
   CHECK_EPX_ERROR(Errc::kShapeMismatch,
@@ -445,16 +453,20 @@ TEST_CASE("LocalGroup::collectives: different operations are named on every rank
   group.run([&](int rank, Communicator& comm) {
     try {
       std::int64_t mine = rank, all[2] = {};
-      if (rank == 0) comm.all_gather(&mine, all, sizeof mine, StreamRef::host());
-      else comm.barrier(StreamRef::host());
+      if (rank == 0)
+        comm.all_gather(&mine, all, sizeof mine, StreamRef::host());
+      else
+        comm.barrier(StreamRef::host());
     } catch (...) {
       errors[static_cast<std::size_t>(rank)] = std::current_exception();
     }
   });
   CHECK_EPX_ERROR(Errc::kCollectiveMismatch,
-                  "LocalGroup: rank 0: collective #1: rank 0 called all_gather, rank 1 called barrier", rethrow(errors[0]));
+                  "LocalGroup: rank 0: collective #1: rank 0 called all_gather, rank 1 called barrier",
+                  rethrow(errors[0]));
   CHECK_EPX_ERROR(Errc::kCollectiveMismatch,
-                  "LocalGroup: rank 1: collective #1: rank 1 called barrier, rank 0 called all_gather", rethrow(errors[1]));
+                  "LocalGroup: rank 1: collective #1: rank 1 called barrier, rank 0 called all_gather",
+                  rethrow(errors[1]));
 }
 
 TEST_CASE("LocalGroup::all_to_all and all_gather: unequal bytes per rank are named on every rank") {
@@ -466,16 +478,20 @@ TEST_CASE("LocalGroup::all_to_all and all_gather: unequal bytes per rank are nam
       try {
         std::uint8_t send[16] = {}, recv[16] = {};
         std::size_t const bytes = rank == 0 ? 4 : 8;
-        if (gather) comm.all_gather(send, recv, bytes, StreamRef::host());
-        else comm.all_to_all(send, recv, bytes, StreamRef::host());
+        if (gather)
+          comm.all_gather(send, recv, bytes, StreamRef::host());
+        else
+          comm.all_to_all(send, recv, bytes, StreamRef::host());
       } catch (...) {
         errors[static_cast<std::size_t>(rank)] = std::current_exception();
       }
     });
     std::string const what = gather ? "all_gather" : "all_to_all";
     for (int r = 0; r < 2; ++r) {
-      std::string const text = fmt::format("LocalGroup: rank {}: {} (collective #1): rank 0 passes 4 bytes per rank, "
-                                           "rank 1 passes 8", r, what);
+      std::string const text = fmt::format(
+          "LocalGroup: rank {}: {} (collective #1): rank 0 passes 4 bytes per rank, "
+          "rank 1 passes 8",
+          r, what);
       CHECK_EPX_ERROR(Errc::kCollectiveMismatch, text.c_str(), rethrow(errors[static_cast<std::size_t>(r)]));
     }
   }
@@ -495,8 +511,10 @@ TEST_CASE("LocalGroup::all_reduce_sum: unequal counts or element types are named
     group.run([&](int rank, Communicator& comm) {
       try {
         float data[3] = {};  // 4-byte elements: room for either dtype
-        if (rank == 0) comm.all_reduce_sum(data, 3, DType::kF32, StreamRef::host());
-        else comm.all_reduce_sum(data, c.count1, c.dtype1, StreamRef::host());
+        if (rank == 0)
+          comm.all_reduce_sum(data, 3, DType::kF32, StreamRef::host());
+        else
+          comm.all_reduce_sum(data, c.count1, c.dtype1, StreamRef::host());
       } catch (...) {
         errors[static_cast<std::size_t>(rank)] = std::current_exception();
       }
@@ -565,15 +583,17 @@ TEST_CASE("ExpertParallel::workspace_bytes: a non-float weight dtype and too man
   CHECK_EPX_ERROR(Errc::kInvalidArgument, "ExpertParallel: weights.dtype = i32, expected f32, f16 or bf16",
                   (ExpertParallel<Grouped, AllToAll, Host>(c, comm)));
   ExpertParallel<Grouped, AllToAll, Host> const ep(layer.config(comm), comm);
-  CHECK_EPX_ERROR(Errc::kInvalidArgument,
-                  "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * ranks * top_k (2) < 2^31 - 1",
-                  ep.workspace_bytes(std::int64_t{1} << 30));
+  CHECK_EPX_ERROR(
+      Errc::kInvalidArgument,
+      "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * ranks * top_k (2) < 2^31 - 1",
+      ep.workspace_bytes(std::int64_t{1} << 30));
   // AllToAll's dropless worst case receives every rank's slots: 4 ranks x top_k 2 rows per token.
   LocalGroup four(4, {.timeout = 10s});
   ExpertParallel<Grouped, AllToAll, Host> const ep4(layer.config(four.communicator(0)), four.communicator(0));
-  CHECK_EPX_ERROR(Errc::kInvalidArgument,
-                  "workspace_bytes: max_tokens = 268435456, expected >= 0 with max_tokens * ranks * top_k (8) < 2^31 - 1",
-                  ep4.workspace_bytes(std::int64_t{1} << 28));
+  CHECK_EPX_ERROR(
+      Errc::kInvalidArgument,
+      "workspace_bytes: max_tokens = 268435456, expected >= 0 with max_tokens * ranks * top_k (8) < 2^31 - 1",
+      ep4.workspace_bytes(std::int64_t{1} << 28));
   ExpertParallel<Grouped, AllGather, Host> const ag4(layer.config(four.communicator(0)), four.communicator(0));
   CHECK_EPX_ERROR(Errc::kInvalidArgument,
                   "workspace_bytes: max_tokens = 1073741824, expected >= 0 with max_tokens * top_k (2) < 2^31 - 1",
@@ -608,9 +628,10 @@ TEST_CASE("ExpertParallel::forward: a non-finite correction bias is named before
   std::int64_t const t = 3;
   std::vector<float> logits(t * 8, 0.0f), x(t * 16, 1.0f), y(t * 16);
   std::vector<std::byte> ws(ep.workspace_bytes(t));
-  CHECK_EPX_ERROR(Errc::kInvalidArgument, "route: correction_bias[2] = nan, expected a finite number",
-                  ep.forward(Host{}, MatrixView<float const>(logits.data(), t, 8), MatrixView<float const>(x.data(), t, 16),
-                             MatrixView<float>(y.data(), t, 16), Workspace(ws.data(), ws.size())));
+  CHECK_EPX_ERROR(
+      Errc::kInvalidArgument, "route: correction_bias[2] = nan, expected a finite number",
+      ep.forward(Host{}, MatrixView<float const>(logits.data(), t, 8), MatrixView<float const>(x.data(), t, 16),
+                 MatrixView<float>(y.data(), t, 16), Workspace(ws.data(), ws.size())));
   CHECK_FALSE(group.aborted());
 }
 
@@ -659,8 +680,8 @@ TEST_CASE("ExpertParallel::ExpertParallel: a correction bias of another length o
                   "selection bias per expert)",
                   EP(c, comm));
   c.correction_bias = std::span<float const>(static_cast<float const*>(nullptr), 8);
-  CHECK_EPX_ERROR(Errc::kInvalidArgument, "ExpertParallel: correction_bias.data() = nullptr, expected a pointer to 8 floats",
-                  EP(c, comm));
+  CHECK_EPX_ERROR(Errc::kInvalidArgument,
+                  "ExpertParallel: correction_bias.data() = nullptr, expected a pointer to 8 floats", EP(c, comm));
 }
 
 TEST_CASE("ExpertParallel::forward: AllGather names the rank, its token and the slot of an invalid id on every rank") {

@@ -33,7 +33,8 @@ void check_grouped_gemm(std::vector<std::int32_t> const& rows_per_group, std::in
       for (std::int64_t col = 0; col < n; ++col) {
         double acc = bias ? double(to_float(bv[static_cast<std::size_t>(grp * n + col)])) : 0.0;
         for (std::int64_t i = 0; i < k; ++i)
-          acc += double(to_float(a[static_cast<std::size_t>(r * k + i)])) * to_float(b[static_cast<std::size_t>((grp * n + col) * k + i)]);
+          acc += double(to_float(a[static_cast<std::size_t>(r * k + i)])) *
+                 to_float(b[static_cast<std::size_t>((grp * n + col) * k + i)]);
         want[static_cast<std::size_t>(r * n + col)] = acc;
       }
   if (m > 0) CHECK(test::rel_error(c, want) <= 1e-5);
@@ -59,29 +60,36 @@ TEST_CASE("GroupedGemm::run: bad offsets and shapes are named") {
   std::vector<std::int32_t> const bad{0, 3, 2};
   MatrixView<float const> av(a.data(), 4, 8);
   BatchedMatrixView<float const> bv{b.data(), 2, 3, 8};
-  CHECK_THROWS_WITH_AS(grouped_gemm(Host{}, av, bv, static_cast<float const*>(nullptr), bad, MatrixView<float>(c.data(), 4, 3)),
-                       doctest::Contains("offsets[1..2] = [3, 2]"), Error);
+  CHECK_THROWS_WITH_AS(
+      grouped_gemm(Host{}, av, bv, static_cast<float const*>(nullptr), bad, MatrixView<float>(c.data(), 4, 3)),
+      doctest::Contains("offsets[1..2] = [3, 2]"), Error);
   std::vector<std::int32_t> const short_off{0, 4};
-  CHECK_THROWS_WITH_AS(grouped_gemm(Host{}, av, bv, static_cast<float const*>(nullptr), short_off, MatrixView<float>(c.data(), 4, 3)),
-                       doctest::Contains("offsets.size() = 2, expected b.batch + 1 = 3"), Error);
-  CHECK_THROWS_WITH_AS(grouped_gemm(Host{}, av, BatchedMatrixView<float const>{b.data(), 2, 3, 7},
-                                    static_cast<float const*>(nullptr), offsets_of({2, 2}), MatrixView<float>(c.data(), 4, 3)),
-                       doctest::Contains("k = a.cols = 8"), Error);
+  CHECK_THROWS_WITH_AS(
+      grouped_gemm(Host{}, av, bv, static_cast<float const*>(nullptr), short_off, MatrixView<float>(c.data(), 4, 3)),
+      doctest::Contains("offsets.size() = 2, expected b.batch + 1 = 3"), Error);
+  CHECK_THROWS_WITH_AS(
+      grouped_gemm(Host{}, av, BatchedMatrixView<float const>{b.data(), 2, 3, 7}, static_cast<float const*>(nullptr),
+                   offsets_of({2, 2}), MatrixView<float>(c.data(), 4, 3)),
+      doctest::Contains("k = a.cols = 8"), Error);
 }
 
-TEST_CASE_TEMPLATE("ExpertMlp::run: every activation and layout against the double reference", T, float, bfloat16, half) {
+TEST_CASE_TEMPLATE("ExpertMlp::run: every activation and layout against the double reference", T, float, bfloat16,
+                   half) {
   EPX_TEST_SEEDED_RNG(rng);
   std::vector<std::int32_t> const rows{5, 0, 1, 17};
   auto const off = offsets_of(rows);
   std::int64_t const m = off.back();
-  for (auto act : {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU,
-                   Activation::kClampedSwiGLU})
+  for (auto act :
+       {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU, Activation::kClampedSwiGLU})
     for (auto layout : {GateUpLayout::kConcatenated, GateUpLayout::kInterleaved})
       for (bool bias : {false, true}) {
         CAPTURE(to_string(act));
         CAPTURE(static_cast<int>(layout));
         CAPTURE(bias);
-        ExpertMlpConfig const mlp{.hidden = 24, .intermediate = 16, .activation = act, .gate_up_layout = layout,
+        ExpertMlpConfig const mlp{.hidden = 24,
+                                  .intermediate = 16,
+                                  .activation = act,
+                                  .gate_up_layout = layout,
                                   .clamped_swiglu = {.alpha = 1.702f, .limit = 0.7f}};
         auto const gw = GlobalWeights<T>::random(4, mlp, bias, rng);
         auto const x = test::random_vector<T>(static_cast<std::size_t>(m * mlp.hidden), rng);

@@ -82,16 +82,21 @@ TEST_CASE("ExpertParallel::ExpertParallel: bad configurations are named") {
   CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("top_k = 9"), Error);
   c = config();
   c.weights = layer.gw.local({0, 3});
-  CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("weights.num_local_experts = 3, expected placement.num_local_experts(rank 0) = 4"), Error);
+  CHECK_THROWS_WITH_AS(
+      EP(c, comm), doctest::Contains("weights.num_local_experts = 3, expected placement.num_local_experts(rank 0) = 4"),
+      Error);
   c = config();
   c.placement = ExpertPlacement::contiguous(8, 3);
-  CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("placement.num_ranks() = 3, expected the communicator's size = 2"), Error);
+  CHECK_THROWS_WITH_AS(EP(c, comm),
+                       doctest::Contains("placement.num_ranks() = 3, expected the communicator's size = 2"), Error);
   c = config();
   c.router.num_groups = 3;
-  CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("num_groups = 3, expected >= 1 and dividing num_experts = 8"), Error);
+  CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("num_groups = 3, expected >= 1 and dividing num_experts = 8"),
+                       Error);
   c = config();
   c.weights.down = nullptr;
-  CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("weights.down = nullptr, expected the [4, 16, 8] down weights"), Error);
+  CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("weights.down = nullptr, expected the [4, 16, 8] down weights"),
+                       Error);
   c = config();
   c.mlp.hidden = 0;
   CHECK_THROWS_WITH_AS(EP(c, comm), doctest::Contains("hidden = 0"), Error);
@@ -107,7 +112,8 @@ TEST_CASE("ExpertParallel::can_implement: the first failing part's Error, the on
   auto bad = layer.config(comm);
   bad.router.top_k = 9;
   test::UnusedCommunicator device_comm(MemorySpace::kDevice);
-  for (Communicator const* c : {static_cast<Communicator const*>(&comm), static_cast<Communicator const*>(&device_comm)}) {
+  for (Communicator const* c :
+       {static_cast<Communicator const*>(&comm), static_cast<Communicator const*>(&device_comm)}) {
     std::optional<Error> const why = EP::can_implement(bad, *c);
     REQUIRE(why.has_value());
     CHECK(why->code() == Errc::kInvalidArgument);
@@ -126,7 +132,7 @@ TEST_CASE("ExpertParallel::status: the record of an invalid id is named as every
   // The control block keeps (slot << 32) | uint32(id) of the first invalid slot (a loop on Host, an
   // atomicMin on Cuda); the message decodes it to the rank's token and slot, negative ids included.
   std::uint64_t const key = detail::invalid_id_key(5, -3);  // slot 5, id -3
-  CHECK(key < detail::invalid_id_key(6, 0));                  // the lower slot wins a min, whatever the ids
+  CHECK(key < detail::invalid_id_key(6, 0));                // the lower slot wins a min, whatever the ids
   CHECK(detail::invalid_id_key(6, -1) > key);
   detail::InvalidIdSite const site = detail::invalid_id_site(key, 2);
   CHECK(site.token == 2);
@@ -138,8 +144,9 @@ TEST_CASE("ExpertParallel::status: the record of an invalid id is named as every
                      "topk_ids[2, 1] = -3), expected -1 or an id in [0, 8); those slots were dropped and the output "
                      "written without them",
                      [&] { detail::throw_invalid_ids("status", 1, 2, site, 8); });
-  test::check_throws(Errc::kInvalidExpertId, "forward: rank 0: topk_ids held 1 invalid expert id(s) (first: not recorded)",
-                     [&] { detail::throw_invalid_ids("forward", 0, 1, detail::invalid_id_site(detail::kNoInvalidId, 4), 8); });
+  test::check_throws(
+      Errc::kInvalidExpertId, "forward: rank 0: topk_ids held 1 invalid expert id(s) (first: not recorded)",
+      [&] { detail::throw_invalid_ids("forward", 0, 1, detail::invalid_id_site(detail::kNoInvalidId, 4), 8); });
 }
 
 TEST_CASE("ExpertParallel::forward: invalid ids throw after the collectives, on the rank that had them") {
@@ -199,5 +206,8 @@ TEST_CASE("ExpertParallel::forward: AllGather refuses ranks that hold different 
       errors[static_cast<std::size_t>(rank)] = e.what();
     }
   });
-  for (auto const& e : errors) CHECK(e.find("AllGather needs the same tokens on every rank: rank 0 has num_tokens = 3, rank 1 has num_tokens = 4") != std::string::npos);
+  for (auto const& e : errors)
+    CHECK(
+        e.find("AllGather needs the same tokens on every rank: rank 0 has num_tokens = 3, rank 1 has num_tokens = 4") !=
+        std::string::npos);
 }

@@ -73,7 +73,7 @@ class FaultyCommunicator final : public Communicator {
 };
 
 struct Outcome {
-  std::vector<Errc> codes;             // per rank; kUnsupported stands for "no epx::Error"
+  std::vector<Errc> codes;  // per rank; kUnsupported stands for "no epx::Error"
   std::vector<std::string> messages;
   std::chrono::steady_clock::duration elapsed{};
 };
@@ -97,8 +97,8 @@ Outcome run_forward(int num_ranks, int faulty, Fault fault, int at_call, std::ch
     group.run([&](int rank, Communicator& comm) {
       FaultyCommunicator faulty_comm(comm, rank == faulty ? fault : Fault::kNone, at_call);
       ExpertParallel<Grouped, Dispatch, Host> ep(
-          MoeConfig{.router = {.num_experts = 8, .top_k = 2}, .mlp = mlp,
-                    .weights = gw.local(placement.local_range(rank))},
+          MoeConfig{
+              .router = {.num_experts = 8, .top_k = 2}, .mlp = mlp, .weights = gw.local(placement.local_range(rank))},
           faulty_comm);
       std::vector<float> y(x.size());
       std::vector<std::byte> ws(ep.workspace_bytes(t));
@@ -112,8 +112,7 @@ Outcome run_forward(int num_ranks, int faulty, Fault fault, int at_call, std::ch
         throw;
       }
     });
-  } catch (...) {
-  }
+  } catch (...) {}
   out.elapsed = std::chrono::steady_clock::now() - start;
   return out;
 }
@@ -129,15 +128,16 @@ TEST_CASE_TEMPLATE("FaultInjection::forward: a rank that throws mid-forward fail
     CAPTURE(r);
     if (r == 2) continue;  // the faulty rank threw a std::runtime_error, not an epx::Error
     CHECK(out.codes[static_cast<std::size_t>(r)] == Errc::kPeerFailed);
-    CHECK(out.messages[static_cast<std::size_t>(r)].find("injected failure in the middle of forward") != std::string::npos);
+    CHECK(out.messages[static_cast<std::size_t>(r)].find("injected failure in the middle of forward") !=
+          std::string::npos);
   }
   // The aborted group is gone; a new one in the same process runs the same forward cleanly.
   auto const again = run_forward<Dispatch>(4, -1, Fault::kNone, 0, 30s);
   for (auto code : again.codes) CHECK(code == Errc::kUnsupported);  // no Error at all
 }
 
-TEST_CASE_TEMPLATE("FaultInjection::forward: a rank that never reaches the combine makes the others time out",
-                   Dispatch, AllToAll, AllGather) {
+TEST_CASE_TEMPLATE("FaultInjection::forward: a rank that never reaches the combine makes the others time out", Dispatch,
+                   AllToAll, AllGather) {
   // Without LocalGroup::run's abort (the rank just disappears), the deadline is what saves the others.
   std::mt19937_64 rng(3);
   ExpertMlpConfig const mlp{.hidden = 16, .intermediate = 8};
@@ -151,8 +151,8 @@ TEST_CASE_TEMPLATE("FaultInjection::forward: a rank that never reaches the combi
     for (int rank = 0; rank < 2; ++rank)  // rank 2 never calls forward
       threads.emplace_back([&, rank] {
         ExpertParallel<Grouped, Dispatch, Host> ep(
-            MoeConfig{.router = {.num_experts = 8, .top_k = 2}, .mlp = mlp,
-                      .weights = gw.local(placement.local_range(rank))},
+            MoeConfig{
+                .router = {.num_experts = 8, .top_k = 2}, .mlp = mlp, .weights = gw.local(placement.local_range(rank))},
             group.communicator(rank));
         std::int64_t const t = 4;
         std::mt19937_64 r2(7);
@@ -200,14 +200,16 @@ TEST_CASE_TEMPLATE("Determinism::forward: the same inputs give the same bits on 
     LocalGroup group(3, {.timeout = 30s});
     group.run([&](int rank, Communicator& comm) {
       ExpertParallel<Grouped, Dispatch, Host> ep(
-          MoeConfig{.router = {.num_experts = 12, .top_k = 3, .renormalize = true}, .mlp = mlp,
+          MoeConfig{.router = {.num_experts = 12, .top_k = 3, .renormalize = true},
+                    .mlp = mlp,
                     .weights = gw.local(placement.local_range(rank))},
           comm);
       auto& y = (*ys)[static_cast<std::size_t>(rank)];
       y.resize(x.size());
       std::vector<std::byte> ws(ep.workspace_bytes(t));
-      ep.forward(Host{}, MatrixView<float const>(logits.data(), t, 12), MatrixView<bfloat16 const>(x.data(), t, mlp.hidden),
-                 MatrixView<bfloat16>(y.data(), t, mlp.hidden), Workspace(ws.data(), ws.size()));
+      ep.forward(Host{}, MatrixView<float const>(logits.data(), t, 12),
+                 MatrixView<bfloat16 const>(x.data(), t, mlp.hidden), MatrixView<bfloat16>(y.data(), t, mlp.hidden),
+                 Workspace(ws.data(), ws.size()));
     });
   }
   for (int r = 0; r < 3; ++r)

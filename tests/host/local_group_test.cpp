@@ -16,7 +16,9 @@ using namespace std::chrono_literals;
 namespace {
 
 // A byte that identifies (source rank, destination rank, index).
-std::uint8_t pattern(int src, int dst, std::size_t i) { return static_cast<std::uint8_t>(src * 31 + dst * 7 + i * 13 + 1); }
+std::uint8_t pattern(int src, int dst, std::size_t i) {
+  return static_cast<std::uint8_t>(src * 31 + dst * 7 + i * 13 + 1);
+}
 
 }  // namespace
 
@@ -24,7 +26,8 @@ TEST_CASE("LocalGroup::all_to_all_v: every rank receives its blocks in rank orde
   EPX_TEST_SEEDED_RNG(rng);
   for (int n : {1, 2, 3, 5}) {
     CAPTURE(n);
-    std::vector<std::vector<std::size_t>> sizes(static_cast<std::size_t>(n), std::vector<std::size_t>(static_cast<std::size_t>(n)));
+    std::vector<std::vector<std::size_t>> sizes(static_cast<std::size_t>(n),
+                                                std::vector<std::size_t>(static_cast<std::size_t>(n)));
     std::uniform_int_distribution<std::size_t> size_dist(0, 40);
     for (auto& row : sizes)
       for (auto& s : row) s = size_dist(rng);  // sizes[p][q]: bytes p sends to q (0 allowed)
@@ -148,7 +151,8 @@ TEST_CASE("LocalGroup::collectives: local misuse aborts the group at once, namin
   {
     LocalGroup group(1, {.timeout = 10s});
     auto* fake = reinterpret_cast<CUstream_st*>(std::uintptr_t{0x2});
-    CHECK_THROWS_WITH_AS(group.communicator(0).barrier(StreamRef(fake)), doctest::Contains("expected StreamRef::host()"), Error);
+    CHECK_THROWS_WITH_AS(group.communicator(0).barrier(StreamRef(fake)),
+                         doctest::Contains("expected StreamRef::host()"), Error);
   }
   CHECK_THROWS_WITH_AS(LocalGroup(0), doctest::Contains("num_ranks = 0, expected >= 1"), Error);
 }

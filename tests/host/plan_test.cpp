@@ -41,9 +41,8 @@ void check_plan_against_sort(std::vector<std::int32_t> const& ids, std::int64_t 
     if (id != -1 && (id < 0 || id >= num_experts)) ++invalid;
     if (id >= 0 && id < num_experts && range.contains(id)) slots.push_back(s);
   }
-  std::stable_sort(slots.begin(), slots.end(), [&](int a, int b) {
-    return ids[static_cast<std::size_t>(a)] < ids[static_cast<std::size_t>(b)];
-  });
+  std::stable_sort(slots.begin(), slots.end(),
+                   [&](int a, int b) { return ids[static_cast<std::size_t>(a)] < ids[static_cast<std::size_t>(b)]; });
   std::uint64_t without_expert = 0;  // tokens no slot of which names an expert in [0, num_experts)
   for (std::int64_t t = 0; t < num_tokens; ++t) {
     auto const row = ids.begin() + t * top_k;
@@ -59,14 +58,17 @@ void check_plan_against_sort(std::vector<std::int32_t> const& ids, std::int64_t 
   for (std::int32_t e = 0; e < range.count; ++e) {
     auto const count = std::count(ids.begin(), ids.end(), range.first + e);
     CHECK(r.plan.tokens_per_expert[static_cast<std::size_t>(e)] == count);
-    CHECK(r.plan.expert_offsets[static_cast<std::size_t>(e) + 1] - r.plan.expert_offsets[static_cast<std::size_t>(e)] == count);
+    CHECK(r.plan.expert_offsets[static_cast<std::size_t>(e) + 1] - r.plan.expert_offsets[static_cast<std::size_t>(e)] ==
+          count);
     max_count = std::max(max_count, static_cast<std::uint32_t>(count));
   }
   CHECK(r.status.max_tokens_per_expert == max_count);
   for (std::size_t s = 0; s < ids.size(); ++s) {  // inverse permutation
     auto const row = r.plan.slot_rows[s];
-    if (row >= 0) CHECK(r.plan.sorted_slots[static_cast<std::size_t>(row)] == static_cast<std::int32_t>(s));
-    else CHECK(std::find(slots.begin(), slots.end(), static_cast<std::int32_t>(s)) == slots.end());
+    if (row >= 0)
+      CHECK(r.plan.sorted_slots[static_cast<std::size_t>(row)] == static_cast<std::int32_t>(s));
+    else
+      CHECK(std::find(slots.begin(), slots.end(), static_cast<std::int32_t>(s)) == slots.end());
   }
 }
 
@@ -195,7 +197,8 @@ TEST_CASE("Permute::unpermute: weighted sum in slot order, deterministic, every 
     auto const row = r.plan.slot_rows[static_cast<std::size_t>(s)];
     if (row < 0) continue;
     for (std::int64_t c = 0; c < h; ++c)
-      want[static_cast<std::size_t>((s / k) * h + c)] += double(weights[static_cast<std::size_t>(s)]) * expert_out[static_cast<std::size_t>(row * h + c)];
+      want[static_cast<std::size_t>((s / k) * h + c)] +=
+          double(weights[static_cast<std::size_t>(s)]) * expert_out[static_cast<std::size_t>(row * h + c)];
   }
   CHECK(test::rel_error(y, want) <= 1e-6);
   for (std::int64_t c = 0; c < h; ++c) CHECK(y[static_cast<std::size_t>(7 * h + c)] == 0.0f);
@@ -271,7 +274,8 @@ TEST_CASE("Stages::host: read-only inputs accept mutable views and a null bias")
   for (std::int32_t j = 0; j < k; ++j) {
     auto const id = ids[static_cast<std::size_t>(j)];
     double dot = 0;
-    for (std::int64_t i = 0; i < h; ++i) dot += double(x[static_cast<std::size_t>(i)]) * b[static_cast<std::size_t>((id * h + 0) * h + i)];
+    for (std::int64_t i = 0; i < h; ++i)
+      dot += double(x[static_cast<std::size_t>(i)]) * b[static_cast<std::size_t>((id * h + 0) * h + i)];
     want += double(w[static_cast<std::size_t>(j)]) * dot;
   }
   CHECK(y[0] == doctest::Approx(want).epsilon(1e-5));
@@ -281,10 +285,10 @@ TEST_CASE("Plan::make_plan: an expert range whose end overflows int32 is refused
   std::vector<std::int32_t> ids{0, 1};
   std::vector<std::byte> ws(1 << 12);
   Status st;
-  CHECK_THROWS_WITH_AS(make_plan(Host{}, MatrixView<std::int32_t const>(ids.data(), 1, 2), 8,
-                                 ExpertRange{4, std::numeric_limits<std::int32_t>::max()},
-                                 Workspace(ws.data(), ws.size()), st),
-                       doctest::Contains("experts = [4, 2147483651), expected a range inside [0, num_experts = 8)"), Error);
+  CHECK_THROWS_WITH_AS(
+      make_plan(Host{}, MatrixView<std::int32_t const>(ids.data(), 1, 2), 8,
+                ExpertRange{4, std::numeric_limits<std::int32_t>::max()}, Workspace(ws.data(), ws.size()), st),
+      doctest::Contains("experts = [4, 2147483651), expected a range inside [0, num_experts = 8)"), Error);
 }
 
 namespace epx::test {

@@ -140,8 +140,8 @@ TEST_CASE("Router::route: softmax then top-k on a hand-checked case") {
 }
 
 TEST_CASE("Router::route: top-k then softmax over the chosen logits") {
-  auto const r = run_route({.num_experts = 4, .top_k = 2, .scoring = Scoring::kTopKSoftmax},
-                           std::vector<float>{4, 1, 3, 2});
+  auto const r =
+      run_route({.num_experts = 4, .top_k = 2, .scoring = Scoring::kTopKSoftmax}, std::vector<float>{4, 1, 3, 2});
   CHECK(r.ids == std::vector<std::int32_t>{0, 2});
   CHECK(r.weights[0] == doctest::Approx(0.7310585786300049).epsilon(1e-6));
   CHECK(r.weights[1] == doctest::Approx(0.2689414213699951).epsilon(1e-6));
@@ -177,10 +177,13 @@ TEST_CASE("Router::route: +inf counts as the largest finite logit") {
 }
 
 TEST_CASE("Router::route: sigmoid with a correction bias that changes selection only") {
-  RouterConfig const c{.num_experts = 4, .top_k = 2, .scoring = Scoring::kSigmoidTopK, .renormalize = true,
+  RouterConfig const c{.num_experts = 4,
+                       .top_k = 2,
+                       .scoring = Scoring::kSigmoidTopK,
+                       .renormalize = true,
                        .routed_scaling_factor = 2.5f};
   auto const r = run_route(c, std::vector<float>{2, 1, 0, -1}, {0.0f, 0.0f, 1.0f, 2.0f});
-  CHECK(r.ids == std::vector<std::int32_t>{3, 2});  // choices 2.27, 1.5 beat 0.88, 0.73
+  CHECK(r.ids == std::vector<std::int32_t>{3, 2});      // choices 2.27, 1.5 beat 0.88, 0.73
   double const s3 = 1 / (1 + std::exp(1.0)), s2 = 0.5;  // unbiased scores
   CHECK(r.weights[0] == doctest::Approx(2.5 * s3 / (s3 + s2)).epsilon(1e-6));
   CHECK(r.weights[1] == doctest::Approx(2.5 * s2 / (s3 + s2)).epsilon(1e-6));
@@ -188,8 +191,8 @@ TEST_CASE("Router::route: sigmoid with a correction bias that changes selection 
 
 TEST_CASE("Router::route: group-limited top-k keeps the groups with the best top-2 sums") {
   // 8 experts in 4 groups of 2; choices set through the bias on sigmoid(0) = 0.5.
-  RouterConfig const c{.num_experts = 8, .top_k = 2, .scoring = Scoring::kSigmoidTopK, .num_groups = 4,
-                       .topk_groups = 2};
+  RouterConfig const c{
+      .num_experts = 8, .top_k = 2, .scoring = Scoring::kSigmoidTopK, .num_groups = 4, .topk_groups = 2};
   std::vector<float> const choice{0.9f, 0.0f, 0.5f, 0.5f, 0.45f, 0.45f, 0.1f, 0.1f};
   std::vector<float> bias(8);
   for (std::size_t e = 0; e < 8; ++e) bias[e] = choice[e] - 0.5f;
@@ -200,8 +203,8 @@ TEST_CASE("Router::route: group-limited top-k keeps the groups with the best top
 }
 
 TEST_CASE("Router::route: experts of dropped groups are never chosen even when kept ones score negative") {
-  RouterConfig const c{.num_experts = 6, .top_k = 2, .scoring = Scoring::kSigmoidTopK, .num_groups = 3,
-                       .topk_groups = 1};
+  RouterConfig const c{
+      .num_experts = 6, .top_k = 2, .scoring = Scoring::kSigmoidTopK, .num_groups = 3, .topk_groups = 1};
   std::vector<float> const choice{-0.1f, -0.2f, -5.0f, 3.0f, -0.3f, -0.4f};  // sums -0.3, -2, -0.7
   std::vector<float> bias(6);
   for (std::size_t e = 0; e < 6; ++e) bias[e] = choice[e] - 0.5f;
@@ -216,8 +219,13 @@ TEST_CASE("Router::route: every variant matches the reference on random logits")
       for (auto [e, k, g, tg] : {std::tuple{8, 2, 1, 1}, std::tuple{128, 8, 1, 1}, std::tuple{64, 4, 8, 3},
                                  std::tuple{384, 16, 4, 2}, std::tuple{16, 16, 1, 1}})
         for (bool with_bias : {false, true}) {
-          RouterConfig const c{.num_experts = e, .top_k = k, .scoring = scoring, .renormalize = renormalize,
-                               .num_groups = g, .topk_groups = tg, .routed_scaling_factor = with_bias ? 1.5f : 1.0f};
+          RouterConfig const c{.num_experts = e,
+                               .top_k = k,
+                               .scoring = scoring,
+                               .renormalize = renormalize,
+                               .num_groups = g,
+                               .topk_groups = tg,
+                               .routed_scaling_factor = with_bias ? 1.5f : 1.0f};
           CAPTURE(to_string(scoring));
           CAPTURE(renormalize);
           CAPTURE(e);
@@ -226,8 +234,8 @@ TEST_CASE("Router::route: every variant matches the reference on random logits")
           auto logits = test::random_vector<float>(static_cast<std::size_t>(e) * 33, rng, 2.0f);
           logits[5] = NAN;  // a few unselectable experts
           logits[static_cast<std::size_t>(e) + 1] = -INFINITY;
-          auto const bias = with_bias ? test::random_vector<float>(static_cast<std::size_t>(e), rng, 0.1f)
-                                      : std::vector<float>{};
+          auto const bias =
+              with_bias ? test::random_vector<float>(static_cast<std::size_t>(e), rng, 0.1f) : std::vector<float>{};
           check_against_reference(c, logits, bias);
         }
 }
@@ -244,14 +252,20 @@ TEST_CASE("Router::route: renormalize after top-k softmax changes nothing but th
     auto const renormalized = run_route(c, logits, {});
     CHECK(plain.ids == renormalized.ids);
     for (std::size_t i = 0; i < plain.weights.size(); ++i)
-      CHECK(std::abs(plain.weights[i] - renormalized.weights[i]) <= 8 * std::numeric_limits<float>::epsilon() * plain.weights[i]);
+      CHECK(std::abs(plain.weights[i] - renormalized.weights[i]) <=
+            8 * std::numeric_limits<float>::epsilon() * plain.weights[i]);
   }
 }
 
 TEST_CASE("Router::route: the DeepSeek-V3 configuration") {
   EPX_TEST_SEEDED_RNG(rng);
-  RouterConfig const c{.num_experts = 256, .top_k = 8, .scoring = Scoring::kSigmoidTopK, .renormalize = true,
-                       .num_groups = 8, .topk_groups = 4, .routed_scaling_factor = 2.5f};
+  RouterConfig const c{.num_experts = 256,
+                       .top_k = 8,
+                       .scoring = Scoring::kSigmoidTopK,
+                       .renormalize = true,
+                       .num_groups = 8,
+                       .topk_groups = 4,
+                       .routed_scaling_factor = 2.5f};
   auto const logits = test::random_vector<float>(256 * 64, rng, 2.0f);
   auto const bias = test::random_vector<float>(256, rng, 0.5f);
   check_against_reference(c, logits, bias);

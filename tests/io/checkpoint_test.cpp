@@ -39,8 +39,8 @@ void load(fs::path const& dir, std::string const& family, std::int32_t rank = 0,
 }
 
 // Checks that loading throws `code` with every one of `parts` in the message.
-void check_load_fails(fs::path const& dir, std::string const& family, Errc code,
-                      std::vector<std::string> const& parts, std::int32_t rank = 0) {
+void check_load_fails(fs::path const& dir, std::string const& family, Errc code, std::vector<std::string> const& parts,
+                      std::int32_t rank = 0) {
   check_error(code, parts, [&] { load(dir, family, rank); });
 }
 
@@ -89,9 +89,9 @@ TEST_CASE("checkpoint: a folder, an index file or a single file; lazily opened s
 
   TempDir empty;
   check_error(Errc::kInvalidArgument, "a folder without model.safetensors.index.json or model.safetensors",
-                     [&] { io::Checkpoint c(empty.path()); });
+              [&] { io::Checkpoint c(empty.path()); });
   check_error(Errc::kInvalidArgument, "cannot open: No such file",
-                     [&] { io::Checkpoint c(empty.path() / "missing.safetensors"); });
+              [&] { io::Checkpoint c(empty.path() / "missing.safetensors"); });
   check_error(Errc::kInvalidArgument, "not a regular file", [&] { io::ReadOnlyFile f(empty.path().string()); });
 }
 
@@ -145,7 +145,7 @@ TEST_CASE("checkpoint: bad shards and indexes name the file") {
   SUBCASE("a malformed index") {
     write_text(dir.path() / "model.safetensors.index.json", "{\"weight_map\": {\"a\": 1}}");
     check_error(Errc::kInvalidArgument, "model.safetensors.index.json: weight_map[\"a\"] is a number",
-                       [&] { io::Checkpoint c(dir.path()); });
+                [&] { io::Checkpoint c(dir.path()); });
   }
 }
 
@@ -155,7 +155,8 @@ TEST_CASE("load_layer: missing, misshapen and mistyped tensors name the file and
   TempDir dir;
   SUBCASE("an expert's tensor missing from every shard: only its owner fails") {
     write_mutated("qwen3_moe", Encoding::kBF16, shape, dir.path(), rng, [](auto& tensors) {
-      std::erase_if(tensors, [](StoredTensor const& t) { return t.name == "model.layers.1.mlp.experts.4.up_proj.weight"; });
+      std::erase_if(tensors,
+                    [](StoredTensor const& t) { return t.name == "model.layers.1.mlp.experts.4.up_proj.weight"; });
     });
     check_load_fails(dir.path(), "qwen3_moe", Errc::kInvalidArgument,
                      {"no tensor 'model.layers.1.mlp.experts.4.up_proj.weight'", "the up of expert 4 of layer 1",
@@ -199,11 +200,11 @@ TEST_CASE("load_layer: missing, misshapen and mistyped tensors name the file and
                      {"expected [6, 64, 32]", "config: 6 experts, hidden 64, intermediate 32"});
   }
   SUBCASE("an element type epx does not convert") {
-    write_mutated("qwen3_moe", Encoding::kBF16, shape, dir.path(), rng, [](auto& tensors) {
-      find(tensors, "model.layers.1.mlp.experts.0.gate_proj.weight")->dtype = "I16";
-    });
-    check_load_fails(dir.path(), "qwen3_moe", Errc::kUnsupported,
-                     {"tensor 'model.layers.1.mlp.experts.0.gate_proj.weight': dtype I16", "F8_E4M3 with '_scale_inv'"});
+    write_mutated("qwen3_moe", Encoding::kBF16, shape, dir.path(), rng,
+                  [](auto& tensors) { find(tensors, "model.layers.1.mlp.experts.0.gate_proj.weight")->dtype = "I16"; });
+    check_load_fails(
+        dir.path(), "qwen3_moe", Errc::kUnsupported,
+        {"tensor 'model.layers.1.mlp.experts.0.gate_proj.weight': dtype I16", "F8_E4M3 with '_scale_inv'"});
   }
   SUBCASE("a router bias stored as FP8") {
     write_mutated("gpt_oss", Encoding::kBF16, shape, dir.path(), rng, [](auto& tensors) {
@@ -211,7 +212,8 @@ TEST_CASE("load_layer: missing, misshapen and mistyped tensors name the file and
       t->dtype = "F8_E4M3";
       t->bytes.resize(6);
     });
-    check_load_fails(dir.path(), "gpt_oss", Errc::kUnsupported, {"router.bias': dtype F8_E4M3 for the router bias of family gpt_oss, expected F32, F16 or BF16"});
+    check_load_fails(dir.path(), "gpt_oss", Errc::kUnsupported,
+                     {"router.bias': dtype F8_E4M3 for the router bias of family gpt_oss, expected F32, F16 or BF16"});
   }
   SUBCASE("FP8 without its scales") {
     write_mutated("deepseek_v3", Encoding::kFp8, shape, dir.path(), rng, [](auto& tensors) {
@@ -232,14 +234,14 @@ TEST_CASE("load_layer: missing, misshapen and mistyped tensors name the file and
                      {"gate_proj.weight_scale_inv': shape [3, 1], expected [2, 2] = ceil(32 / 24) x ceil(64 / 40)"});
   }
   SUBCASE("MXFP4 blocks of the wrong type") {
-    write_mutated("gpt_oss", Encoding::kMxfp4, shape, dir.path(), rng, [](auto& tensors) {
-      find(tensors, "model.layers.1.mlp.experts.gate_up_proj_blocks")->dtype = "I8";
-    });
+    write_mutated("gpt_oss", Encoding::kMxfp4, shape, dir.path(), rng,
+                  [](auto& tensors) { find(tensors, "model.layers.1.mlp.experts.gate_up_proj_blocks")->dtype = "I8"; });
     check_load_fails(dir.path(), "gpt_oss", Errc::kUnsupported, {"gate_up_proj_blocks': dtype I8, expected U8"});
   }
   SUBCASE("MXFP4 blocks without scales") {
     write_mutated("gpt_oss", Encoding::kMxfp4, shape, dir.path(), rng, [](auto& tensors) {
-      std::erase_if(tensors, [](StoredTensor const& t) { return t.name == "model.layers.1.mlp.experts.down_proj_scales"; });
+      std::erase_if(tensors,
+                    [](StoredTensor const& t) { return t.name == "model.layers.1.mlp.experts.down_proj_scales"; });
     });
     check_load_fails(dir.path(), "gpt_oss", Errc::kInvalidArgument,
                      {"down_proj_blocks': MXFP4 blocks without their scales"});
@@ -260,28 +262,29 @@ TEST_CASE("load_layer: bad requests and buffers name the parameter") {
     return [&, r, b] { (void)io::load_layer(ckpt, model, r, b); };
   };
   check_error(Errc::kInvalidArgument, "request.placement = empty",
-                     try_load({.layer = 1, .placement = {}, .rank = 0}, storage.buffers()));
+              try_load({.layer = 1, .placement = {}, .rank = 0}, storage.buffers()));
   check_error(Errc::kInvalidArgument, "request.placement.num_experts() = 8, expected the model's num_experts = 6",
-                     try_load({.layer = 1, .placement = ExpertPlacement::contiguous(8, 2), .rank = 0}, storage.buffers()));
+              try_load({.layer = 1, .placement = ExpertPlacement::contiguous(8, 2), .rank = 0}, storage.buffers()));
   check_error(Errc::kInvalidArgument, "request.rank = 2, expected in [0, 2)",
-                     try_load({.layer = 1, .placement = placement, .rank = 2}, storage.buffers()));
+              try_load({.layer = 1, .placement = placement, .rank = 2}, storage.buffers()));
   check_error(Errc::kInvalidArgument, "layer = 0, expected an MoE layer of this model (3 layers, the first 1 dense)",
-                     try_load({.layer = 0, .placement = placement, .rank = 0}, storage.buffers()));
+              try_load({.layer = 0, .placement = placement, .rank = 0}, storage.buffers()));
   check_error(Errc::kInvalidArgument, "layer = 3, expected an MoE layer",
-                     try_load({.layer = 3, .placement = placement, .rank = 0}, storage.buffers()));
+              try_load({.layer = 3, .placement = placement, .rank = 0}, storage.buffers()));
   auto small = storage.buffers();
   small.down = small.down.first(10);
-  check_error(Errc::kInvalidArgument, "buffers.down.size() = 10, expected >= 6144 elements",
-                     try_load(request, small));
+  check_error(Errc::kInvalidArgument, "buffers.down.size() = 10, expected >= 6144 elements", try_load(request, small));
   auto no_bias = storage.buffers();
   no_bias.correction_bias = {};
   check_error(Errc::kInvalidArgument, "buffers.correction_bias.size() = 0, expected >= 6 elements",
-                     try_load(request, no_bias));
+              try_load(request, no_bias));
   // Experts outside [0, num_experts), through the lower-level plan.
-  check_error(Errc::kInvalidArgument, "experts = [4, 8), expected a range of expert ids in [0, 6)",
-                     [&] { (void)io::plan_layer(ckpt, model, 1, ExpertRange{4, 4}); });
-  check_error(Errc::kInvalidArgument, "experts = [-1, 1)",
-                     [&] { (void)io::plan_layer(ckpt, model, 1, ExpertRange{-1, 2}); });
+  check_error(Errc::kInvalidArgument, "experts = [4, 8), expected a range of expert ids in [0, 6)", [&] {
+    (void)io::plan_layer(ckpt, model, 1, ExpertRange{4, 4});
+  });
+  check_error(Errc::kInvalidArgument, "experts = [-1, 1)", [&] {
+    (void)io::plan_layer(ckpt, model, 1, ExpertRange{-1, 2});
+  });
   // The request that is right loads.
   auto const layer = io::load_layer(ckpt, model, request, storage.buffers());
   CHECK(layer.config.weights.num_local_experts == 3);
@@ -301,9 +304,13 @@ TEST_CASE("families: a family not listed is described with the same data type") 
   }
   for (std::int32_t x = 0; x < 6; ++x)
     for (auto const* which : {"gate", "up"})
-      built.writer.add({fmt::format("model.layers.1.moe.expert_{}.{}_proj.bias", x, which), "F32", {32},
+      built.writer.add({fmt::format("model.layers.1.moe.expert_{}.{}_proj.bias", x, which),
+                        "F32",
+                        {32},
                         to_bytes(std::vector<float>(32, static_cast<float>(x) + (which[0] == 'g' ? 0.25f : 0.5f))),
-                        Owner::kExpert, x, x % 3});
+                        Owner::kExpert,
+                        x,
+                        x % 3});
   write_model(built, dir.path());
   io::ModelFamily family = io::qwen3_moe();
   family.name = "my_moe";

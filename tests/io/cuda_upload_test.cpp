@@ -74,7 +74,7 @@ void check_upload(std::string const& family, Encoding enc, std::size_t staging_b
     DeviceArray<T> gate_up(n(sizes.gate_up)), down(n(sizes.down)), gate_up_bias(n(sizes.gate_up_bias)),
         down_bias(n(sizes.down_bias)), router_weight(n(sizes.router_weight)), router_bias(n(sizes.router_bias));
     DeviceArray<float> correction_bias(n(sizes.correction_bias));
-    io::LayerBuffers<T> const buffers{gate_up.span(), down.span(), gate_up_bias.span(), down_bias.span(),
+    io::LayerBuffers<T> const buffers{gate_up.span(),       down.span(),        gate_up_bias.span(),   down_bias.span(),
                                       router_weight.span(), router_bias.span(), correction_bias.span()};
     auto const on_device = io::load_layer_to_device(device_ckpt, model, request, buffers, StreamRef(stream),
                                                     {.staging_bytes = staging_bytes});
@@ -102,7 +102,7 @@ TEST_CASE("io upload: device buffers hold the host load's bits, every kind of jo
     check_upload<bfloat16>("qwen3_moe", Encoding::kBF16, staging);  // verbatim on the host, chunks on the device
     check_upload<bfloat16>("qwen3_moe", Encoding::kF32, staging);   // converted
     check_upload<epx::half>("mixtral", Encoding::kBF16, staging);
-    check_upload<bfloat16>("gpt_oss", Encoding::kBF16, staging);    // transposed, biases
+    check_upload<bfloat16>("gpt_oss", Encoding::kBF16, staging);  // transposed, biases
     check_upload<bfloat16>("gpt_oss", Encoding::kMxfp4, staging);
     check_upload<bfloat16>("deepseek_v3", Encoding::kFp8, staging);  // + fp32 correction bias
     check_upload<float>("qwen2_moe_stacked", Encoding::kF16, staging);

@@ -29,9 +29,12 @@ void check_same_value(float got, double want) {
 double ref_f16(std::uint16_t h) {
   int const s = h >> 15, e = (h >> 10) & 0x1f, m = h & 0x3ff;
   double mag = 0.0;
-  if (e == 31) mag = m == 0 ? INFINITY : std::nan("");
-  else if (e == 0) mag = std::ldexp(m / 1024.0, -14);
-  else mag = std::ldexp(1.0 + m / 1024.0, e - 15);
+  if (e == 31)
+    mag = m == 0 ? INFINITY : std::nan("");
+  else if (e == 0)
+    mag = std::ldexp(m / 1024.0, -14);
+  else
+    mag = std::ldexp(1.0 + m / 1024.0, e - 15);
   return s ? -mag : mag;
 }
 
@@ -71,7 +74,7 @@ TEST_CASE("formats: every E2M1 code and E8M0 scale, MXFP4 low nibble first") {
     check_same_value(io::mxfp4_element(block, i, scale), ref_e2m1(code) * ref_e8m0(scale));
   }
   // Products at the ends of the scale range: exact subnormals, and overflow to infinity.
-  CHECK(io::mxfp4_element(std::array<std::uint8_t, 16>{0x01}.data(), 0, 0) == 0x1p-128f);  // 0.5 x 2^-127
+  CHECK(io::mxfp4_element(std::array<std::uint8_t, 16>{0x01}.data(), 0, 0) == 0x1p-128f);   // 0.5 x 2^-127
   CHECK(std::isinf(io::mxfp4_element(std::array<std::uint8_t, 16>{0x07}.data(), 0, 254)));  // 6 x 2^127
 }
 
@@ -127,8 +130,7 @@ TEST_CASE("formats: the plain dtypes decode exactly and convert with one roundin
     std::byte const p[2] = {static_cast<std::byte>(h & 0xff), static_cast<std::byte>(h >> 8)};
     double const v16 = ref_f16(h);
     if (std::isnan(v16)) continue;
-    CHECK(io::convert_plain<bfloat16>(io::SafetensorsDType::kF16, p).bits ==
-          bfloat16(static_cast<float>(v16)).bits);
+    CHECK(io::convert_plain<bfloat16>(io::SafetensorsDType::kF16, p).bits == bfloat16(static_cast<float>(v16)).bits);
     float const vb = std::bit_cast<float>(std::uint32_t{h} << 16);
     if (std::isnan(vb)) continue;
     CHECK(io::convert_plain<half>(io::SafetensorsDType::kBF16, p).bits == half(vb).bits);
@@ -137,9 +139,9 @@ TEST_CASE("formats: the plain dtypes decode exactly and convert with one roundin
 
 TEST_CASE("formats: the safetensors dtype names and sizes") {
   for (auto const& [name, bits] : std::vector<std::pair<std::string, std::uint32_t>>{
-           {"BOOL", 8}, {"U8", 8}, {"I8", 8}, {"F8_E4M3", 8}, {"F8_E5M2", 8}, {"F8_E8M0", 8}, {"I16", 16},
-           {"U16", 16}, {"F16", 16}, {"BF16", 16}, {"I32", 32}, {"U32", 32}, {"F32", 32}, {"F64", 64},
-           {"I64", 64}, {"U64", 64}, {"C64", 64}, {"F4", 4}, {"F6_E2M3", 6}, {"F6_E3M2", 6}}) {
+           {"BOOL", 8}, {"U8", 8},   {"I8", 8},    {"F8_E4M3", 8}, {"F8_E5M2", 8}, {"F8_E8M0", 8}, {"I16", 16},
+           {"U16", 16}, {"F16", 16}, {"BF16", 16}, {"I32", 32},    {"U32", 32},    {"F32", 32},    {"F64", 64},
+           {"I64", 64}, {"U64", 64}, {"C64", 64},  {"F4", 4},      {"F6_E2M3", 6}, {"F6_E3M2", 6}}) {
     CAPTURE(name);
     auto const dtype = io::parse_safetensors_dtype(name);
     REQUIRE(dtype.has_value());

@@ -152,7 +152,8 @@ class SafetensorsWriter {
         total += t->bytes.size();
       }
     }
-    std::string const index = fmt::format("{{\"metadata\":{{\"total_size\":{}}},\"weight_map\":{{{}}}}}", total, weight_map);
+    std::string const index =
+        fmt::format("{{\"metadata\":{{\"total_size\":{}}},\"weight_map\":{{{}}}}}", total, weight_map);
     write_text(dir / "model.safetensors.index.json", index);
     return index;
   }
@@ -175,11 +176,12 @@ void check_error(Errc code, std::vector<std::string> const& parts, F&& f) {
     CHECK_MESSAGE(e.code() == code, message);
   }
   REQUIRE_MESSAGE(thrown, "no epx::Error thrown");
-  for (auto const& part : parts) CHECK_MESSAGE(message.find(part) != std::string::npos, "missing '" << part << "' in: " << message);
+  for (auto const& part : parts)
+    CHECK_MESSAGE(message.find(part) != std::string::npos, "missing '" << part << "' in: " << message);
 }
 
 template <class S, class F>
-  requires std::convertible_to<S const&, std::string_view>  // a braced list of parts goes to the other overload
+requires std::convertible_to<S const&, std::string_view>  // a braced list of parts goes to the other overload
 void check_error(Errc code, S const& part, F&& f) {
   check_error(code, std::vector<std::string>{std::string(std::string_view(part))}, std::forward<F>(f));
 }
@@ -206,15 +208,19 @@ inline double ref_e8m0(std::uint8_t b) { return b == 0xff ? std::nan("") : std::
 //! T's bits (for exact comparison, NaN included).
 template <class T>
 std::uint32_t bits_of(T v) {
-  if constexpr (std::is_same_v<T, float>) return std::bit_cast<std::uint32_t>(v);
-  else return v.bits;
+  if constexpr (std::is_same_v<T, float>)
+    return std::bit_cast<std::uint32_t>(v);
+  else
+    return v.bits;
 }
 
 //! The T a loaded fp32 value must be: rounded to nearest even (float: itself).
 template <class T>
 T round_value(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return T(v);
+  if constexpr (std::is_same_v<T, float>)
+    return v;
+  else
+    return T(v);
 }
 
 // ---- Small checkpoints of every family ------------------------------------------------------
@@ -238,8 +244,8 @@ struct CaseShape {
   std::int32_t hidden = 64;
   std::int32_t intermediate = 32;
   std::int32_t top_k = 2;
-  std::int32_t layer = 1;       // the MoE layer the tests load
-  std::int32_t num_layers = 3;  // layers written (the others must not be read)
+  std::int32_t layer = 1;            // the MoE layer the tests load
+  std::int32_t num_layers = 3;       // layers written (the others must not be read)
   std::int32_t fp8_block_rows = 24;  // partial edge blocks in both dimensions
   std::int32_t fp8_block_cols = 40;
   std::int32_t num_shards = 3;
@@ -287,7 +293,9 @@ struct BuiltModel {
 
 namespace detail {
 
-inline float random_normal(std::mt19937_64& rng, float scale) { return std::normal_distribution<float>(0.0f, scale)(rng); }
+inline float random_normal(std::mt19937_64& rng, float scale) {
+  return std::normal_distribution<float>(0.0f, scale)(rng);
+}
 
 //! A plain tensor of `n` random values with scale `scale` in `enc`'s element type: its bytes and
 //! the fp32 values it holds (exact).
@@ -347,8 +355,8 @@ inline std::vector<float> add_matrix(SafetensorsWriter& w, std::string const& na
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t c = 0; c < cols; ++c) {
       auto const i = static_cast<std::size_t>(r * cols + c);
-      double const exact = ref_e4m3(codes[i]) * double(scales[static_cast<std::size_t>((r / s.fp8_block_rows) * bc +
-                                                                                        c / s.fp8_block_cols)]);
+      double const exact = ref_e4m3(codes[i]) *
+                           double(scales[static_cast<std::size_t>((r / s.fp8_block_rows) * bc + c / s.fp8_block_cols)]);
       values[i] = static_cast<float>(exact);  // the product is exact in double: one rounding to fp32
     }
   w.add({name, "F8_E4M3", {rows, cols}, to_bytes(codes), owner, expert, shard});
@@ -394,8 +402,8 @@ inline std::vector<float> add_vector(SafetensorsWriter& w, std::string const& na
 inline void add_unrelated(SafetensorsWriter& w, CaseShape const& s, std::mt19937_64& rng) {
   add_vector(w, "model.embed_tokens.weight", Encoding::kBF16, {16, s.hidden}, Owner::kNever, -1, 0, rng);
   for (std::int32_t l = 0; l < s.num_layers; ++l)
-    add_vector(w, fmt::format("model.layers.{}.input_layernorm.weight", l), Encoding::kBF16, {s.hidden},
-               Owner::kNever, -1, l % s.num_shards, rng);
+    add_vector(w, fmt::format("model.layers.{}.input_layernorm.weight", l), Encoding::kBF16, {s.hidden}, Owner::kNever,
+               -1, l % s.num_shards, rng);
 }
 
 }  // namespace detail
@@ -435,14 +443,24 @@ inline BuiltModel build_model(std::string const& family, Encoding enc, CaseShape
         }
       } else {
         // bf16 form: gate_up_proj [E, H, 2I] and down_proj [E, I, H]: x · W, transposed.
-        auto [gu_bytes, gu] = detail::plain_values(enc, static_cast<std::size_t>(e * h * 2 * in),
-                                                   1.0f / std::sqrt(float(h)), rng);
-        w.add({q + "experts.gate_up_proj", detail::plain_dtype(enc), {e, h, 2 * in}, std::move(gu_bytes),
-               mine ? Owner::kStacked : Owner::kNever, -1, shard});
-        auto [dn_bytes, dn] = detail::plain_values(enc, static_cast<std::size_t>(e * in * h),
-                                                   1.0f / std::sqrt(float(in)), rng);
-        w.add({q + "experts.down_proj", detail::plain_dtype(enc), {e, in, h}, std::move(dn_bytes),
-               mine ? Owner::kStacked : Owner::kNever, -1, (shard + 1) % s.num_shards});
+        auto [gu_bytes, gu] =
+            detail::plain_values(enc, static_cast<std::size_t>(e * h * 2 * in), 1.0f / std::sqrt(float(h)), rng);
+        w.add({q + "experts.gate_up_proj",
+               detail::plain_dtype(enc),
+               {e, h, 2 * in},
+               std::move(gu_bytes),
+               mine ? Owner::kStacked : Owner::kNever,
+               -1,
+               shard});
+        auto [dn_bytes, dn] =
+            detail::plain_values(enc, static_cast<std::size_t>(e * in * h), 1.0f / std::sqrt(float(in)), rng);
+        w.add({q + "experts.down_proj",
+               detail::plain_dtype(enc),
+               {e, in, h},
+               std::move(dn_bytes),
+               mine ? Owner::kStacked : Owner::kNever,
+               -1,
+               (shard + 1) % s.num_shards});
         if (mine)
           for (std::int64_t x = 0; x < e; ++x) {
             for (std::int64_t r = 0; r < 2 * in; ++r)  // epx row r (interleaved gate/up) = stored column r
@@ -451,7 +469,8 @@ inline BuiltModel build_model(std::string const& family, Encoding enc, CaseShape
                     gu[static_cast<std::size_t>((x * h + c) * 2 * in + r)];
             for (std::int64_t r = 0; r < h; ++r)
               for (std::int64_t c = 0; c < in; ++c)
-                m.down[static_cast<std::size_t>((x * h + r) * in + c)] = dn[static_cast<std::size_t>((x * in + c) * h + r)];
+                m.down[static_cast<std::size_t>((x * h + r) * in + c)] =
+                    dn[static_cast<std::size_t>((x * in + c) * h + r)];
           }
       }
       Encoding const bias_enc = enc == Encoding::kMxfp4 ? Encoding::kBF16 : enc;
@@ -461,7 +480,8 @@ inline BuiltModel build_model(std::string const& family, Encoding enc, CaseShape
                             -1, shard, rng);
       auto rw = add_vector(w, q + "router.weight", router_enc, {e, h}, mine ? Owner::kAlways : Owner::kNever, -1,
                            (shard + 2) % s.num_shards, rng, 1.0f / std::sqrt(float(h)));
-      auto rb = add_vector(w, q + "router.bias", router_enc, {e}, mine ? Owner::kAlways : Owner::kNever, -1, shard, rng);
+      auto rb =
+          add_vector(w, q + "router.bias", router_enc, {e}, mine ? Owner::kAlways : Owner::kNever, -1, shard, rng);
       if (mine) {
         m.gate_up_bias = gub;
         m.down_bias = dnb;
@@ -494,15 +514,25 @@ inline BuiltModel build_model(std::string const& family, Encoding enc, CaseShape
       if (enc == Encoding::kFp8) {
         FAIL("FP8 is built for the per-expert layout only");
       }
-      auto [gu_bytes, guv] = detail::plain_values(enc, static_cast<std::size_t>(e * 2 * in * h),
-                                                  1.0f / std::sqrt(float(h)), rng);
-      auto [dn_bytes, dnv] = detail::plain_values(enc, static_cast<std::size_t>(e * h * in),
-                                                  1.0f / std::sqrt(float(in)), rng);
+      auto [gu_bytes, guv] =
+          detail::plain_values(enc, static_cast<std::size_t>(e * 2 * in * h), 1.0f / std::sqrt(float(h)), rng);
+      auto [dn_bytes, dnv] =
+          detail::plain_values(enc, static_cast<std::size_t>(e * h * in), 1.0f / std::sqrt(float(in)), rng);
       std::int32_t const shard = l % s.num_shards;
-      w.add({q + "mlp.experts.gate_up_proj", detail::plain_dtype(enc), {e, 2 * in, h}, std::move(gu_bytes),
-             mine ? Owner::kStacked : Owner::kNever, -1, shard});
-      w.add({q + "mlp.experts.down_proj", detail::plain_dtype(enc), {e, h, in}, std::move(dn_bytes),
-             mine ? Owner::kStacked : Owner::kNever, -1, (shard + 1) % s.num_shards});
+      w.add({q + "mlp.experts.gate_up_proj",
+             detail::plain_dtype(enc),
+             {e, 2 * in, h},
+             std::move(gu_bytes),
+             mine ? Owner::kStacked : Owner::kNever,
+             -1,
+             shard});
+      w.add({q + "mlp.experts.down_proj",
+             detail::plain_dtype(enc),
+             {e, h, in},
+             std::move(dn_bytes),
+             mine ? Owner::kStacked : Owner::kNever,
+             -1,
+             (shard + 1) % s.num_shards});
       if (mine) {
         m.gate_up = guv;
         m.down = dnv;
@@ -521,7 +551,8 @@ inline BuiltModel build_model(std::string const& family, Encoding enc, CaseShape
         std::copy(gate.begin(), gate.end(), m.gate_up.begin() + static_cast<std::ptrdiff_t>(ux * rows * uh));
         std::copy(up.begin(), up.end(),
                   m.gate_up.begin() + static_cast<std::ptrdiff_t>(ux * rows * uh + static_cast<std::size_t>(in) * uh));
-        std::copy(dn.begin(), dn.end(), m.down.begin() + static_cast<std::ptrdiff_t>(ux * uh * static_cast<std::size_t>(in)));
+        std::copy(dn.begin(), dn.end(),
+                  m.down.begin() + static_cast<std::ptrdiff_t>(ux * uh * static_cast<std::size_t>(in)));
       }
     }
     auto rw = add_vector(w, q + router + ".weight", router_enc, {e, h}, mine ? Owner::kAlways : Owner::kNever, -1,
@@ -561,8 +592,10 @@ inline BuiltModel build_model(std::string const& family, Encoding enc, CaseShape
 
 //! Writes `m` into `dir` (sharded with an index when m.shape.num_shards > 1) with its config.json.
 inline void write_model(BuiltModel const& m, fs::path const& dir) {
-  if (m.shape.num_shards > 1) m.writer.write_sharded(dir);
-  else m.writer.write_single(dir);
+  if (m.shape.num_shards > 1)
+    m.writer.write_sharded(dir);
+  else
+    m.writer.write_single(dir);
   write_text(dir / "config.json", m.config_json);
 }
 

@@ -29,8 +29,13 @@ Semantics semantics_of(std::string const& family, CaseShape const& s) {
     out.mlp.gate_up_layout = GateUpLayout::kInterleaved;
     out.mlp.clamped_swiglu = {.alpha = 1.702f, .limit = 7.0f};
   } else if (base == "deepseek_v3") {  // the test's config.json: n_group 2, topk_group 1, scaling 2.5
-    out.router = {.num_experts = s.num_experts, .top_k = s.top_k, .scoring = Scoring::kSigmoidTopK,
-                  .renormalize = true, .num_groups = 2, .topk_groups = 1, .routed_scaling_factor = 2.5f};
+    out.router = {.num_experts = s.num_experts,
+                  .top_k = s.top_k,
+                  .scoring = Scoring::kSigmoidTopK,
+                  .renormalize = true,
+                  .num_groups = 2,
+                  .topk_groups = 1,
+                  .routed_scaling_factor = 2.5f};
   } else {  // Qwen (norm_topk_prob true in the test's config.json), Mixtral (always)
     out.router.renormalize = true;
   }
@@ -81,7 +86,8 @@ std::vector<std::vector<T>> run_loaded(fs::path const& dir, std::int32_t layer, 
     std::int64_t const hidden = model.mlp.hidden, experts = model.router.num_experts;
     std::int64_t const tokens = static_cast<std::int64_t>(xs[r].size()) / hidden;
     std::int64_t max_tokens = 0;
-    for (auto const& x : xs) max_tokens = std::max<std::int64_t>(max_tokens, static_cast<std::int64_t>(x.size()) / hidden);
+    for (auto const& x : xs)
+      max_tokens = std::max<std::int64_t>(max_tokens, static_cast<std::int64_t>(x.size()) / hidden);
     std::vector<std::byte> workspace(moe.workspace_bytes(max_tokens));
     ys[r].assign(xs[r].size(), from_float<T>(999.0f));
     MatrixView<T const> x(xs[r].data(), tokens, hidden);
@@ -143,8 +149,9 @@ void check_layer(std::string const& family, Encoding enc, std::mt19937_64& rng) 
     CAPTURE(from_logits);
     auto const one = run_loaded<T>(dir.path(), shape.layer, ExpertPlacement::contiguous(shape.num_experts, 1),
                                    {concat(xs)}, {concat(ids)}, {concat(weights)}, from_logits);
-    auto const two = run_loaded<T>(dir.path(), shape.layer, ExpertPlacement::from_counts(std::vector<std::int32_t>{2, 4}),
-                                   xs, ids, weights, from_logits);
+    auto const two =
+        run_loaded<T>(dir.path(), shape.layer, ExpertPlacement::from_counts(std::vector<std::int32_t>{2, 4}), xs, ids,
+                      weights, from_logits);
     auto const both = concat(two);
     REQUIRE(both.size() == one[0].size());
     std::size_t mismatches = 0;

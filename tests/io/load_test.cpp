@@ -110,7 +110,8 @@ void check_family(LoadCase const& c, std::int32_t num_shards, std::size_t stagin
       // Staging: none for verbatim reads, else at most the limit (or one stored row).
       CHECK(layer.staging_bytes <= std::max<std::size_t>(staging_bytes, static_cast<std::size_t>(4 * rows)));
       if (std::is_same_v<T, bfloat16> && c.encoding == Encoding::kBF16 &&
-          (c.family == "qwen3_moe" || c.family == "qwen2_moe" || c.family == "mixtral" || c.family.ends_with("_stacked")))
+          (c.family == "qwen3_moe" || c.family == "qwen2_moe" || c.family == "mixtral" ||
+           c.family.ends_with("_stacked")))
         CHECK(layer.staging_bytes == 0);  // every job read straight into the caller's memory
     }
   }
@@ -121,13 +122,20 @@ void check_family(LoadCase const& c, std::int32_t num_shards, std::size_t stagin
 TEST_CASE("load_layer: every family and element type, single file and shards, every rank") {
   EPX_TEST_SEEDED_RNG(rng);
   std::vector<LoadCase> const cases = {
-      {"qwen3_moe", Encoding::kBF16},          {"qwen3_moe", Encoding::kF32},
-      {"qwen3_moe", Encoding::kFp8},           {"qwen2_moe", Encoding::kBF16},
-      {"mixtral", Encoding::kBF16},            {"mixtral", Encoding::kF16},
-      {"deepseek_v3", Encoding::kFp8},         {"deepseek_v3", Encoding::kBF16},
-      {"gpt_oss", Encoding::kBF16},            {"gpt_oss", Encoding::kMxfp4},
-      {"gpt_oss", Encoding::kF32},             {"qwen3_moe_stacked", Encoding::kBF16},
-      {"qwen2_moe_stacked", Encoding::kF16},   {"mixtral_stacked", Encoding::kF32},
+      {"qwen3_moe", Encoding::kBF16},
+      {"qwen3_moe", Encoding::kF32},
+      {"qwen3_moe", Encoding::kFp8},
+      {"qwen2_moe", Encoding::kBF16},
+      {"mixtral", Encoding::kBF16},
+      {"mixtral", Encoding::kF16},
+      {"deepseek_v3", Encoding::kFp8},
+      {"deepseek_v3", Encoding::kBF16},
+      {"gpt_oss", Encoding::kBF16},
+      {"gpt_oss", Encoding::kMxfp4},
+      {"gpt_oss", Encoding::kF32},
+      {"qwen3_moe_stacked", Encoding::kBF16},
+      {"qwen2_moe_stacked", Encoding::kF16},
+      {"mixtral_stacked", Encoding::kF32},
       {"deepseek_v3_stacked", Encoding::kBF16},
   };
   for (auto const& c : cases) {

@@ -130,8 +130,9 @@ TEST_CASE("config.json: missing and malformed keys name the file and the key") {
           {"\"scoring_func\" = \"relu\", expected \"softmax\" or \"sigmoid\""});
   refused("{" + base + ", \"n_routed_experts\": 8, \"routed_scaling_factor\": \"x\"}", "deepseek_v3",
           {"expected a finite number"});
-  refused("{" + base + ", \"n_routed_experts\": 8, \"n_group\": 2, \"topk_group\": 1, "
-          "\"quantization_config\": {\"weight_block_size\": [128]}}",
+  refused("{" + base +
+              ", \"n_routed_experts\": 8, \"n_group\": 2, \"topk_group\": 1, "
+              "\"quantization_config\": {\"weight_block_size\": [128]}}",
           "deepseek_v3", {"\"quantization_config.weight_block_size\" = [128], expected [rows, cols]"});
   // A configuration the router refuses: named as config.json's.
   refused("{" + base + ", \"n_routed_experts\": 8, \"n_group\": 3}", "deepseek_v3",

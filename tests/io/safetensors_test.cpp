@@ -23,7 +23,9 @@ std::vector<std::byte> craft(std::string const& json, std::size_t data_bytes = 0
   return out;
 }
 
-io::SafetensorsHeader parse(std::vector<std::byte> const& image) { return io::parse_safetensors(image, "t.safetensors"); }
+io::SafetensorsHeader parse(std::vector<std::byte> const& image) {
+  return io::parse_safetensors(image, "t.safetensors");
+}
 
 void check_refused(std::string const& json, std::size_t data_bytes, std::string const& part,
                    std::string const& tensor = {}) {
@@ -46,7 +48,9 @@ TEST_CASE("safetensors: what the writer writes parses back, tensors ordered by o
   for (std::size_t i = 0; i < specs.size(); ++i) {
     std::int64_t n = 1;
     for (auto d : specs[i].second) n *= d;
-    auto const size = static_cast<std::size_t>(n) * (dtypes[i] == "F32" ? 4 : dtypes[i] == "U8" || dtypes[i] == "F8_E4M3" ? 1 : 2);
+    auto const size = static_cast<std::size_t>(n) * (dtypes[i] == "F32"                            ? 4
+                                                     : dtypes[i] == "U8" || dtypes[i] == "F8_E4M3" ? 1
+                                                                                                   : 2);
     std::vector<std::byte> bytes(size);
     for (auto& b : bytes) b = static_cast<std::byte>(byte(rng));
     w.add({specs[i].first, dtypes[i], specs[i].second, bytes});
@@ -71,14 +75,15 @@ TEST_CASE("safetensors: what the writer writes parses back, tensors ordered by o
     CHECK(t->shape == specs[i].second);
     auto const& written = w.tensors()[i].bytes;
     REQUIRE(t->num_bytes() == written.size());
-    CHECK(std::equal(written.begin(), written.end(), image.begin() + static_cast<std::ptrdiff_t>(header.data_start() + t->begin)));
+    CHECK(std::equal(written.begin(), written.end(),
+                     image.begin() + static_cast<std::ptrdiff_t>(header.data_start() + t->begin)));
   }
   CHECK(header.find("nope") == nullptr);
 }
 
 TEST_CASE("safetensors: the 8-byte length is checked against the format's limit and the file") {
   check_error(Errc::kInvalidArgument, "at least the 8-byte header length",
-                     [&] { (void)parse(std::vector<std::byte>(5)); });
+              [&] { (void)parse(std::vector<std::byte>(5)); });
   auto image = craft("{}");
   image[5] = std::byte{1};  // N = 2^40
   check_error(Errc::kInvalidArgument, "expected at most 100000000", [&] { (void)parse(image); });
@@ -88,8 +93,8 @@ TEST_CASE("safetensors: the 8-byte length is checked against the format's limit 
   // The bytes given must hold the header even when the file is said to be larger.
   auto const whole = craft("{}");
   check_error(Errc::kInvalidArgument, "expected the whole",
-                     [&] { (void)io::parse_safetensors(std::span(whole).first(9), "t", 1000); });
-  CHECK(parse(craft("{}")).tensors.empty());  // an empty checkpoint is valid
+              [&] { (void)io::parse_safetensors(std::span(whole).first(9), "t", 1000); });
+  CHECK(parse(craft("{}")).tensors.empty());      // an empty checkpoint is valid
   CHECK(parse(craft("  {}  ")).tensors.empty());  // JSON whitespace, as writers pad
 }
 
@@ -114,7 +119,8 @@ TEST_CASE("safetensors: malformed and hostile headers are refused, naming the te
   check_refused("{\"a\": {\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2,4]}}", 4, "more than two", "a");
   check_refused("{\"a\": {\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[2]}}", 2, "holds 1 number", "a");
   check_refused("{\"a\": {\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,-2]}}", 2, "integers >= 0", "a");
-  check_refused("{\"a\": {\"dtype\":\"U8\",\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}", 2, "appears twice", "a");
+  check_refused("{\"a\": {\"dtype\":\"U8\",\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]}}", 2, "appears twice",
+                "a");
   check_refused("{\"a\": {" + ok + "}, \"a\": {" + ok + "}}", 2, "appears twice", "a");
   check_refused("{\"__metadata__\": {\"k\": 1}}", 0, "expected a string");
   check_refused("{\"__metadata__\": [1]}", 0, "expected an object");
@@ -150,7 +156,8 @@ TEST_CASE("safetensors: offsets must cover the data section exactly") {
   check_refused("{" + tensor("a", "U8", "[1099511627776,1099511627776]", 0, 4) + "}", 4, "2^62", "a");
   // Zero-sized tensors take no bytes, anywhere among the others.
   auto const header = parse(craft("{" + tensor("a", "U8", "[4]", 0, 4) + "," + tensor("z", "BF16", "[0, 3]", 4, 4) +
-                                  "," + tensor("s", "F16", "[]", 4, 6) + "}", 6));
+                                      "," + tensor("s", "F16", "[]", 4, 6) + "}",
+                                  6));
   CHECK(header.tensors.size() == 3);
   CHECK(header.find("z")->num_bytes() == 0);
   CHECK(header.find("s")->shape.empty());
@@ -183,7 +190,7 @@ TEST_CASE("safetensors index: the weight map, checked") {
     CAPTURE(text);
     check_error(Errc::kInvalidArgument, part, [&] { (void)io::parse_safetensors_index(text, "idx.json"); });
     check_error(Errc::kInvalidArgument, "checkpoint file idx.json",
-                       [&] { (void)io::parse_safetensors_index(text, "idx.json"); });
+                [&] { (void)io::parse_safetensors_index(text, "idx.json"); });
   };
   refused("", "not valid JSON");
   refused("[]", "expected a JSON object");

@@ -47,8 +47,8 @@ constexpr std::uint32_t swizzle_128b(std::uint32_t address) { return address ^ (
 // operand whose 8-row core-matrix groups are `sbo` bytes apart, rows 128 bytes apart within a
 // group, 16-byte units of K side by side in the row; then the swizzle of the absolute address.
 constexpr std::uint32_t k_major_sw128_address(std::uint32_t start, std::uint32_t sbo, int r, int k) {
-  std::uint32_t const linear = start + static_cast<std::uint32_t>((r % 8) * 128 + (r / 8) * static_cast<int>(sbo) +
-                                                                  (k / 8) * 16 + (k % 8) * 2);
+  std::uint32_t const linear =
+      start + static_cast<std::uint32_t>((r % 8) * 128 + (r / 8) * static_cast<int>(sbo) + (k / 8) * 16 + (k % 8) * 2);
   return swizzle_128b(linear);
 }
 
@@ -64,7 +64,9 @@ constexpr std::pair<int, int> mma_b_element(int lane, int reg, int half) {
   return {2 * (lane % 4) + 8 * reg + half, lane / 4};
 }
 // C/D (16 x 8 f32): register i (0-3) is (groupID + 8 * (i / 2), 2 * threadID_in_group + i % 2).
-constexpr std::pair<int, int> mma_d_element(int lane, int reg) { return {lane / 4 + 8 * (reg / 2), 2 * (lane % 4) + reg % 2}; }
+constexpr std::pair<int, int> mma_d_element(int lane, int reg) {
+  return {lane / 4 + 8 * (reg / 2), 2 * (lane % 4) + reg % 2};
+}
 // wgmma m64nNk16 f32 D: warp w of the warpgroup owns rows 16w..16w+15; register i of lane t is
 // row 16w + t/4 + 8 * ((i / 2) % 2), column 8 * (i / 4) + 2 * (t % 4) + i % 2.
 constexpr std::pair<int, int> wgmma_d_element(int warp, int lane, int reg) {
@@ -81,8 +83,8 @@ auto ldmatrix_x4(std::array<std::uint32_t, 32> const& row_address, ElementAt&& e
   for (int t = 0; t < 32; ++t)
     for (int i = 0; i < 4; ++i)
       for (int h = 0; h < 2; ++h)
-        regs[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)][static_cast<std::size_t>(h)] =
-            element_at(row_address[static_cast<std::size_t>(8 * i + t / 4)] + static_cast<std::uint32_t>(2 * (2 * (t % 4) + h)));
+        regs[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)][static_cast<std::size_t>(h)] = element_at(
+            row_address[static_cast<std::size_t>(8 * i + t / 4)] + static_cast<std::uint32_t>(2 * (2 * (t % 4) + h)));
   return regs;
 }
 
@@ -134,9 +136,7 @@ auto ldmatrix_labels(std::vector<int> const& image, ChunkOf&& chunk_of) {
     StageChunk const c = chunk_of(lane);
     address[static_cast<std::size_t>(lane)] = static_cast<std::uint32_t>(stage_byte_offset(c.row, c.chunk));
   }
-  return isa::ldmatrix_x4(address, [&](std::uint32_t byte) {
-    return byte / 2 < image.size() ? image[byte / 2] : -2;
-  });
+  return isa::ldmatrix_x4(address, [&](std::uint32_t byte) { return byte / 2 < image.size() ? image[byte / 2] : -2; });
 }
 
 // Every ldmatrix.x4 phase (the 8 row addresses of one matrix) must touch 8 distinct 16-byte bank
@@ -176,8 +176,9 @@ void check_fragments() {
           for (int r = 0; r < 4; ++r)
             for (int h = 0; h < 2; ++h) {
               auto const [row, col] = isa::mma_a_element(lane, r, h);
-              a_mismatches += regs[static_cast<std::size_t>(lane)][static_cast<std::size_t>(r)][static_cast<std::size_t>(h)] !=
-                              label(row0 + row, kk * 16 + col);
+              a_mismatches +=
+                  regs[static_cast<std::size_t>(lane)][static_cast<std::size_t>(r)][static_cast<std::size_t>(h)] !=
+                  label(row0 + row, kk * 16 + col);
             }
       }
       for (int nj = 0; nj < Shape::kNI / 2; ++nj) {
@@ -191,8 +192,9 @@ void check_fragments() {
           for (int lane = 0; lane < 32; ++lane)
             for (int h = 0; h < 2; ++h) {
               auto const [k, n] = isa::mma_b_element(lane, slot.reg, h);
-              b_mismatches += regs[static_cast<std::size_t>(lane)][static_cast<std::size_t>(r)][static_cast<std::size_t>(h)] !=
-                              label(n0 + n, kk * 16 + k);
+              b_mismatches +=
+                  regs[static_cast<std::size_t>(lane)][static_cast<std::size_t>(r)][static_cast<std::size_t>(h)] !=
+                  label(n0 + n, kk * 16 + k);
             }
         }
       }
@@ -214,7 +216,8 @@ TEST_CASE("GemmLayout::swizzle: the stage layout is the ISA's 128-byte swizzle o
       for (int e = 0; e < kStageChunkElems; ++e)
         for (std::uint32_t base : {0u, 1024u, 7u * 1024u, 200u * 1024u}) {  // any 1024-byte aligned stage
           std::uint32_t const ours = base + static_cast<std::uint32_t>(stage_byte_offset(row, chunk) + 2 * e);
-          mismatches += ours != isa::k_major_sw128_address(base, kStageRowGroupBytes, row, chunk * kStageChunkElems + e);
+          mismatches +=
+              ours != isa::k_major_sw128_address(base, kStageRowGroupBytes, row, chunk * kStageChunkElems + e);
         }
     }
     not_permutation += slots.size() != static_cast<std::size_t>(kStageChunksPerRow) || *slots.rbegin() != 7;
@@ -336,7 +339,8 @@ TEST_CASE("GemmLayout::accumulators: mma and wgmma maps are the ISA's, cover the
   for (int lane = 0; lane < 32; ++lane)
     for (int e = 0; e < 4; ++e) {
       FragmentCoord const c = mma_accumulator_coord(lane, e);
-      wrong += mma_accumulator_coord(lane, 0).col + e % 2 != c.col || mma_accumulator_coord(lane, 2 * (e / 2)).row != c.row;
+      wrong +=
+          mma_accumulator_coord(lane, 0).col + e % 2 != c.col || mma_accumulator_coord(lane, 2 * (e / 2)).row != c.row;
     }
   CHECK(wrong == 0);
 }
@@ -412,7 +416,8 @@ namespace isa {
 // mma.m16n8k16 (f32 accumulate) on whole-warp fragments: A from a[lane][reg][half], B from
 // b[lane][reg][half], D added to d[lane][reg], with the fragment maps above.
 void mma_m16n8k16(std::array<std::array<std::array<float, 2>, 4>, 32> const& a,
-                  std::array<std::array<std::array<float, 2>, 2>, 32> const& b, std::array<std::array<double, 4>, 32>& d) {
+                  std::array<std::array<std::array<float, 2>, 2>, 32> const& b,
+                  std::array<std::array<double, 4>, 32>& d) {
   double am[16][16] = {}, bm[16][8] = {};
   for (int lane = 0; lane < 32; ++lane)
     for (int h = 0; h < 2; ++h) {
@@ -445,15 +450,18 @@ int wgmma_m64nNk16(int n, std::uint64_t desc_a, std::uint64_t desc_b, ElementAt&
   if (da.swizzle != 1 || db.swizzle != 1 || da.base_offset != 0 || db.base_offset != 0) return 1;
   std::vector<double> am(64 * 16), bm(static_cast<std::size_t>(n) * 16);
   for (int r = 0; r < 64; ++r)
-    for (int k = 0; k < 16; ++k) am[static_cast<std::size_t>(r * 16 + k)] = element_at(k_major_sw128_address(da.start, da.stride, r, k));
+    for (int k = 0; k < 16; ++k)
+      am[static_cast<std::size_t>(r * 16 + k)] = element_at(k_major_sw128_address(da.start, da.stride, r, k));
   for (int c = 0; c < n; ++c)
-    for (int k = 0; k < 16; ++k) bm[static_cast<std::size_t>(c * 16 + k)] = element_at(k_major_sw128_address(db.start, db.stride, c, k));
+    for (int k = 0; k < 16; ++k)
+      bm[static_cast<std::size_t>(c * 16 + k)] = element_at(k_major_sw128_address(db.start, db.stride, c, k));
   for (int warp = 0; warp < 4; ++warp)
     for (int lane = 0; lane < 32; ++lane)
       for (int reg = 0; reg < n / 2; ++reg) {
         auto const [row, col] = wgmma_d_element(warp, lane, reg);
         double sum = 0.0;
-        for (int k = 0; k < 16; ++k) sum += am[static_cast<std::size_t>(row * 16 + k)] * bm[static_cast<std::size_t>(col * 16 + k)];
+        for (int k = 0; k < 16; ++k)
+          sum += am[static_cast<std::size_t>(row * 16 + k)] * bm[static_cast<std::size_t>(col * 16 + k)];
         d[static_cast<std::size_t>((warp * 32 + lane) * (n / 2) + reg)] += sum;
       }
   return 0;
@@ -517,7 +525,7 @@ struct GemmData {
 struct Emulated {
   std::vector<double> out;  // [num_rows, n]
   std::vector<int> writes;
-  int bad_reads = 0;        // copies that read outside the group's rows or past K
+  int bad_reads = 0;  // copies that read outside the group's rows or past K
   int bad_descriptors = 0;
 
   explicit Emulated(GemmData const& d)
@@ -535,8 +543,10 @@ struct Emulated {
       bool const inside = r >= p.group_begin && r < p.group_begin + p.group_rows;
       for (int c = 0; c < p.n; ++c) {
         auto const i = static_cast<std::size_t>(r * p.n + c);
-        if (!inside) bad += writes[i] != 0;
-        else bad += writes[i] != 1 || out[i] != d.reference(r, c);
+        if (!inside)
+          bad += writes[i] != 0;
+        else
+          bad += writes[i] != 1 || out[i] != d.reference(r, c);
       }
     }
     return bad;
@@ -607,9 +617,12 @@ Emulated emulate_mma_kernel(GemmData const& d) {
       b_src.push_back(weight_copy_source<CopyB>(tid, tile.n_begin, p.n, p.k, p.gated, p.concatenated));
     }
     std::vector<Acc> acc(static_cast<std::size_t>(kThreads / 32 * MI * NI), Acc{});
-    auto acc_of = [&](int warp, int mi, int ni) -> Acc& { return acc[static_cast<std::size_t>((warp * MI + mi) * NI + ni)]; };
+    auto acc_of = [&](int warp, int mi, int ni) -> Acc& {
+      return acc[static_cast<std::size_t>((warp * MI + mi) * NI + ni)];
+    };
     for (int kt = 0; kt * kStageRowElems < p.k; ++kt) {
-      std::vector<float> sa(static_cast<std::size_t>(BM * kStageRowElems), NAN), sb(static_cast<std::size_t>(BN * kStageRowElems), NAN);
+      std::vector<float> sa(static_cast<std::size_t>(BM * kStageRowElems), NAN),
+          sb(static_cast<std::size_t>(BN * kStageRowElems), NAN);
       copy_stage<CopyA>(sa, 0, a_src, kt, p.k, d.a, a_source_ok(d), e);
       copy_stage<CopyB>(sb, 0, b_src, kt, p.k, d.w, w_source_ok(d), e);
       for (int warp = 0; warp < kThreads / 32; ++warp)
@@ -634,13 +647,14 @@ Emulated emulate_mma_kernel(GemmData const& d) {
             for (int i = 0; i < 4; ++i) {
               BFragmentSlot const slot = ldmatrix_b_slot(i);
               for (int lane = 0; lane < 32; ++lane)
-                bf[static_cast<std::size_t>(2 * nj + slot.n8)][static_cast<std::size_t>(lane)][static_cast<std::size_t>(slot.reg)] =
-                    r[static_cast<std::size_t>(lane)][static_cast<std::size_t>(i)];
+                bf[static_cast<std::size_t>(2 * nj + slot.n8)][static_cast<std::size_t>(lane)]
+                  [static_cast<std::size_t>(slot.reg)] = r[static_cast<std::size_t>(lane)][static_cast<std::size_t>(i)];
             }
           }
           for (int mi = 0; mi < MI; ++mi)
             for (int ni = 0; ni < NI; ++ni)
-              isa::mma_m16n8k16(af[static_cast<std::size_t>(mi)], bf[static_cast<std::size_t>(ni)], acc_of(warp, mi, ni));
+              isa::mma_m16n8k16(af[static_cast<std::size_t>(mi)], bf[static_cast<std::size_t>(ni)],
+                                acc_of(warp, mi, ni));
         }
     }
     // The kernel's epilogue: registers (2h, 2h + 1) are columns (p, p + 1) of one row.
@@ -651,7 +665,8 @@ Emulated emulate_mma_kernel(GemmData const& d) {
           if (col >= p.n) continue;
           for (int mi = 0; mi < MI; ++mi)
             for (int h = 0; h < 2; ++h) {
-              std::int64_t const row = tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
+              std::int64_t const row =
+                  tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
               if (row >= tile.row_end) continue;
               auto const& v = acc_of(warp, mi, ni)[static_cast<std::size_t>(lane)];
               e.store(d, row, col, v[static_cast<std::size_t>(2 * h)]);
@@ -723,18 +738,15 @@ Emulated emulate_wgmma_kernel(GemmData const& d) {
 // group), K tails (k % 64 != 0), N edges (odd n for the linear GEMM), padded lda, both gated layouts.
 std::vector<GemmProblem> problems(int bm, int bn, std::mt19937_64& rng) {
   std::vector<GemmProblem> list = {
-      {3, bm + 1, 5, 72, 80, bn + 9, false, false},
-      {0, 1, 0, 8, 8, 8, false, false},
-      {5, bm, 2, 128, 128, bn, false, false},
-      {2, 2 * bm - 1, 3, 200, 216, 2 * bn - 8, true, true},
-      {1, bm - 1, 1, 64, 64, bn + 16, true, false},
-      {4, 0, 4, 16, 16, 24, false, false},
+      {3, bm + 1, 5, 72, 80, bn + 9, false, false}, {0, 1, 0, 8, 8, 8, false, false},
+      {5, bm, 2, 128, 128, bn, false, false},       {2, 2 * bm - 1, 3, 200, 216, 2 * bn - 8, true, true},
+      {1, bm - 1, 1, 64, 64, bn + 16, true, false}, {4, 0, 4, 16, 16, 24, false, false},
       {0, 17, 0, 8, 24, 2 * bn + 2, true, true},
   };
   std::uniform_int_distribution<int> u(0, 1 << 20);
   for (int i = 0; i < 4; ++i) {
-    GemmProblem q{u(rng) % 9, u(rng) % (2 * bm + 4), u(rng) % 4, 8 * (1 + u(rng) % 33), 0, 1 + u(rng) % (2 * bn + 40),
-                  u(rng) % 2 == 0, u(rng) % 2 == 0};
+    GemmProblem q{u(rng) % 9, u(rng) % (2 * bm + 4),      u(rng) % 4,      8 * (1 + u(rng) % 33),
+                  0,          1 + u(rng) % (2 * bn + 40), u(rng) % 2 == 0, u(rng) % 2 == 0};
     q.lda = q.k + 8 * (u(rng) % 3);
     if (q.gated) q.n += q.n % 2;
     list.push_back(q);
@@ -757,7 +769,8 @@ long long emulated_mma_failures(std::mt19937_64& rng) {
 
 }  // namespace
 
-TEST_CASE("GemmLayout::mma_emulation: copies + ldmatrix + mma.m16n8k16 + epilogue equal a plain matmul, every tile shape") {
+TEST_CASE(
+    "GemmLayout::mma_emulation: copies + ldmatrix + mma.m16n8k16 + epilogue equal a plain matmul, every tile shape") {
   EPX_TEST_SEEDED_RNG(rng);
   long long total = 0;
   total += emulated_mma_failures<MmaDecodeTile>(rng);

@@ -40,7 +40,7 @@ struct Access {
 
 struct Replay {
   std::vector<Access> writes, reads;
-  std::vector<long long> barriers;  // positions, increasing
+  std::vector<long long> barriers;                                 // positions, increasing
   std::vector<std::vector<std::size_t>> copy_groups, read_groups;  // committed groups: indices of writes / reads
   std::vector<std::size_t> open_copies, open_reads;
   long long now = 0;
@@ -221,7 +221,8 @@ struct BrokenRing {
 
 }  // namespace
 
-TEST_CASE("GemmPipeline::replay_detects: the replay finds the races of a ring that refills too early or waits too little") {
+TEST_CASE(
+    "GemmPipeline::replay_detects: the replay finds the races of a ring that refills too early or waits too little") {
   // The mma.sync schedule with one wgmma group left in flight: the stage that group reads is
   // refilled right after the barrier.
   CHECK(check<BrokenRing<1, 3, 2>>({9}).stale_or_racy_reads > 0);

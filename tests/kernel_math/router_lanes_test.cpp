@@ -45,12 +45,13 @@ Lanes<T> shfl_xor(Lanes<T> const& v, int offset) {
 //! warp_butterfly on emulated lanes with a per-lane merge.
 template <class T, class Merge>
 Lanes<T> butterfly(Lanes<T> const& v, Merge merge) {
-  return warp_butterfly(v, [](Lanes<T> const& x, int offset) { return shfl_xor(x, offset); },
-                        [&](Lanes<T> const& mine, Lanes<T> const& other) {
-                          Lanes<T> out{};
-                          for (std::size_t l = 0; l < out.size(); ++l) out[l] = merge(mine[l], other[l]);
-                          return out;
-                        });
+  return warp_butterfly(
+      v, [](Lanes<T> const& x, int offset) { return shfl_xor(x, offset); },
+      [&](Lanes<T> const& mine, Lanes<T> const& other) {
+        Lanes<T> out{};
+        for (std::size_t l = 0; l < out.size(); ++l) out[l] = merge(mine[l], other[l]);
+        return out;
+      });
 }
 
 Lanes<RouterCandidate> warp_best(Lanes<RouterCandidate> const& v) {
@@ -73,8 +74,8 @@ struct Registers {
 // Calls f(std::integral_constant<int, k>) for k = 1..16, every kPerLane the kernel layout allows.
 template <class F>
 void for_each_per_lane(F&& f) {
-  [&]<int... k>(std::integer_sequence<int, k...>) { (f(std::integral_constant<int, k + 1>{}), ...); }(
-      std::make_integer_sequence<int, 16>{});
+  [&]<int... k>(std::integer_sequence<int, k...>) { (f(std::integral_constant<int, k + 1>{}), ...); }
+  (std::make_integer_sequence<int, 16>{});
 }
 
 }  // namespace
@@ -408,9 +409,9 @@ std::vector<int> emulate_keep_order(std::vector<float> const& scores, int topk_g
     for (int l = 0; l < kWarpLanes; ++l) {
       mine[at(l)] = {0.0f, -1};
       for (int r = 0; r < kPerLane; ++r)
-        mine[at(l)] = router_pick(mine[at(l)], router_group_candidate(group_score[at(l)][at(r)], router_expert(l, r),
-                                                                      router_has<kPerLane>(kept[at(l)], r),
-                                                                      first[at(l)]));
+        mine[at(l)] =
+            router_pick(mine[at(l)], router_group_candidate(group_score[at(l)][at(r)], router_expert(l, r),
+                                                            router_has<kPerLane>(kept[at(l)], r), first[at(l)]));
     }
     auto const best = warp_best(mine);
     int const id = best[0].id;

@@ -28,7 +28,8 @@ std::vector<int> walk(std::int64_t rows, std::int64_t chunks, detail::RowBlock b
       for (int tx = 0; tx < block.threads_x; ++tx)
         for (std::int64_t row = std::int64_t{b} * block.rows_per_block + ty; row < rows;
              row += std::int64_t{grid} * block.rows_per_block)
-          for (std::int64_t c = tx; c < chunks; c += block.threads_x) ++visits[static_cast<std::size_t>(row * chunks + c)];
+          for (std::int64_t c = tx; c < chunks; c += block.threads_x)
+            ++visits[static_cast<std::size_t>(row * chunks + c)];
   return visits;
 }
 
@@ -115,7 +116,8 @@ TEST_CASE("RowBlocks::segment_of_row: the regroup sends every received row where
       table[q * width + 1] = 100;
       for (std::int32_t e = 0; e < num_experts; ++e) {
         int const c = cnt(rng);
-        table[q * width + detail::kCountTableHeader + static_cast<std::size_t>(e)] = c < 3 ? 0 : c + (e == hot ? 50 : 0);
+        table[q * width + detail::kCountTableHeader + static_cast<std::size_t>(e)] =
+            c < 3 ? 0 : c + (e == hot ? 50 : 0);
       }
     }
     std::int32_t const rank = std::uniform_int_distribution<std::int32_t>(0, num_ranks - 1)(rng);

@@ -50,9 +50,7 @@ bool same_id(ncclUniqueId const& a, ncclUniqueId const& b) {
   return std::memcmp(a.internal, b.internal, sizeof(a.internal)) == 0;
 }
 
-void write_bytes(std::string const& path, std::string const& bytes) {
-  std::ofstream(path, std::ios::binary) << bytes;
-}
+void write_bytes(std::string const& path, std::string const& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
 
 // Reads `path` expecting Error(code) whose message contains `part`.
 void check_read_refused(std::string const& path, detail::IdRecord const& expected, Errc code, std::string const& part) {
@@ -101,7 +99,8 @@ TEST_CASE("NcclIdFile::read_id_file: a file that never appears times out within 
     CHECK(e.code() == Errc::kTimeout);
     std::string const what = e.what();
     CHECK(what.find("NcclCommunicator::from_env: rank 3 waited ") != std::string::npos);
-    CHECK(what.find("ms for rank 0 to write the NCCL id file " + path + ", which never appeared; expected rank 0 to "
+    CHECK(what.find("ms for rank 0 to write the NCCL id file " + path +
+                    ", which never appeared; expected rank 0 to "
                     "start and EPX_NCCL_ID_DIR to be one directory shared by every rank") != std::string::npos);
   }
   CHECK(thrown);
@@ -119,8 +118,9 @@ TEST_CASE("NcclIdFile::read_id_file: a truncated, overlong or foreign file is an
   std::string const truncated = dir.file("truncated.ncclid");
   write_bytes(truncated, good.substr(0, 100));
   check_read_refused(truncated, record, Errc::kInvalidArgument,
-                     "from_env: id file " + truncated + ": size = 100 bytes, expected 160 bytes (a truncated or "
-                     "foreign file: delete it)");
+                     "from_env: id file " + truncated +
+                         ": size = 100 bytes, expected 160 bytes (a truncated or "
+                         "foreign file: delete it)");
 
   std::string const longer = dir.file("longer.ncclid");
   write_bytes(longer, good + "x");
@@ -128,8 +128,9 @@ TEST_CASE("NcclIdFile::read_id_file: a truncated, overlong or foreign file is an
 
   std::string const garbage = dir.file("garbage.ncclid");
   write_bytes(garbage, std::string(160, 'g'));
-  check_read_refused(garbage, record, Errc::kInvalidArgument,
-                     "header = not an epx NCCL id record, expected format 1 written by epx (a foreign file: delete it)");
+  check_read_refused(
+      garbage, record, Errc::kInvalidArgument,
+      "header = not an epx NCCL id record, expected format 1 written by epx (a foreign file: delete it)");
 
   std::string const empty = dir.file("empty.ncclid");
   write_bytes(empty, "");

@@ -11,8 +11,8 @@
 #include <string>
 
 using namespace epx;
-using epx::test::EnvMap;
 using epx::test::env_of;
+using epx::test::EnvMap;
 
 namespace {
 
@@ -32,7 +32,9 @@ void check_refused(EnvMap vars, Errc code, std::initializer_list<std::string_vie
 }
 
 EnvMap torchrun(std::string rank, std::string size, std::string local_rank) {
-  return {{"RANK", std::move(rank)}, {"WORLD_SIZE", std::move(size)}, {"LOCAL_RANK", std::move(local_rank)},
+  return {{"RANK", std::move(rank)},
+          {"WORLD_SIZE", std::move(size)},
+          {"LOCAL_RANK", std::move(local_rank)},
           {"EPX_NCCL_ID_DIR", "/tmp/ids"}};
 }
 
@@ -51,8 +53,11 @@ TEST_CASE("NcclBootstrap::parse_launch_env: torchrun's variables") {
 }
 
 TEST_CASE("NcclBootstrap::parse_launch_env: Open MPI's variables, and torchrun's win when both are set") {
-  EnvMap env{{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "4"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
-             {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}, {"NCCL_COMM_ID", "10.0.0.1:29600"}};
+  EnvMap env{{"OMPI_COMM_WORLD_RANK", "3"},
+             {"OMPI_COMM_WORLD_SIZE", "4"},
+             {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+             {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+             {"NCCL_COMM_ID", "10.0.0.1:29600"}};
   auto parsed = detail::parse_launch_env(env_of(env));
   CHECK(parsed.launcher == "mpirun");
   CHECK(parsed.rank == 3);
@@ -95,13 +100,16 @@ TEST_CASE("NcclBootstrap::parse_launch_env: values that are not integers are nam
 }
 
 TEST_CASE("NcclBootstrap::parse_launch_env: rank >= size and a local rank out of range are named") {
-  check_refused(torchrun("4", "4", "0"), Errc::kInvalidArgument, {"from_env: RANK = 4, expected in [0, WORLD_SIZE = 4)"});
+  check_refused(torchrun("4", "4", "0"), Errc::kInvalidArgument,
+                {"from_env: RANK = 4, expected in [0, WORLD_SIZE = 4)"});
   check_refused(torchrun("0", "2", "2"), Errc::kInvalidArgument,
                 {"from_env: LOCAL_RANK = 2, expected in [0, WORLD_SIZE = 2)"});
   auto env = torchrun("3", "4", "2");
   env["LOCAL_WORLD_SIZE"] = "2";
   check_refused(env, Errc::kInvalidArgument, {"from_env: LOCAL_RANK = 2, expected in [0, LOCAL_WORLD_SIZE = 2)"});
-  check_refused({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
+  check_refused({{"OMPI_COMM_WORLD_RANK", "2"},
+                 {"OMPI_COMM_WORLD_SIZE", "2"},
+                 {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
                  {"EPX_NCCL_ID_DIR", "/tmp"}},
                 Errc::kInvalidArgument, {"OMPI_COMM_WORLD_RANK = 2, expected in [0, OMPI_COMM_WORLD_SIZE = 2)"});
 }
@@ -150,7 +158,8 @@ TEST_CASE("NcclBootstrap::parse_host_port: NCCL_COMM_ID's forms") {
 TEST_CASE("NcclBootstrap::parse_launch_env: neither NCCL_COMM_ID nor EPX_NCCL_ID_DIR says how to set one") {
   check_refused({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"LOCAL_RANK", "0"}}, Errc::kInvalidArgument,
                 {"from_env: NCCL_COMM_ID and EPX_NCCL_ID_DIR = unset, expected one of them: NCCL_COMM_ID=<rank 0's "
-                 "host>:<free port>", "EPX_NCCL_ID_DIR=<a directory every rank can read and rank 0 can write>"});
+                 "host>:<free port>",
+                 "EPX_NCCL_ID_DIR=<a directory every rank can read and rank 0 can write>"});
 }
 
 TEST_CASE("NcclBootstrap::parse_launch_env: the id file's job key comes from the launcher and is file-name safe") {
@@ -165,8 +174,11 @@ TEST_CASE("NcclBootstrap::parse_launch_env: the id file's job key comes from the
   CHECK(detail::parse_launch_env(env_of(env)).job_key == "3f2c_uuid_1.restart2");
   env["EPX_NCCL_JOB_ID"] = "mine";
   CHECK(detail::parse_launch_env(env_of(env)).job_key == "mine.restart2");
-  EnvMap mpi{{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
-             {"EPX_NCCL_ID_DIR", "/tmp"}, {"PMIX_NAMESPACE", "prterun-host-123@1"}};
+  EnvMap mpi{{"OMPI_COMM_WORLD_RANK", "0"},
+             {"OMPI_COMM_WORLD_SIZE", "2"},
+             {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
+             {"EPX_NCCL_ID_DIR", "/tmp"},
+             {"PMIX_NAMESPACE", "prterun-host-123@1"}};
   CHECK(detail::parse_launch_env(env_of(mpi)).job_key == "prterun-host-123_1");
 }
 

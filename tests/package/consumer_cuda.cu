@@ -27,7 +27,8 @@ int main() {
     int nccl_version = 0;
     EPX_NCCL_CHECK(ncclGetVersion(&nccl_version));
     std::printf("%s\n", fmt::format("epx {}.{}: CUDA runtime {}, NCCL {}", EPX_VERSION_MAJOR, EPX_VERSION_MINOR,
-                                    version, nccl_version).c_str());
+                                    version, nccl_version)
+                            .c_str());
   } catch (epx::Error const& e) {
     std::printf("%s\n", e.what());
     return 1;

@@ -42,9 +42,9 @@ struct CollectivePost {
   void const* send = nullptr;
   void* recv = nullptr;
   std::span<std::size_t const> send_bytes = {}, recv_bytes = {};  // all_to_all_v
-  std::size_t bytes = 0;                                // all_to_all, all_gather: bytes per rank
-  std::size_t count = 0;                                // all_reduce_sum
-  DType dtype = DType::kF32;                            // all_reduce_sum
+  std::size_t bytes = 0;                                          // all_to_all, all_gather: bytes per rank
+  std::size_t count = 0;                                          // all_reduce_sum
+  DType dtype = DType::kF32;                                      // all_reduce_sum
 };
 
 //! The state the ranks of a LocalGroup (host memory) or CudaLocalGroup (device memory) share: a
@@ -130,7 +130,8 @@ struct LocalGroupState {
           if (!arrived[static_cast<std::size_t>(q)]) missing += fmt::format("{}{}", missing.empty() ? "" : ", ", q);
         fail_locked(rank, Errc::kTimeout,
                     fmt::format("{}: rank {} waited {} ms in {} (collective #{}) for rank(s) [{}], which "
-                                "never arrived", name, rank, timeout.count(), what, sequence, missing));
+                                "never arrived",
+                                name, rank, timeout.count(), what, sequence, missing));
         std::string const message = failure;
         lock.unlock();
         throw_error(Errc::kTimeout, message);
@@ -159,8 +160,7 @@ class LocalGroupCore {
   [[nodiscard]] LocalGroupState& state() const noexcept { return *state_; }
 
   void check_rank(int rank, std::string_view where) const {
-    require(rank >= 0 && rank < size(), Errc::kInvalidArgument, where, "rank", rank,
-            fmt::format("in [0, {})", size()));
+    require(rank >= 0 && rank < size(), Errc::kInvalidArgument, where, "rank", rank, fmt::format("in [0, {})", size()));
   }
 
   //! Runs `body(rank)` on one thread per rank and joins them. A rank whose body throws aborts the
@@ -186,7 +186,8 @@ class LocalGroupCore {
       std::unique_lock lock(state_->mutex);
       root = state_->first_failed_rank;
     }
-    if (root >= 0 && errors[static_cast<std::size_t>(root)]) std::rethrow_exception(errors[static_cast<std::size_t>(root)]);
+    if (root >= 0 && errors[static_cast<std::size_t>(root)])
+      std::rethrow_exception(errors[static_cast<std::size_t>(root)]);
     for (auto& e : errors)
       if (e) std::rethrow_exception(e);
   }
@@ -218,8 +219,8 @@ inline CollectiveVerdict check_posts(std::span<CollectivePost const> posts, Coll
   auto const what = to_string(mine.op);
   for (std::size_t q = 0; q < n; ++q)
     if (posts[q].op != mine.op)
-      return {Errc::kCollectiveMismatch, fmt::format("collective #{}: rank {} called {}, rank {} called {}", mine.sequence,
-                                                     rank, what, q, to_string(posts[q].op))};
+      return {Errc::kCollectiveMismatch, fmt::format("collective #{}: rank {} called {}, rank {} called {}",
+                                                     mine.sequence, rank, what, q, to_string(posts[q].op))};
   switch (mine.op) {
     case CollectiveOp::kAllToAllV:
       for (std::size_t p = 0; p < n; ++p)
@@ -227,15 +228,17 @@ inline CollectiveVerdict check_posts(std::span<CollectivePost const> posts, Coll
           if (posts[p].send_bytes[q] != posts[q].recv_bytes[p])
             return {Errc::kCollectiveMismatch,
                     fmt::format("all_to_all_v (collective #{}): rank {} sends {} bytes to rank {}, which expects {} "
-                                "bytes", mine.sequence, p, posts[p].send_bytes[q], q, posts[q].recv_bytes[p])};
+                                "bytes",
+                                mine.sequence, p, posts[p].send_bytes[q], q, posts[q].recv_bytes[p])};
       break;
     case CollectiveOp::kAllToAll:
     case CollectiveOp::kAllGather:
       for (std::size_t q = 0; q < n; ++q)
         if (posts[q].bytes != posts[0].bytes)
-          return {Errc::kCollectiveMismatch, fmt::format("{} (collective #{}): rank 0 passes {} bytes per rank, rank {} "
-                                                         "passes {}", what, mine.sequence, posts[0].bytes, q,
-                                                         posts[q].bytes)};
+          return {Errc::kCollectiveMismatch,
+                  fmt::format("{} (collective #{}): rank 0 passes {} bytes per rank, rank {} "
+                              "passes {}",
+                              what, mine.sequence, posts[0].bytes, q, posts[q].bytes)};
       break;
     case CollectiveOp::kAllReduceSum:
       for (std::size_t q = 0; q < n; ++q)
@@ -268,12 +271,16 @@ class LocalRank : public Communicator {
     check_stream(stream, "all_to_all_v");
     if (send_bytes.size() != n || recv_bytes.size() != n)
       fail_local(Errc::kInvalidArgument, fmt::format("all_to_all_v: send_bytes.size() = {}, recv_bytes.size() = {}, "
-                                                     "expected both = group size {}", send_bytes.size(),
-                                                     recv_bytes.size(), n));
+                                                     "expected both = group size {}",
+                                                     send_bytes.size(), recv_bytes.size(), n));
     check_buffer("all_to_all_v", "send", send, sum(send_bytes));
     check_buffer("all_to_all_v", "recv", recv, sum(recv_bytes));
-    collective({.op = CollectiveOp::kAllToAllV, .send = send, .recv = recv, .send_bytes = send_bytes,
-                .recv_bytes = recv_bytes}, stream);
+    collective({.op = CollectiveOp::kAllToAllV,
+                .send = send,
+                .recv = recv,
+                .send_bytes = send_bytes,
+                .recv_bytes = recv_bytes},
+               stream);
   }
 
   void all_to_all(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) final {
@@ -287,8 +294,7 @@ class LocalRank : public Communicator {
   void all_reduce_sum(void* data, std::size_t count, DType dtype, StreamRef stream) final {
     check_stream(stream, "all_reduce_sum");
     check_buffer("all_reduce_sum", "data", data, count * size_of(dtype));
-    collective({.op = CollectiveOp::kAllReduceSum, .send = data, .recv = data, .count = count, .dtype = dtype},
-               stream);
+    collective({.op = CollectiveOp::kAllReduceSum, .send = data, .recv = data, .count = count, .dtype = dtype}, stream);
   }
 
   void all_gather(void const* send, void* recv, std::size_t bytes_per_rank, StreamRef stream) final {
@@ -429,7 +435,8 @@ class LocalGroup {
     void check_stream(StreamRef stream, std::string_view what) override {
       if (!stream.is_host())
         fail_local(Errc::kInvalidArgument, fmt::format("{}: stream is a CUDA stream, expected StreamRef::host() "
-                                                       "(this LocalGroup moves host memory)", what));
+                                                       "(this LocalGroup moves host memory)",
+                                                       what));
     }
 
     void exchange(std::span<detail::CollectivePost const> posts, detail::CollectivePost const& post,
@@ -462,7 +469,8 @@ class LocalGroup {
     }
 
     void complete(detail::CollectivePost const& post, StreamRef) override {
-      if (post.op == detail::CollectiveOp::kAllReduceSum) copy(post.recv, scratch_.data(), post.count * size_of(post.dtype));
+      if (post.op == detail::CollectiveOp::kAllReduceSum)
+        copy(post.recv, scratch_.data(), post.count * size_of(post.dtype));
     }
 
     static void copy(void* dst, void const* src, std::size_t bytes) {
@@ -490,8 +498,10 @@ class LocalGroup {
       for (std::size_t i = 0; i < post.count; ++i) {
         Acc acc = load<T, Acc>(posts[0].recv, i);
         for (std::size_t q = 1; q < posts.size(); ++q) acc += load<T, Acc>(posts[q].recv, i);
-        if constexpr (std::is_same_v<T, Acc> || std::is_integral_v<T>) out[i] = static_cast<T>(acc);
-        else out[i] = T(acc);
+        if constexpr (std::is_same_v<T, Acc> || std::is_integral_v<T>)
+          out[i] = static_cast<T>(acc);
+        else
+          out[i] = T(acc);
       }
     }
 
@@ -499,8 +509,10 @@ class LocalGroup {
     static Acc load(void const* base, std::size_t i) {
       T value;
       std::memcpy(&value, static_cast<std::byte const*>(base) + i * sizeof(T), sizeof(T));
-      if constexpr (std::is_same_v<T, Acc>) return value;
-      else return static_cast<Acc>(value);
+      if constexpr (std::is_same_v<T, Acc>)
+        return value;
+      else
+        return static_cast<Acc>(value);
     }
 
     std::vector<std::byte> scratch_;

@@ -57,16 +57,16 @@ struct half {
     auto const abs = u & 0x7fffffffu;
     if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));  // NaN
     if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-    if (abs >= 0x38800000u) {  // normal half: exponent >= -14
-      auto const mant_and_exp = abs - 0x38000000u;  // rebias exponent 127 -> 15
+    if (abs >= 0x38800000u) {                                                   // normal half: exponent >= -14
+      auto const mant_and_exp = abs - 0x38000000u;                              // rebias exponent 127 -> 15
       auto const rounded = mant_and_exp + 0xfffu + ((mant_and_exp >> 13) & 1u);
       return static_cast<std::uint16_t>(sign | (rounded >> 13));
     }
     if (abs < 0x33000000u) return sign;  // below half the smallest subnormal: +-0
     // Subnormal half: shift the 24-bit significand right, rounding to nearest even.
-    auto const exponent = static_cast<int>(abs >> 23);                       // 102 .. 112
-    auto const significand = (abs & 0x7fffffu) | 0x800000u;                  // implicit bit
-    auto const shift = static_cast<unsigned>(126 - exponent);                // 14 .. 24
+    auto const exponent = static_cast<int>(abs >> 23);         // 102 .. 112
+    auto const significand = (abs & 0x7fffffu) | 0x800000u;    // implicit bit
+    auto const shift = static_cast<unsigned>(126 - exponent);  // 14 .. 24
     auto const truncated = significand >> shift;
     auto const remainder = significand & ((1u << shift) - 1u);
     auto const halfway = 1u << (shift - 1);
@@ -81,7 +81,7 @@ struct half {
     if (exponent == 0x1fu) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
     if (exponent != 0) return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
     if (mantissa == 0) return std::bit_cast<float>(sign);  // +-0
-    int e = -1;  // normalise the subnormal
+    int e = -1;                                            // normalise the subnormal
     do {
       ++e;
       mantissa <<= 1;
@@ -109,42 +109,68 @@ constexpr std::string_view to_string(DType t) noexcept {
 
 constexpr std::size_t size_of(DType t) noexcept {
   switch (t) {
-    case DType::kF32: case DType::kI32: return 4;
-    case DType::kF16: case DType::kBF16: return 2;
+    case DType::kF32:
+    case DType::kI32: return 4;
+    case DType::kF16:
+    case DType::kBF16: return 2;
     case DType::kI64: return 8;
   }
   return 0;
 }
 
-template <class T> struct dtype_of;
-template <> struct dtype_of<float> { static constexpr DType value = DType::kF32; };
-template <> struct dtype_of<half> { static constexpr DType value = DType::kF16; };
-template <> struct dtype_of<bfloat16> { static constexpr DType value = DType::kBF16; };
-template <> struct dtype_of<std::int32_t> { static constexpr DType value = DType::kI32; };
-template <> struct dtype_of<std::int64_t> { static constexpr DType value = DType::kI64; };
-template <class T> inline constexpr DType dtype_of_v = dtype_of<std::remove_cv_t<T>>::value;
+template <class T>
+struct dtype_of;
+template <>
+struct dtype_of<float> {
+  static constexpr DType value = DType::kF32;
+};
+template <>
+struct dtype_of<half> {
+  static constexpr DType value = DType::kF16;
+};
+template <>
+struct dtype_of<bfloat16> {
+  static constexpr DType value = DType::kBF16;
+};
+template <>
+struct dtype_of<std::int32_t> {
+  static constexpr DType value = DType::kI32;
+};
+template <>
+struct dtype_of<std::int64_t> {
+  static constexpr DType value = DType::kI64;
+};
+template <class T>
+inline constexpr DType dtype_of_v = dtype_of<std::remove_cv_t<T>>::value;
 
 //! Element types epx computes with (activations, weights): fp32, fp16, bf16.
 template <class T>
-concept float_element = std::is_same_v<std::remove_cv_t<T>, float> || std::is_same_v<std::remove_cv_t<T>, half> ||
-                        std::is_same_v<std::remove_cv_t<T>, bfloat16>;
+concept float_element = std::is_same_v < std::remove_cv_t<T>,
+float > || std::is_same_v<std::remove_cv_t<T>, half> || std::is_same_v<std::remove_cv_t<T>, bfloat16>;
 
 //! Converts any float_element to float (identity for float).
 template <float_element T>
 [[nodiscard]] inline float to_float(T value) noexcept {
-  if constexpr (std::is_same_v<std::remove_cv_t<T>, float>) return value;
-  else return static_cast<float>(value);
+  if constexpr (std::is_same_v<std::remove_cv_t<T>, float>)
+    return value;
+  else
+    return static_cast<float>(value);
 }
 
 //! Converts a float to any float_element, rounding to nearest even.
 template <float_element T>
 [[nodiscard]] inline T from_float(float value) noexcept {
-  if constexpr (std::is_same_v<T, float>) return value;
-  else return T(value);
+  if constexpr (std::is_same_v<T, float>)
+    return value;
+  else
+    return T(value);
 }
 
 }  // namespace epx
 
-template <> struct fmt::formatter<epx::DType> : fmt::formatter<std::string_view> {
-  auto format(epx::DType t, format_context& ctx) const { return formatter<std::string_view>::format(to_string(t), ctx); }
+template <>
+struct fmt::formatter<epx::DType> : fmt::formatter<std::string_view> {
+  auto format(epx::DType t, format_context& ctx) const {
+    return formatter<std::string_view>::format(to_string(t), ctx);
+  }
 };

@@ -14,16 +14,16 @@ namespace epx {
 
 //! What kind of failure an `Error` reports; the message says the rest.
 enum class Errc {
-  kInvalidArgument,    //!< a parameter's value is outside what the call accepts
-  kShapeMismatch,      //!< two views that must agree in a dimension do not
-  kWorkspaceTooSmall,  //!< the caller's workspace is smaller than `workspace_bytes(...)`
-  kInvalidExpertId,    //!< topk_ids held ids outside [0, num_experts) other than -1
-  kTimeout,            //!< a peer did not arrive at a collective within the deadline
-  kPeerFailed,         //!< another rank of the group failed or aborted the group
-  kCollectiveMismatch, //!< ranks called different collectives, or disagree on sizes
-  kUnsupported,        //!< a valid request this build or backend cannot serve
-  kCuda,               //!< a CUDA runtime or cuBLAS call failed
-  kNccl,               //!< an NCCL call failed
+  kInvalidArgument,     //!< a parameter's value is outside what the call accepts
+  kShapeMismatch,       //!< two views that must agree in a dimension do not
+  kWorkspaceTooSmall,   //!< the caller's workspace is smaller than `workspace_bytes(...)`
+  kInvalidExpertId,     //!< topk_ids held ids outside [0, num_experts) other than -1
+  kTimeout,             //!< a peer did not arrive at a collective within the deadline
+  kPeerFailed,          //!< another rank of the group failed or aborted the group
+  kCollectiveMismatch,  //!< ranks called different collectives, or disagree on sizes
+  kUnsupported,         //!< a valid request this build or backend cannot serve
+  kCuda,                //!< a CUDA runtime or cuBLAS call failed
+  kNccl,                //!< an NCCL call failed
 };
 
 //! The enumerator's name, e.g. "kInvalidArgument": what a caller writes to branch on the code, so

@@ -32,8 +32,8 @@ class ExpertPlacement {
 
   //! Experts spread as evenly as possible: the first `num_experts % num_ranks` ranks own one more.
   static ExpertPlacement contiguous(std::int32_t num_experts, std::int32_t num_ranks) {
-    detail::require(num_experts > 0, Errc::kInvalidArgument, "ExpertPlacement::contiguous", "num_experts",
-                    num_experts, "> 0");
+    detail::require(num_experts > 0, Errc::kInvalidArgument, "ExpertPlacement::contiguous", "num_experts", num_experts,
+                    "> 0");
     detail::require(num_ranks > 0, Errc::kInvalidArgument, "ExpertPlacement::contiguous", "num_ranks", num_ranks,
                     "> 0");
     std::vector<std::int32_t> counts(static_cast<std::size_t>(num_ranks), num_experts / num_ranks);

@@ -114,8 +114,8 @@ struct TensorView {
 
   //! A view of const elements converts implicitly from a view of mutable ones.
   template <class U>
-    requires(std::is_same_v<T, U const>)
-  TensorView(TensorView<U, Rank> const& other) : data(other.data), extents(other.extents), strides(other.strides) {}
+  requires(std::is_same_v<T, U const>) TensorView(TensorView<U, Rank> const& other)
+      : data(other.data), extents(other.extents), strides(other.strides) {}
 
   [[nodiscard]] TensorShape shape() const noexcept {
     TensorShape s{.rank = static_cast<std::int32_t>(Rank)};

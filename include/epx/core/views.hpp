@@ -26,8 +26,8 @@ struct MatrixView {
 
   //! A view of const elements converts implicitly from a view of mutable ones.
   template <class U>
-    requires(std::is_same_v<T, U const>)
-  MatrixView(MatrixView<U> other) : data(other.data), rows(other.rows), cols(other.cols), ld(other.ld) {}
+  requires(std::is_same_v<T, U const>) MatrixView(MatrixView<U> other)
+      : data(other.data), rows(other.rows), cols(other.cols), ld(other.ld) {}
 
   [[nodiscard]] EPX_HOST_DEVICE T* row(std::int64_t r) const noexcept { return data + r * ld; }
   [[nodiscard]] EPX_HOST_DEVICE T& operator()(std::int64_t r, std::int64_t c) const noexcept {
@@ -37,8 +37,10 @@ struct MatrixView {
   [[nodiscard]] bool empty() const noexcept { return rows == 0 || cols == 0; }
 };
 
-template <class T> MatrixView(T*, std::int64_t, std::int64_t) -> MatrixView<T>;
-template <class T> MatrixView(T*, std::int64_t, std::int64_t, std::int64_t) -> MatrixView<T>;
+template <class T>
+MatrixView(T*, std::int64_t, std::int64_t) -> MatrixView<T>;
+template <class T>
+MatrixView(T*, std::int64_t, std::int64_t, std::int64_t) -> MatrixView<T>;
 
 //! `batch` row-major matrices of equal shape stored back to back (e.g. one weight per local
 //! expert): matrix g starts at `data + g * rows * cols`.
@@ -63,7 +65,8 @@ void check_matrix(std::string_view where, std::string_view name, MatrixView<T> c
                   std::int64_t cols) {
   if (m.rows < 0 || m.cols < 0 || m.ld < m.cols)
     throw_error(Errc::kInvalidArgument, fmt::format("{}: {} has rows = {}, cols = {}, ld = {}, expected rows >= 0, "
-                                                    "cols >= 0, ld >= cols", where, name, m.rows, m.cols, m.ld));
+                                                    "cols >= 0, ld >= cols",
+                                                    where, name, m.rows, m.cols, m.ld));
   if (rows >= 0 && m.rows != rows)
     throw_error(Errc::kShapeMismatch, fmt::format("{}: {}.rows = {}, expected {}", where, name, m.rows, rows));
   if (cols >= 0 && m.cols != cols)

@@ -20,6 +20,7 @@
 #include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/tuning.cuh>
 #include <epx/gemm/expert_mlp.hpp>
+#include <epx/gemm/paired_columns.hpp>
 #include <epx/parallel/execution.hpp>
 #include <epx/parallel/moe_config.hpp>
 
@@ -36,9 +37,12 @@ namespace epx::detail {
 
 template <class T>
 constexpr cudaDataType_t cuda_data_type() {
-  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, half>) return CUDA_R_16F;
-  else return CUDA_R_16BF;
+  if constexpr (std::is_same_v<T, float>)
+    return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, half>)
+    return CUDA_R_16F;
+  else
+    return CUDA_R_16BF;
 }
 
 //! The group of `row` among offsets[0..groups] (rows of empty groups never match).
@@ -46,8 +50,10 @@ __device__ __forceinline__ int group_of_row(std::int32_t const* offsets, int gro
   int lo = 0, hi = groups - 1;
   while (lo < hi) {  // last g with offsets[g] <= row
     int const mid = (lo + hi + 1) / 2;
-    if (offsets[mid] <= row) lo = mid;
-    else hi = mid - 1;
+    if (offsets[mid] <= row)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -55,12 +61,12 @@ __device__ __forceinline__ int group_of_row(std::int32_t const* offsets, int gro
 //! cublas_activation_kernel's arguments.
 template <class T>
 struct CublasActivationParams {
-  T const* h;                     // [rows, gate_up_rows] the gate_up product, ldh apart
+  T const* h;  // [rows, gate_up_rows] the gate_up product, ldh apart
   std::int64_t ldh;
-  T* a;                           // [rows, intermediate] activated, lda apart
+  T* a;  // [rows, intermediate] activated, lda apart
   std::int64_t lda;
-  T const* bias;                  // [groups, gate_up_rows] or nullptr
-  std::int32_t const* offsets;    // [groups + 1] device
+  T const* bias;                // [groups, gate_up_rows] or nullptr
+  std::int32_t const* offsets;  // [groups + 1] device
   int groups;
   int intermediate;
   bool gated;
@@ -78,8 +84,8 @@ __global__ void cublas_activation_kernel(CublasActivationParams<T> const p) {
   int const inter = p.intermediate;
   int const width = p.gated ? 2 * inter : inter;
   for (int i = static_cast<int>(threadIdx.x); i < inter; i += static_cast<int>(blockDim.x)) {
-    int const gate_col = p.gated && p.interleaved ? 2 * i : i;
-    int const up_col = p.interleaved ? 2 * i + 1 : inter + i;
+    int const gate_col = p.gated ? gate_column(i, inter, !p.interleaved) : i;
+    int const up_col = up_column(i, inter, !p.interleaved);  // read only when gated
     float gate = device_to_float(p.h[row * p.ldh + gate_col]);
     float up = 0.0f;
     if (p.bias != nullptr) gate += device_to_float(p.bias[static_cast<std::int64_t>(g) * width + gate_col]);
@@ -111,7 +117,8 @@ class CudaCublasGroupedExperts {
   CudaCublasGroupedExperts() { EPX_CUBLAS_CHECK(cublasCreate(&handle_)); }
   CudaCublasGroupedExperts(CudaCublasGroupedExperts const&) = delete;
   CudaCublasGroupedExperts& operator=(CudaCublasGroupedExperts const&) = delete;
-  CudaCublasGroupedExperts(CudaCublasGroupedExperts&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  CudaCublasGroupedExperts(CudaCublasGroupedExperts&& other) noexcept
+      : handle_(std::exchange(other.handle_, nullptr)) {}
   CudaCublasGroupedExperts& operator=(CudaCublasGroupedExperts&& other) noexcept {
     std::swap(handle_, other.handle_);
     return *this;
@@ -147,7 +154,8 @@ class CudaCublasGroupedExperts {
     EPX_CUDA_CHECK(cudaStreamSynchronize(s));
     for (std::size_t g = 0; g < groups; ++g)
       require(offsets[g] >= 0 && offsets[g] <= offsets[g + 1] && offsets[g + 1] <= x.rows, Errc::kInvalidArgument,
-              where, fmt::format("expert_offsets[{}..{}]", g, g + 1), fmt::format("[{}, {}]", offsets[g], offsets[g + 1]),
+              where, fmt::format("expert_offsets[{}..{}]", g, g + 1),
+              fmt::format("[{}, {}]", offsets[g], offsets[g + 1]),
               fmt::format("0 <= offsets[g] <= offsets[g+1] <= x.rows = {}", x.rows));
     std::int64_t const rows = offsets[groups] - offsets[0];
     if (rows == 0) return;
@@ -171,8 +179,8 @@ class CudaCublasGroupedExperts {
  private:
   template <class T>
   struct Parts {
-    std::span<T> h;                  // [rows, gate_up_rows]
-    std::span<T> act;                // [rows, intermediate]
+    std::span<T> h;                   // [rows, gate_up_rows]
+    std::span<T> act;                 // [rows, intermediate]
     std::span<void const*> pointers;  // 2 GEMMs x (A, B, C) x non-empty groups (<= rows)
   };
 
@@ -224,11 +232,11 @@ class CudaCublasGroupedExperts {
     std::vector<float> const alpha(used, 1.0f), beta(used, 0.0f);
     std::vector<int> const group_size(used, 1);
     auto const type = cuda_data_type<T>();
-    EPX_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
-        handle_, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(), device_pointers.data(), type,
-        lda.data(), device_pointers.data() + used, type, ldb.data(), beta.data(),
-        const_cast<void* const*>(device_pointers.data() + 2 * used), type, ldc.data(), static_cast<int>(used),
-        group_size.data(), CUBLAS_COMPUTE_32F));
+    EPX_CUBLAS_CHECK(
+        cublasGemmGroupedBatchedEx(handle_, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
+                                   device_pointers.data(), type, lda.data(), device_pointers.data() + used, type,
+                                   ldb.data(), beta.data(), const_cast<void* const*>(device_pointers.data() + 2 * used),
+                                   type, ldc.data(), static_cast<int>(used), group_size.data(), CUBLAS_COMPUTE_32F));
   }
 
   template <class T>

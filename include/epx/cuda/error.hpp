@@ -38,10 +38,11 @@ constexpr bool is_sticky_cuda_error(cudaError_t e) noexcept {
 //! so the message does not blame `kernel` for it.
 inline std::string launch_error_message(cudaError_t code, std::string_view kernel) {
   if (is_sticky_cuda_error(code))
-    return fmt::format("CUDA error {} ({}) seen when launching `{}`: an earlier asynchronous failure on this "
-                       "device (not necessarily this kernel) lost the CUDA context; restart the process "
-                       "(compute-sanitizer names the kernel that failed)",
-                       cudaGetErrorName(code), cudaGetErrorString(code), kernel);
+    return fmt::format(
+        "CUDA error {} ({}) seen when launching `{}`: an earlier asynchronous failure on this "
+        "device (not necessarily this kernel) lost the CUDA context; restart the process "
+        "(compute-sanitizer names the kernel that failed)",
+        cudaGetErrorName(code), cudaGetErrorString(code), kernel);
   return fmt::format("launch of `{}` failed: {} ({})", kernel, cudaGetErrorName(code), cudaGetErrorString(code));
 }
 
@@ -70,18 +71,19 @@ constexpr std::string_view cublas_status_name(cublasStatus_t s) noexcept {
 }
 
 [[noreturn]] inline void throw_cublas_error(cublasStatus_t code, std::string_view call, SourceLocation loc) {
-  throw_error(Errc::kCuda, fmt::format("cuBLAS call `{}` failed: {} ({})", call, cublas_status_name(code),
-                                       static_cast<int>(code)), loc);
+  throw_error(Errc::kCuda,
+              fmt::format("cuBLAS call `{}` failed: {} ({})", call, cublas_status_name(code), static_cast<int>(code)),
+              loc);
 }
 
 }  // namespace epx::detail
 
 //! Evaluates a CUDA runtime call once; on failure throws epx::Error(Errc::kCuda) naming the call,
 //! the error and file:line, and clears CUDA's last-error state.
-#define EPX_CUDA_CHECK(call)                                                                          \
-  do {                                                                                                \
-    cudaError_t const epx_cuda_check_status_ = (call);                                                \
-    if (epx_cuda_check_status_ != cudaSuccess)                                                        \
+#define EPX_CUDA_CHECK(call)                                                                                    \
+  do {                                                                                                          \
+    cudaError_t const epx_cuda_check_status_ = (call);                                                          \
+    if (epx_cuda_check_status_ != cudaSuccess)                                                                  \
       ::epx::detail::throw_cuda_error(epx_cuda_check_status_, #call, ::epx::detail::SourceLocation::current()); \
   } while (0)
 
@@ -93,9 +95,9 @@ constexpr std::string_view cublas_status_name(cublasStatus_t s) noexcept {
   ::epx::detail::check_launch(#kernel_name, ::epx::detail::SourceLocation::current())
 
 //! Evaluates a cuBLAS call once; on failure throws epx::Error(Errc::kCuda).
-#define EPX_CUBLAS_CHECK(call)                                                                            \
-  do {                                                                                                    \
-    cublasStatus_t const epx_cublas_check_status_ = (call);                                               \
-    if (epx_cublas_check_status_ != CUBLAS_STATUS_SUCCESS)                                                \
+#define EPX_CUBLAS_CHECK(call)                                                                                      \
+  do {                                                                                                              \
+    cublasStatus_t const epx_cublas_check_status_ = (call);                                                         \
+    if (epx_cublas_check_status_ != CUBLAS_STATUS_SUCCESS)                                                          \
       ::epx::detail::throw_cublas_error(epx_cublas_check_status_, #call, ::epx::detail::SourceLocation::current()); \
   } while (0)

@@ -107,9 +107,9 @@ struct CudaGroupedExperts {
   //! 8 (what expert_mlp would refuse at the first forward, said at construction).
   static void check(MoeConfig const& config) {
     if (config.weights.dtype == DType::kF32) return;
-    for (auto const& [name, value] : {std::pair<std::string_view, std::int32_t>{"mlp.hidden", config.mlp.hidden},
-                                      std::pair<std::string_view, std::int32_t>{"mlp.intermediate",
-                                                                                config.mlp.intermediate}})
+    for (auto const& [name, value] :
+         {std::pair<std::string_view, std::int32_t>{"mlp.hidden", config.mlp.hidden},
+          std::pair<std::string_view, std::int32_t>{"mlp.intermediate", config.mlp.intermediate}})
       require(value % 8 == 0, Errc::kInvalidArgument, "ExpertParallel<Grouped, ..., Cuda>", name, value,
               fmt::format("a multiple of 8 for {} weights (rows of 16-byte chunks for the tensor-core kernel)",
                           config.weights.dtype));

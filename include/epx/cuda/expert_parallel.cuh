@@ -195,8 +195,8 @@ class LayerExecution<Cuda> {
   std::span<std::int64_t const> read_to_host(Stream stream, Communicator& comm, std::span<std::int64_t const> words) {
     require(words.size_bytes() <= control_.size(), Errc::kInvalidArgument, "ExpertParallel<..., Cuda>",
             "control words read", words.size(), fmt::format("<= {} (the pinned mirror)", control_.size() / 8));
-    EPX_CUDA_CHECK(cudaMemcpyAsync(control_.data(), words.data(), words.size_bytes(), cudaMemcpyDeviceToHost,
-                                   stream.get()));
+    EPX_CUDA_CHECK(
+        cudaMemcpyAsync(control_.data(), words.data(), words.size_bytes(), cudaMemcpyDeviceToHost, stream.get()));
     comm.wait(stream);  // not cudaStreamSynchronize: a dead peer must end in an Error, not a hang
     return {reinterpret_cast<std::int64_t const*>(control_.data()), words.size()};
   }
@@ -226,8 +226,8 @@ class LayerExecution<Cuda> {
       RowBlock const block = row_block(units, policy.threads_per_block);
       regroup_rows_kernel<Unit><<<grid_blocks(num_rows, block.rows_per_block, policy.max_blocks),
                                   dim3(block.threads_x, block.rows_per_block), 0, stream.get()>>>(
-          reinterpret_cast<Unit*>(rank_major.data), reinterpret_cast<Unit*>(expert_major.data), units,
-          segments.data(), num_segments, num_rows, inverse);
+          reinterpret_cast<Unit*>(rank_major.data), reinterpret_cast<Unit*>(expert_major.data), units, segments.data(),
+          num_segments, num_rows, inverse);
     };
     // Both buffers are contiguous ([rows, hidden], workspace parts aligned to 256 bytes).
     if (vector_friendly<T>(rank_major.data, rank_major.cols, expert_major.data, expert_major.cols, rank_major.cols))
@@ -242,9 +242,9 @@ class LayerExecution<Cuda> {
     if (y.rows == 0) return;
     auto const policy = policy_for<RowPolicy>(current_device_traits());
     RowBlock const block = row_block(y.cols, policy.threads_per_block);
-    partial_to_output_kernel<T><<<grid_blocks(y.rows, block.rows_per_block, policy.max_blocks),
-                                  dim3(block.threads_x, block.rows_per_block), 0, stream.get()>>>(
-        partial.data, partial.ld, y.rows, static_cast<std::int32_t>(y.cols), y.data, y.ld);
+    partial_to_output_kernel<T>
+        <<<grid_blocks(y.rows, block.rows_per_block, policy.max_blocks), dim3(block.threads_x, block.rows_per_block), 0,
+           stream.get()>>>(partial.data, partial.ld, y.rows, static_cast<std::int32_t>(y.cols), y.data, y.ld);
     EPX_CUDA_CHECK_LAUNCH(partial_to_output_kernel);
   }
 

@@ -74,10 +74,14 @@ constexpr std::string_view kernel_name(GemmMainloop mainloop) noexcept {
 //! Whether `mainloop` can run elements of type T on `dev` in this build.
 template <class T>
 bool gemm_mainloop_available(GemmMainloop mainloop, DeviceTraits const& dev) {
-  if constexpr (std::is_same_v<T, float>) return mainloop == GemmMainloop::kSimt;
-  else if (mainloop == GemmMainloop::kSimt) return false;
-  else if (mainloop == GemmMainloop::kWgmma) return wgmma_built() && dev.major == 9;
-  else return dev.major >= 8;
+  if constexpr (std::is_same_v<T, float>)
+    return mainloop == GemmMainloop::kSimt;
+  else if (mainloop == GemmMainloop::kSimt)
+    return false;
+  else if (mainloop == GemmMainloop::kWgmma)
+    return wgmma_built() && dev.major == 9;
+  else
+    return dev.major >= 8;
 }
 
 //! The tensor-core mainloop for `rows` rows expected over `groups` groups, n product columns, on a
@@ -133,8 +137,7 @@ void launch_grouped_gemm(GroupedGemmArgs<T, TC> const& args, GemmMainloop mainlo
 #if defined(EPX_ENABLE_WGMMA)
         using W = WgmmaTileShape;
         launch_persistent(grouped_gemm_wgmma_kernel<T, TC, kKind>, name, args, W::kThreads,
-                          W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), dev, stream,
-                          where);
+                          W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), dev, stream, where);
 #endif
         break;
       }
@@ -155,15 +158,13 @@ void run_grouped_gemm(GroupedGemmArgs<T, TC> const& args, std::int64_t rows_hint
   } else {
     require(dev.major >= 8, Errc::kUnsupported, where, "device compute capability",
             fmt::format("{}.{}", dev.major, dev.minor), ">= 8.0 (bf16/fp16 tensor cores: mma.sync m16n8k16)");
-    GemmMainloop const mainloop = pick_mma_mainloop(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups,
-                                                    args.n, dev.sms, policy_for<GemmTilePolicy>(dev));
+    GemmMainloop const mainloop = pick_mma_mainloop(rows_hint < 0 ? args.num_rows : rows_hint, args.num_groups, args.n,
+                                                    dev.sms, policy_for<GemmTilePolicy>(dev));
     launch_grouped_gemm<kKind>(args, mainloop, dev, stream, where);
   }
 }
 
-inline bool aligned_to(void const* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
+inline bool aligned_to(void const* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
 
 //! The layout requirements of the mainloops, checked at the call: K-rows of 16 bytes for the
 //! tensor-core copies, and aligned bases.
@@ -226,7 +227,7 @@ GroupedGemmArgs<T, TC> linear_gemm_args(MatrixView<T const> a, BatchedMatrixView
 //! @param[out] c        [M, N] device memory; rows outside [offsets[0], offsets[G]) are left untouched
 //! @throws Error on bad shapes or layouts (before any work), Errc::kUnsupported on devices below sm_80 (bf16/fp16)
 template <class TA, class TB, float_element TC>
-  requires float_element<TA> && float_element<TB>
+requires float_element<TA> && float_element<TB>
 void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b_in,
                   std::type_identity_t<std::remove_const_t<TB> const*> bias, std::span<std::int32_t const> offsets,
                   MatrixView<TC> c, GroupedGemmOptions const& options = {}) {
@@ -239,8 +240,7 @@ void grouped_gemm(StreamRef stream, MatrixView<TA> a_in, BatchedMatrixView<TB> b
   BatchedMatrixView<T const> const b{b_in.data, b_in.batch, b_in.rows, b_in.cols};
   detail::CudaStream const s(stream, where);
   detail::check_grouped_gemm_args(a, b, bias, offsets, c);
-  detail::require(b.rows <= std::numeric_limits<int>::max(), Errc::kUnsupported, where, "b.rows (n)", b.rows,
-                  "< 2^31");
+  detail::require(b.rows <= std::numeric_limits<int>::max(), Errc::kUnsupported, where, "b.rows (n)", b.rows, "< 2^31");
   detail::require(offsets.data() != nullptr || offsets.empty(), Errc::kInvalidArgument, where, "offsets.data()",
                   "nullptr", "device memory holding G + 1 offsets");
   detail::check_gemm_layout<T>(where, "a.cols (k)", a.cols, a, b.data, static_cast<int>(b.batch));

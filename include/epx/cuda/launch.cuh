@@ -130,9 +130,9 @@ void launch_persistent(Kernel kernel, std::string_view name, Args const& args, i
   allow_dynamic_smem(reinterpret_cast<void const*>(kernel), dev.device, smem_bytes);
   int per_sm = 0;
   EPX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
-  require(per_sm > 0, Errc::kUnsupported, where, "shared memory per CTA (bytes)", smem_bytes,
-          fmt::format("a size that fits on device {} (the tile shape or the number of groups is too large)",
-                      dev.device));
+  require(
+      per_sm > 0, Errc::kUnsupported, where, "shared memory per CTA (bytes)", smem_bytes,
+      fmt::format("a size that fits on device {} (the tile shape or the number of groups is too large)", dev.device));
   long long const grid = std::min<long long>(max_items, static_cast<long long>(dev.sms) * per_sm);
   kernel<<<static_cast<unsigned>(grid), threads, smem_bytes, stream.get()>>>(args);
   check_launch(name, SourceLocation::current());

@@ -41,14 +41,18 @@ namespace detail {
 template <class T>
 __device__ __forceinline__ auto rank_sum_load(T v) {
   // Integers wrap (two's complement) instead of overflowing, so every order gives the same bits.
-  if constexpr (std::is_integral_v<T>) return static_cast<std::make_unsigned_t<T>>(v);
-  else return device_to_float(v);
+  if constexpr (std::is_integral_v<T>)
+    return static_cast<std::make_unsigned_t<T>>(v);
+  else
+    return device_to_float(v);
 }
 
 template <class T, class Acc>
 __device__ __forceinline__ T rank_sum_store(Acc acc) {
-  if constexpr (std::is_integral_v<T>) return static_cast<T>(acc);
-  else return device_from_float<T>(acc);
+  if constexpr (std::is_integral_v<T>)
+    return static_cast<T>(acc);
+  else
+    return device_from_float<T>(acc);
 }
 
 // data[i] = the sum over ranks q = 0, 1, ... of rank q's element i, accumulated in fp32 (exactly for
@@ -195,7 +199,8 @@ class CudaLocalGroup {
         if (can_access == 0) continue;
         detail::ScopedDevice const on_a(a);
         cudaError_t const status = cudaDeviceEnablePeerAccess(b, 0);
-        if (status == cudaErrorPeerAccessAlreadyEnabled) (void)cudaGetLastError();  // by another group or the caller
+        if (status == cudaErrorPeerAccessAlreadyEnabled)
+          (void)cudaGetLastError();  // by another group or the caller
         else if (status != cudaSuccess)
           detail::throw_cuda_error(status, "cudaDeviceEnablePeerAccess(peer, 0)", detail::SourceLocation::current());
       }
@@ -288,7 +293,8 @@ class CudaLocalGroup {
           EPX_CUDA_CHECK(cudaStreamWaitEvent(s, scratch_free_, 0));
           std::size_t const bytes = post.count * size_of(post.dtype);
           for (std::size_t q = 0; q < n; ++q)
-            if (q != me) pull(static_cast<std::byte*>(scratch_) + (q < me ? q : q - 1) * bytes, q, posts[q].recv, bytes, s);
+            if (q != me)
+              pull(static_cast<std::byte*>(scratch_) + (q < me ? q : q - 1) * bytes, q, posts[q].recv, bytes, s);
           break;
         }
         case detail::CollectiveOp::kBarrier: return;  // the waits above are the barrier; nothing was read
@@ -346,7 +352,8 @@ class CudaLocalGroup {
       if (stream_device != device_)
         detail::throw_error(Errc::kInvalidArgument,
                             fmt::format("CudaLocalGroup: rank {}: {}: stream is on device {}, expected device {} "
-                                        "(the rank's device)", rank(), to_string(op), stream_device, device_));
+                                        "(the rank's device)",
+                                        rank(), to_string(op), stream_device, device_));
       checked_stream_ = s;
 #else
       (void)stream;
@@ -358,8 +365,10 @@ class CudaLocalGroup {
     void pull(void* dst, std::size_t q, void const* src, std::size_t bytes, cudaStream_t s) const {
       if (bytes == 0) return;
       int const from = peer(q).device_;
-      if (from == device_) EPX_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-      else EPX_CUDA_CHECK(cudaMemcpyPeerAsync(dst, device_, src, from, bytes, s));
+      if (from == device_)
+        EPX_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+      else
+        EPX_CUDA_CHECK(cudaMemcpyPeerAsync(dst, device_, src, from, bytes, s));
     }
 
     // Grows the scratch to `bytes` (current device: device_). The old scratch may still be read by
@@ -381,8 +390,8 @@ class CudaLocalGroup {
     // there is nobody left to report them to; a sticky error resurfaces at the next checked call.
     void release() noexcept {
       int previous = -1;
-      bool const switched = cudaGetDevice(&previous) == cudaSuccess && previous != device_ &&
-                            cudaSetDevice(device_) == cudaSuccess;
+      bool const switched =
+          cudaGetDevice(&previous) == cudaSuccess && previous != device_ && cudaSetDevice(device_) == cudaSuccess;
       if (scratch_ != nullptr) {
         if (scratch_free_ != nullptr) (void)cudaEventSynchronize(scratch_free_);
         (void)cudaFree(scratch_);
@@ -398,11 +407,11 @@ class CudaLocalGroup {
 
     int device_;
     std::vector<std::unique_ptr<Rank>> const& peers_;  // the group's ranks; complete before any collective
-    cudaEvent_t ready_ = nullptr;         // recorded before phase A: this rank's inputs are ready
-    cudaEvent_t done_ = nullptr;          // recorded after this rank's pulls: it has read its peers
-    cudaEvent_t scratch_free_ = nullptr;  // recorded after the sum kernel: the scratch may be reused
-    cudaStream_t checked_stream_ = nullptr;  // the last stream found to be on device_ (check_stream_device)
-    void* scratch_ = nullptr;             // [size() - 1][count] elements of the largest all_reduce_sum
+    cudaEvent_t ready_ = nullptr;                      // recorded before phase A: this rank's inputs are ready
+    cudaEvent_t done_ = nullptr;                       // recorded after this rank's pulls: it has read its peers
+    cudaEvent_t scratch_free_ = nullptr;               // recorded after the sum kernel: the scratch may be reused
+    cudaStream_t checked_stream_ = nullptr;            // the last stream found to be on device_ (check_stream_device)
+    void* scratch_ = nullptr;                          // [size() - 1][count] elements of the largest all_reduce_sum
     std::size_t scratch_bytes_ = 0;
   };
 

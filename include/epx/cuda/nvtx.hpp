@@ -15,7 +15,7 @@
 //! NVTX_DISABLE, NVTX's own switch for a whole program (CUB's ranges obey it too), turns epx's off.
 
 #if defined(EPX_ENABLE_NVTX) && !defined(NVTX_DISABLE)
-#  include <nvtx3/nvtx3.hpp>
+#include <nvtx3/nvtx3.hpp>
 #endif
 
 namespace epx::nvtx {
@@ -113,4 +113,5 @@ class ScopedRange {
 
 //! A range over the rest of the enclosing scope for `Stage`, one of the tags above:
 //! `EPX_NVTX_RANGE(Route);`. Off, an empty object (the tag is still checked).
-#define EPX_NVTX_RANGE(Stage) ::epx::nvtx::ScopedRange<::epx::nvtx::Stage> const epx_nvtx_range_##Stage {}
+#define EPX_NVTX_RANGE(Stage) \
+  ::epx::nvtx::ScopedRange<::epx::nvtx::Stage> const epx_nvtx_range_##Stage {}

@@ -28,15 +28,15 @@ namespace detail {
 //! permute_kernel's arguments.
 template <class T>
 struct PermuteParams {
-  T const* x;                              // [num_tokens, cols], ldx apart
+  T const* x;  // [num_tokens, cols], ldx apart
   std::int64_t ldx;
-  T* x_perm;                               // [max_rows, cols], ldp apart
+  T* x_perm;  // [max_rows, cols], ldp apart
   std::int64_t ldp;
   std::int32_t const* sorted_slots;        // [max_rows] the plan's
   std::int32_t const* num_rows_on_device;  // the plan's expert_offsets[count]: the routed rows
   std::int64_t max_rows;                   // num_tokens * top_k
   std::int32_t top_k;
-  std::int32_t chunks_per_row;             // of Vec
+  std::int32_t chunks_per_row;  // of Vec
 };
 
 // threadIdx.y picks a row of the block's rows, threadIdx.x walks the row's chunks (row_blocks.hpp);
@@ -55,15 +55,15 @@ __global__ void permute_kernel(PermuteParams<T> const p) {
 //! unpermute_kernel's arguments.
 template <class T, class TOut>
 struct UnpermuteParams {
-  T const* expert_out;              // [rows, cols], lde apart
+  T const* expert_out;  // [rows, cols], lde apart
   std::int64_t lde;
-  float const* weights;             // [num_tokens, top_k], ldw apart
+  float const* weights;  // [num_tokens, top_k], ldw apart
   std::int64_t ldw;
-  std::int32_t const* slot_rows;    // [num_tokens * top_k] the plan's
+  std::int32_t const* slot_rows;  // [num_tokens * top_k] the plan's
   std::int32_t top_k;
-  TOut* y;                          // [num_tokens, cols], ldy apart
+  TOut* y;  // [num_tokens, cols], ldy apart
   std::int64_t ldy;
-  std::int32_t chunks_per_row;      // of kElems elements
+  std::int32_t chunks_per_row;  // of kElems elements
 };
 
 // One block per token, each thread a chunk of the row: slots summed in slot order in fp32, each
@@ -135,8 +135,10 @@ void permute(StreamRef stream, RoutingPlan const& plan, std::type_identity_t<Mat
                                           .chunks_per_row = chunks};
     detail::permute_kernel<T, Vec><<<blocks, dim3(block.threads_x, block.rows_per_block), 0, s.get()>>>(params);
   };
-  if (detail::vector_friendly<T>(x.data, x.ld, x_perm.data, x_perm.ld, x.cols)) launch(static_cast<uint4*>(nullptr));
-  else launch(static_cast<T*>(nullptr));
+  if (detail::vector_friendly<T>(x.data, x.ld, x_perm.data, x_perm.ld, x.cols))
+    launch(static_cast<uint4*>(nullptr));
+  else
+    launch(static_cast<T*>(nullptr));
   EPX_CUDA_CHECK_LAUNCH(permute_kernel);
 }
 
@@ -148,7 +150,7 @@ void permute(StreamRef stream, RoutingPlan const& plan, std::type_identity_t<Mat
 //! @param[in]  topk_weights  [num_tokens, top_k] device memory
 //! @param[out] y             [num_tokens, hidden] device memory (fp32 for partial sums, or T)
 template <class TIn, float_element TOut>
-  requires float_element<TIn>
+requires float_element<TIn>
 void unpermute(StreamRef stream, RoutingPlan const& plan, MatrixView<TIn> expert_out_in,
                MatrixView<float const> topk_weights, MatrixView<TOut> y) {
   EPX_NVTX_RANGE(Unpermute);

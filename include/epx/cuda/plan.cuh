@@ -68,9 +68,9 @@ __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int6
 
 //! From the sorted keys: expert_offsets (every boundary writes the offsets of the experts it
 //! opens, so empty experts are covered), sorted_slots (-1 past the routed rows) and slot_rows.
-__global__ void plan_offsets_kernel(std::uint32_t const* __restrict__ sorted_keys, std::int32_t* __restrict__ sorted_slots,
-                                    std::int64_t n, std::int32_t count, std::int32_t* __restrict__ expert_offsets,
-                                    std::int32_t* __restrict__ slot_rows) {
+__global__ void plan_offsets_kernel(std::uint32_t const* __restrict__ sorted_keys,
+                                    std::int32_t* __restrict__ sorted_slots, std::int64_t n, std::int32_t count,
+                                    std::int32_t* __restrict__ expert_offsets, std::int32_t* __restrict__ slot_rows) {
   if (n == 0) {  // no slots: every offset is 0
     for (std::int32_t e = threadIdx.x; e <= count; e += blockDim.x)
       if (blockIdx.x == 0) expert_offsets[e] = 0;
@@ -112,11 +112,10 @@ inline int plan_end_bit(std::int32_t count) { return std::max(1, bit_width(stati
 //! reads the current device's properties: call it with the device the plan will run on current).
 inline std::size_t cub_sort_temp_bytes(std::int64_t n, std::int32_t count) {
   std::size_t bytes = 0;
-  EPX_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<std::uint32_t const*>(nullptr),
-                                                 static_cast<std::uint32_t*>(nullptr),
-                                                 static_cast<std::int32_t const*>(nullptr),
-                                                 static_cast<std::int32_t*>(nullptr), static_cast<int>(n), 0,
-                                                 plan_end_bit(count)));
+  EPX_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, bytes, static_cast<std::uint32_t const*>(nullptr), static_cast<std::uint32_t*>(nullptr),
+      static_cast<std::int32_t const*>(nullptr), static_cast<std::int32_t*>(nullptr), static_cast<int>(n), 0,
+      plan_end_bit(count)));
   return bytes;
 }
 
@@ -173,15 +172,14 @@ inline RoutingPlan make_plan(StreamRef stream, MatrixView<std::int32_t const> to
   auto const policy = detail::policy_for<detail::PlanPolicy>(detail::current_device_traits());
   int const blocks = detail::grid_blocks(n, policy.threads_per_block, policy.max_blocks);
   if (n > 0) {
-    detail::plan_keys_kernel<<<blocks, policy.threads_per_block, 0, s>>>(
-        topk_ids.data, topk_ids.ld, num_tokens, top_k, num_experts, experts, parts.keys_in.data(),
-        parts.slots_in.data(), status);
+    detail::plan_keys_kernel<<<blocks, policy.threads_per_block, 0, s>>>(topk_ids.data, topk_ids.ld, num_tokens, top_k,
+                                                                         num_experts, experts, parts.keys_in.data(),
+                                                                         parts.slots_in.data(), status);
     EPX_CUDA_CHECK_LAUNCH(plan_keys_kernel);
     std::size_t temp = parts.sort_temp.size();
-    EPX_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(parts.sort_temp.data(), temp, parts.keys_in.data(),
-                                                   parts.keys_out.data(), parts.slots_in.data(),
-                                                   parts.plan.sorted_slots.data(), static_cast<int>(n), 0,
-                                                   detail::plan_end_bit(experts.count), s));
+    EPX_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        parts.sort_temp.data(), temp, parts.keys_in.data(), parts.keys_out.data(), parts.slots_in.data(),
+        parts.plan.sorted_slots.data(), static_cast<int>(n), 0, detail::plan_end_bit(experts.count), s));
   }
   detail::plan_offsets_kernel<<<blocks, policy.threads_per_block, 0, s>>>(
       parts.keys_out.data(), parts.plan.sorted_slots.data(), n, experts.count, parts.plan.expert_offsets.data(),

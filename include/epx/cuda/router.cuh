@@ -139,7 +139,7 @@ __device__ __forceinline__ void keep_groups(float* stage, RouterConfig const& co
 #pragma unroll
     for (int r = 0; r < kPerLane; ++r)
       if (router_expert(lane, r) == best.id) group_kept |= 1u << r;  // groups sit where experts do
-    int const first_expert = best.id * group_size;  // a group is a run of consecutive experts
+    int const first_expert = best.id * group_size;                   // a group is a run of consecutive experts
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       int const e = router_expert(lane, i);
@@ -152,14 +152,14 @@ __device__ __forceinline__ void keep_groups(float* stage, RouterConfig const& co
 //! The route kernel's arguments.
 template <class L>
 struct RouteParams {
-  L const* logits;             // [num_tokens, num_experts], ld apart
+  L const* logits;  // [num_tokens, num_experts], ld apart
   std::int64_t ld;
   std::int64_t num_tokens;
   RouterConfig config;
-  float const* bias;           // [num_experts] or nullptr
-  std::int32_t* ids;           // [num_tokens, top_k], ld_ids apart
+  float const* bias;  // [num_experts] or nullptr
+  std::int32_t* ids;  // [num_tokens, top_k], ld_ids apart
   std::int64_t ld_ids;
-  float* weights;              // [num_tokens, top_k], ld_w apart
+  float* weights;  // [num_tokens, top_k], ld_w apart
   std::int64_t ld_w;
   std::int32_t* tokens_per_expert;  // [num_experts] or nullptr
 };
@@ -284,7 +284,7 @@ __device__ __forceinline__ void write_weights(RouteParams<L> const& p, std::int6
 //! shared memory holds each warp's group stage (router_group_stage_words(kPerLane) floats) when the
 //! configuration has groups, nothing otherwise.
 template <class L, int kPerLane>
-__global__ void __launch_bounds__(kMaxRouterWarps * kWarpLanes) route_kernel(RouteParams<L> const p) {
+__global__ void __launch_bounds__(kMaxRouterWarps* kWarpLanes) route_kernel(RouteParams<L> const p) {
   extern __shared__ float router_stage[];
   int const warp = static_cast<int>(threadIdx.x) / kWarpLanes, lane = static_cast<int>(threadIdx.x) % kWarpLanes;
   std::int64_t const t = blockIdx.x * std::int64_t{blockDim.x / kWarpLanes} + warp;
@@ -293,8 +293,7 @@ __global__ void __launch_bounds__(kMaxRouterWarps * kWarpLanes) route_kernel(Rou
   RouterLaneMask selectable = load_logits<L, kPerLane>(p, t, lane, logit);
   score_experts<kPerLane>(p.config, p.bias, lane, logit, score, choice, selectable);
   if (p.config.num_groups > 1)
-    keep_groups<kPerLane>(router_stage + warp * router_group_stage_words(kPerLane), p.config, lane, choice,
-                          selectable);
+    keep_groups<kPerLane>(router_stage + warp * router_group_stage_words(kPerLane), p.config, lane, choice, selectable);
   RouterChoice chosen = choose_top_k<kPerLane>(p.config, lane, choice, score, selectable);
   write_weights(p, t, lane, chosen);
 }
@@ -309,7 +308,7 @@ __global__ void __launch_bounds__(kMaxRouterWarps * kWarpLanes) route_kernel(Rou
 //! @param[in,out] tokens_per_expert [num_experts] device counts that each chosen slot increments,
 //!                                or nullptr. Zero it first for per-call counts.
 template <class L>
-  requires detail::router_logit<L>
+requires detail::router_logit<L>
 void route(StreamRef stream, RouterConfig const& config, MatrixView<L> logits_in,
            std::span<float const> correction_bias, MatrixView<std::int32_t> topk_ids, MatrixView<float> topk_weights,
            std::int32_t* tokens_per_expert = nullptr) {
@@ -319,9 +318,8 @@ void route(StreamRef stream, RouterConfig const& config, MatrixView<L> logits_in
   MatrixView<Logit const> const logits(logits_in);
   detail::check_route_args(config, logits, correction_bias, topk_ids, topk_weights);
   detail::CudaStream const s(stream, where);
-  detail::require(config.num_experts <= detail::kMaxCudaRouterExperts, Errc::kUnsupported, where,
-                  "num_experts", config.num_experts,
-                  fmt::format("<= {} on CUDA", detail::kMaxCudaRouterExperts));
+  detail::require(config.num_experts <= detail::kMaxCudaRouterExperts, Errc::kUnsupported, where, "num_experts",
+                  config.num_experts, fmt::format("<= {} on CUDA", detail::kMaxCudaRouterExperts));
   if (logits.rows == 0) return;
   auto const policy = detail::policy_for<detail::RouterPolicy>(detail::current_device_traits());
   int const warps = std::clamp(policy.warps_per_block, 1, detail::kMaxRouterWarps);
@@ -344,11 +342,16 @@ void route(StreamRef stream, RouterConfig const& config, MatrixView<L> logits_in
     detail::route_kernel<Logit, kPerLane><<<blocks, warps * detail::kWarpLanes, stage_bytes, s.get()>>>(params);
   };
   int const per_lane = detail::router_registers(config.num_experts);
-  if (per_lane <= 1) launch(std::integral_constant<int, 1>{});
-  else if (per_lane <= 2) launch(std::integral_constant<int, 2>{});
-  else if (per_lane <= 4) launch(std::integral_constant<int, 4>{});
-  else if (per_lane <= 8) launch(std::integral_constant<int, 8>{});
-  else launch(std::integral_constant<int, 16>{});
+  if (per_lane <= 1)
+    launch(std::integral_constant<int, 1>{});
+  else if (per_lane <= 2)
+    launch(std::integral_constant<int, 2>{});
+  else if (per_lane <= 4)
+    launch(std::integral_constant<int, 4>{});
+  else if (per_lane <= 8)
+    launch(std::integral_constant<int, 8>{});
+  else
+    launch(std::integral_constant<int, 16>{});
   EPX_CUDA_CHECK_LAUNCH(route_kernel);
 }
 

@@ -65,7 +65,7 @@ EPX_HOST_DEVICE constexpr RouterCandidate router_pick(RouterCandidate mine, Rout
 template <class T, class ShflXor, class Merge>
 EPX_HOST_DEVICE inline T warp_butterfly(T v, ShflXor&& shfl_xor, Merge&& merge) {
 #if defined(__CUDA_ARCH__)
-#  pragma unroll
+#pragma unroll
 #endif
   for (int offset = kWarpLanes / 2; offset > 0; offset /= 2) v = merge(v, shfl_xor(v, offset));
   return v;
@@ -91,10 +91,10 @@ struct RouterLaneBest {
 
 template <int kPerLane>
 EPX_HOST_DEVICE constexpr RouterLaneBest router_lane_best(int lane, float const (&choice)[kPerLane],
-                                                         float const (&score)[kPerLane], RouterLaneMask selectable) {
+                                                          float const (&score)[kPerLane], RouterLaneMask selectable) {
   RouterLaneBest best{{0.0f, -1}, 0.0f};
 #if defined(__CUDA_ARCH__)
-#  pragma unroll
+#pragma unroll
 #endif
   for (int i = 0; i < kPerLane; ++i) {
     RouterCandidate const c{choice[i], router_has<kPerLane>(selectable, i) ? router_expert(lane, i) : -1};
@@ -107,7 +107,7 @@ EPX_HOST_DEVICE constexpr RouterLaneBest router_lane_best(int lane, float const 
 template <int kPerLane>
 EPX_HOST_DEVICE constexpr RouterLaneMask router_retire(int lane, int expert, RouterLaneMask selectable) {
 #if defined(__CUDA_ARCH__)
-#  pragma unroll
+#pragma unroll
 #endif
   for (int i = 0; i < kPerLane; ++i)
     if (router_expert(lane, i) == expert) selectable &= ~(1u << i);
@@ -123,7 +123,7 @@ struct RouterSlots {
   //! Slot `slot` chose (id, weight): the owning lane records it, the others ignore it.
   EPX_HOST_DEVICE constexpr void keep(int lane, int slot, int chosen, float w) {
 #if defined(__CUDA_ARCH__)
-#  pragma unroll
+#pragma unroll
 #endif
     for (int r = 0; r < kRouterSlotRegisters; ++r)
       if (lane == router_slot_lane(slot) && r == router_slot_register(slot)) {

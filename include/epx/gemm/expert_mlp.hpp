@@ -76,7 +76,8 @@ TensorShape weight_view_shape(std::string_view name, TensorView<T, Rank> const& 
     require(view.extents[d] >= 0, Errc::kInvalidArgument, where, fmt::format("{}.extents", name),
             format_list(view.extents), "every extent >= 0");
   require(view.data != nullptr || view.size() == 0, Errc::kInvalidArgument, where, fmt::format("{}.data", name),
-          "nullptr", fmt::format("a pointer to the {} elements of a {} tensor", view.size(), format_list(view.extents)));
+          "nullptr",
+          fmt::format("a pointer to the {} elements of a {} tensor", view.size(), format_list(view.extents)));
   return view.shape();
 }
 
@@ -96,15 +97,16 @@ TensorShape weight_view_shape(std::string_view name, TensorView<T, Rank> const& 
 //!         extents and strides are compared with the config where it is known (ExpertParallel's
 //!         constructor, expert_mlp).
 template <class T>
-  requires float_element<T>
-[[nodiscard]] ExpertWeights expert_weights(TensorView<T, 3> const& gate_up,
-                                           std::type_identity_t<TensorView<std::remove_const_t<T> const, 3>> const& down,
-                                           std::type_identity_t<TensorView<std::remove_const_t<T> const, 2>> const&
-                                               gate_up_bias = {},
-                                           std::type_identity_t<TensorView<std::remove_const_t<T> const, 2>> const&
-                                               down_bias = {}) {
-  ExpertWeights w{.dtype = dtype_of_v<T>, .gate_up = gate_up.data, .down = down.data,
-                  .gate_up_bias = gate_up_bias.data, .down_bias = down_bias.data};
+requires float_element<T>
+[[nodiscard]] ExpertWeights expert_weights(
+    TensorView<T, 3> const& gate_up, std::type_identity_t<TensorView<std::remove_const_t<T> const, 3>> const& down,
+    std::type_identity_t<TensorView<std::remove_const_t<T> const, 2>> const& gate_up_bias = {},
+    std::type_identity_t<TensorView<std::remove_const_t<T> const, 2>> const& down_bias = {}) {
+  ExpertWeights w{.dtype = dtype_of_v<T>,
+                  .gate_up = gate_up.data,
+                  .down = down.data,
+                  .gate_up_bias = gate_up_bias.data,
+                  .down_bias = down_bias.data};
   w.gate_up_shape = detail::weight_view_shape("gate_up", gate_up);
   w.down_shape = detail::weight_view_shape("down", down);
   if (gate_up_bias.data != nullptr || gate_up_bias.size() != 0)
@@ -122,8 +124,12 @@ template <class T>
 template <float_element T>
 [[nodiscard]] ExpertWeights expert_weights(std::int32_t num_local_experts, T const* gate_up, T const* down,
                                            T const* gate_up_bias = nullptr, T const* down_bias = nullptr) {
-  return {.dtype = dtype_of_v<T>, .num_local_experts = num_local_experts, .gate_up = gate_up, .down = down,
-          .gate_up_bias = gate_up_bias, .down_bias = down_bias};
+  return {.dtype = dtype_of_v<T>,
+          .num_local_experts = num_local_experts,
+          .gate_up = gate_up,
+          .down = down,
+          .gate_up_bias = gate_up_bias,
+          .down_bias = down_bias};
 }
 
 namespace detail {
@@ -156,8 +162,7 @@ inline void check_weight_shape(std::string_view where, std::string_view name, Te
           fmt::format("{} ({})", rank, meaning));
   auto const given = shape.extent_list();
   if (!std::equal(given.begin(), given.end(), expected.begin())) {
-    bool const transposed = rank == 3 && given[0] == expected[0] && given[1] == expected[2] &&
-                            given[2] == expected[1];
+    bool const transposed = rank == 3 && given[0] == expected[0] && given[1] == expected[2] && given[2] == expected[1];
     throw_error(Errc::kShapeMismatch,
                 fmt::format("{}: weights.{}.extents = {}, expected {} = {}, contiguous and K-major{}{}", where, name,
                             format_list(given), format_list(expected), meaning,
@@ -185,14 +190,13 @@ inline void check_weight_shape(std::string_view where, std::string_view name, Te
 //! weight (gate_up_rows == hidden, or hidden == intermediate) stored the other way round has the
 //! same extents and strides: no check can tell it apart.
 inline void check_weight_shapes(std::string_view where, ExpertMlpConfig const& c, ExpertWeights const& w) {
-  std::int64_t const experts = w.num_local_experts, rows = c.gate_up_rows(), hidden = c.hidden,
-                     inter = c.intermediate;
-  std::string_view const gate_up_meaning =
-      is_gated(c.activation) ? "[local experts, gate_up_rows (2 * intermediate), hidden]"
-                             : "[local experts, gate_up_rows (intermediate: not gated), hidden]";
-  std::string_view const gate_up_bias_meaning =
-      is_gated(c.activation) ? "[local experts, gate_up_rows (2 * intermediate)]"
-                             : "[local experts, gate_up_rows (intermediate: not gated)]";
+  std::int64_t const experts = w.num_local_experts, rows = c.gate_up_rows(), hidden = c.hidden, inter = c.intermediate;
+  std::string_view const gate_up_meaning = is_gated(c.activation)
+                                               ? "[local experts, gate_up_rows (2 * intermediate), hidden]"
+                                               : "[local experts, gate_up_rows (intermediate: not gated), hidden]";
+  std::string_view const gate_up_bias_meaning = is_gated(c.activation)
+                                                    ? "[local experts, gate_up_rows (2 * intermediate)]"
+                                                    : "[local experts, gate_up_rows (intermediate: not gated)]";
   if (w.gate_up_shape.known())
     check_weight_shape(where, "gate_up", w.gate_up_shape, std::array{experts, rows, hidden}, gate_up_meaning,
                        "(gpt-oss's gate_up_proj is [E, H, 2I]: pass its transpose [E, 2I, H], made contiguous)");
@@ -235,8 +239,8 @@ TypedExpertWeights<T> check_expert_mlp_args(std::string_view where, ExpertMlpCon
   auto const w = typed_weights<T>(config, weights, where);
   check_matrix(where, "x", x, -1, config.hidden);
   check_matrix(where, "out", out, x.rows, config.hidden);
-  require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1, Errc::kShapeMismatch,
-          where, "expert_offsets.size()", expert_offsets.size(),
+  require(expert_offsets.size() == static_cast<std::size_t>(weights.num_local_experts) + 1, Errc::kShapeMismatch, where,
+          "expert_offsets.size()", expert_offsets.size(),
           fmt::format("num_local_experts + 1 = {}", weights.num_local_experts + 1));
   return w;
 }

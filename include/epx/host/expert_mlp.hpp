@@ -4,6 +4,7 @@
 
 #include <epx/core/space.hpp>
 #include <epx/gemm/expert_mlp.hpp>
+#include <epx/gemm/paired_columns.hpp>
 #include <epx/host/grouped_gemm.hpp>
 
 namespace epx {
@@ -22,8 +23,8 @@ void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weight
                 MatrixView<T> out, Workspace workspace) {
   constexpr std::string_view where = "expert_mlp";
   auto const w = detail::check_expert_mlp_args<T>(where, config, weights, x, out, expert_offsets);
-  auto const scratch = detail::carve_layout(
-      workspace, where, [&](auto& c) { return detail::carve_expert_mlp<T>(c, config, x.rows); });
+  auto const scratch =
+      detail::carve_layout(workspace, where, [&](auto& c) { return detail::carve_expert_mlp<T>(c, config, x.rows); });
 
   std::int64_t const gate_up_rows = config.gate_up_rows();
   std::int64_t const inter = config.intermediate;
@@ -32,13 +33,13 @@ void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weight
   grouped_gemm(Host{}, x, w.gate_up, w.gate_up_bias, expert_offsets, h);
 
   std::int64_t const first = expert_offsets.front(), last = expert_offsets.back();
-  bool const interleaved = config.gate_up_layout == GateUpLayout::kInterleaved;
+  bool const concatenated = config.gate_up_layout == GateUpLayout::kConcatenated;
   for (std::int64_t r = first; r < last; ++r) {
-    for (std::int64_t i = 0; i < inter; ++i) {
+    for (int i = 0; i < static_cast<int>(inter); ++i) {
       float gate = h(r, i), up = 0.0f;
       if (is_gated(config.activation)) {
-        gate = interleaved ? h(r, 2 * i) : h(r, i);
-        up = interleaved ? h(r, 2 * i + 1) : h(r, inter + i);
+        gate = h(r, detail::gate_column(i, static_cast<int>(inter), concatenated));
+        up = h(r, detail::up_column(i, static_cast<int>(inter), concatenated));
       }
       act(r, i) = from_float<T>(detail::activate(config.activation, gate, up, config.clamped_swiglu));
     }

@@ -47,7 +47,7 @@ struct ExpertKernelSelector<Grouped, Host> {
 };
 
 template <class Space>
-  requires std::is_same_v<Space, Host>
+requires std::is_same_v<Space, Host>
 struct ExpertKernelSelector<CublasGrouped, Space> {
   static_assert(dependent_false<Space>,
                 "epx: CublasGrouped runs cuBLAS on a GPU and has no Host implementation; use "
@@ -116,14 +116,16 @@ class LayerExecution<Host> {
 
   //! Copies the rows of each segment from rank-major to expert-major order, or back (`inverse`).
   template <class T>
-  static void regroup(Stream, std::span<RowSegment const> segments, std::int64_t /*num_rows*/,
-                      MatrixView<T> rank_major, MatrixView<T> expert_major, bool inverse) {
+  static void regroup(Stream, std::span<RowSegment const> segments, std::int64_t /*num_rows*/, MatrixView<T> rank_major,
+                      MatrixView<T> expert_major, bool inverse) {
     for (RowSegment const& s : segments)
       for (std::int64_t r = 0; r < s.num_rows; ++r) {
         T* const rank_row = rank_major.row(s.src_row + r);
         T* const expert_row = expert_major.row(expert_major_row(s, s.src_row + r));
-        if (inverse) std::copy_n(expert_row, expert_major.cols, rank_row);
-        else std::copy_n(rank_row, rank_major.cols, expert_row);
+        if (inverse)
+          std::copy_n(expert_row, expert_major.cols, rank_row);
+        else
+          std::copy_n(rank_row, rank_major.cols, expert_row);
       }
   }
 

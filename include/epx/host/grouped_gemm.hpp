@@ -17,7 +17,7 @@ namespace epx {
 //! @param[in]  offsets  [G + 1] row ranges of the groups, non-decreasing, offsets[G] <= M
 //! @param[out] c        [M, N]; rows outside [offsets[0], offsets[G]) are left untouched
 template <class TA, class TB, float_element TC>
-  requires float_element<TA> && float_element<TB>
+requires float_element<TA> && float_element<TB>
 void grouped_gemm(Host, MatrixView<TA> a_in, BatchedMatrixView<TB> b_in,
                   std::type_identity_t<std::remove_const_t<TB> const*> bias, std::span<std::int32_t const> offsets,
                   MatrixView<TC> c) {
@@ -25,8 +25,8 @@ void grouped_gemm(Host, MatrixView<TA> a_in, BatchedMatrixView<TB> b_in,
   BatchedMatrixView<std::remove_const_t<TB> const> const b{b_in.data, b_in.batch, b_in.rows, b_in.cols};
   detail::check_grouped_gemm_args(a, b, bias, offsets, c);
   for (std::size_t g = 0; g + 1 < offsets.size(); ++g)  // all offsets first: nothing is written on error
-    detail::require(offsets[g] >= 0 && offsets[g] <= offsets[g + 1] && offsets[g + 1] <= a.rows,
-                    Errc::kInvalidArgument, "grouped_gemm", fmt::format("offsets[{}..{}]", g, g + 1),
+    detail::require(offsets[g] >= 0 && offsets[g] <= offsets[g + 1] && offsets[g + 1] <= a.rows, Errc::kInvalidArgument,
+                    "grouped_gemm", fmt::format("offsets[{}..{}]", g, g + 1),
                     fmt::format("[{}, {}]", offsets[g], offsets[g + 1]),
                     fmt::format("0 <= offsets[g] <= offsets[g+1] <= a.rows = {}", a.rows));
   for (std::size_t g = 0; g + 1 < offsets.size(); ++g) {

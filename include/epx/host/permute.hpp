@@ -33,7 +33,7 @@ void permute(Host, RoutingPlan const& plan, std::type_identity_t<MatrixView<T co
 //! @param[in]  topk_weights  [num_tokens, top_k]
 //! @param[out] y             [num_tokens, hidden]; fp32 for partial sums, or the element type
 template <class TIn, float_element TOut>
-  requires float_element<TIn>
+requires float_element<TIn>
 void unpermute(Host, RoutingPlan const& plan, MatrixView<TIn> expert_out_in, MatrixView<float const> topk_weights,
                MatrixView<TOut> y) {
   using T = std::remove_const_t<TIn>;

@@ -29,9 +29,8 @@ inline RoutingPlan make_plan(Host, MatrixView<std::int32_t const> topk_ids, std:
   detail::check_plan_args(where, topk_ids, num_experts, experts);
   auto const num_tokens = static_cast<std::int32_t>(topk_ids.rows);
   auto const top_k = static_cast<std::int32_t>(topk_ids.cols);
-  RoutingPlan plan = detail::carve_layout(workspace, where, [&](auto& c) {
-    return detail::carve_plan(c, num_tokens, top_k, num_experts, experts);
-  });
+  RoutingPlan plan = detail::carve_layout(
+      workspace, where, [&](auto& c) { return detail::carve_plan(c, num_tokens, top_k, num_experts, experts); });
 
   // Pass 1: count rows per expert of the range, the slots dropped for invalid ids, and the tokens
   // with no valid id at all (over every expert, not only the range: the same on every rank).

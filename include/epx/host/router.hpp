@@ -24,7 +24,7 @@ namespace epx {
 //!
 //! Synchronous on the calling thread; uses O(num_experts) host scratch, no workspace.
 template <class L>
-  requires detail::router_logit<L>
+requires detail::router_logit<L>
 void route(Host, RouterConfig const& config, MatrixView<L> logits_in, std::span<float const> correction_bias,
            MatrixView<std::int32_t> topk_ids, MatrixView<float> topk_weights) {
   MatrixView<std::remove_const_t<L> const> const logits(logits_in);  // read only, mutable views welcome
@@ -92,7 +92,8 @@ void route(Host, RouterConfig const& config, MatrixView<L> logits_in, std::span<
         std::ptrdiff_t best_g = -1;
         for (std::size_t g = 0; g < group_score.size(); ++g) {
           if (group_kept[g] || group_score[g] == kLowest) continue;  // empty groups are never kept
-          if (best_g < 0 || group_score[g] > group_score[static_cast<std::size_t>(best_g)]) best_g = static_cast<std::ptrdiff_t>(g);
+          if (best_g < 0 || group_score[g] > group_score[static_cast<std::size_t>(best_g)])
+            best_g = static_cast<std::ptrdiff_t>(g);
         }
         if (best_g < 0) break;
         group_kept[static_cast<std::size_t>(best_g)] = 1;
@@ -105,7 +106,8 @@ void route(Host, RouterConfig const& config, MatrixView<L> logits_in, std::span<
     for (std::int32_t j = 0; j < top_k; ++j) {
       std::ptrdiff_t best = -1;
       for (std::size_t e = 0; e < num_experts; ++e)
-        if (selectable[e] && (best < 0 || choice[e] > choice[static_cast<std::size_t>(best)])) best = static_cast<std::ptrdiff_t>(e);
+        if (selectable[e] && (best < 0 || choice[e] > choice[static_cast<std::size_t>(best)]))
+          best = static_cast<std::ptrdiff_t>(e);
       if (best < 0) {
         topk_ids(t, j) = -1;
         topk_weights(t, j) = 0.0f;

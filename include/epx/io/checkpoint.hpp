@@ -58,8 +58,10 @@ class Checkpoint {
     std::error_code ec;
     fs::path file = path;
     if (fs::is_directory(path, ec)) {
-      if (fs::exists(path / kSafetensorsIndexName, ec)) file = path / kSafetensorsIndexName;
-      else if (fs::exists(path / kSafetensorsFileName, ec)) file = path / kSafetensorsFileName;
+      if (fs::exists(path / kSafetensorsIndexName, ec))
+        file = path / kSafetensorsIndexName;
+      else if (fs::exists(path / kSafetensorsFileName, ec))
+        file = path / kSafetensorsFileName;
       else
         detail::file_error(Errc::kInvalidArgument, path.string(),
                            fmt::format("a folder without {} or {}, expected a safetensors checkpoint",
@@ -128,8 +130,9 @@ class Checkpoint {
   //! e.g. straight to the GPU with cuFile).
   [[nodiscard]] std::uint64_t file_offset(TensorRef const& t) const {
     auto const& shard = shards_.at(check(t.shard));
-    epx::detail::require(t.info != nullptr && shard.header.has_value(), Errc::kInvalidArgument, "Checkpoint::file_offset",
-                         "t", "a tensor this checkpoint did not find", "a TensorRef from find()");
+    epx::detail::require(t.info != nullptr && shard.header.has_value(), Errc::kInvalidArgument,
+                         "Checkpoint::file_offset", "t", "a tensor this checkpoint did not find",
+                         "a TensorRef from find()");
     return shard.header->data_start() + t.info->begin;
   }
 
@@ -167,9 +170,8 @@ class Checkpoint {
     std::uint64_t const readable = std::min<std::uint64_t>(shard.file.size(), kSafetensorsPrefixBytes);
     shard.file.read_at(0, std::span(prefix, static_cast<std::size_t>(readable)));
     stats_.header_bytes += readable;
-    std::uint64_t const n =
-        safetensors_header_length(std::span<std::byte const>(prefix, static_cast<std::size_t>(readable)),
-                                  shard.file.size(), shard.path);
+    std::uint64_t const n = safetensors_header_length(
+        std::span<std::byte const>(prefix, static_cast<std::size_t>(readable)), shard.file.size(), shard.path);
     std::string text(static_cast<std::size_t>(n), '\0');
     shard.file.read_at(kSafetensorsPrefixBytes, std::as_writable_bytes(std::span(text)));
     stats_.header_bytes += n;

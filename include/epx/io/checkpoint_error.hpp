@@ -24,8 +24,10 @@ inline std::string printable(std::string_view text, std::size_t max_bytes = 160)
   for (std::size_t i = 0; i < text.size(); ++i) {
     if (out.size() >= max_bytes) return out + "...";
     auto const c = static_cast<unsigned char>(text[i]);
-    if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
-    else out += static_cast<char>(c);
+    if (c < 0x20 || c == 0x7f)
+      out += fmt::format("\\x{:02x}", c);
+    else
+      out += static_cast<char>(c);
   }
   return out;
 }

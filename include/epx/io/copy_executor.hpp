@@ -42,8 +42,10 @@ struct StridedOut {
 //! U (a float_element or float) from an fp32 value, rounded to nearest even.
 template <class U>
 inline U round_to(float value) noexcept {
-  if constexpr (std::is_same_v<U, float>) return value;
-  else return U(value);
+  if constexpr (std::is_same_v<U, float>)
+    return value;
+  else
+    return U(value);
 }
 
 //! Decodes `n` stored rows (rows s0 .. s0 + n - 1 of one matrix of the job) into `out`.

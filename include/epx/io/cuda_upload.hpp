@@ -51,7 +51,8 @@ class PinnedBlocks {
       peak_ = std::max(peak_, 2 * bytes);
     }
     current_ ^= 1;
-    if (recorded_[static_cast<std::size_t>(current_)]) EPX_CUDA_CHECK(cudaEventSynchronize(events_[static_cast<std::size_t>(current_)]));
+    if (recorded_[static_cast<std::size_t>(current_)])
+      EPX_CUDA_CHECK(cudaEventSynchronize(events_[static_cast<std::size_t>(current_)]));
     recorded_[static_cast<std::size_t>(current_)] = false;
     return blocks_[static_cast<std::size_t>(current_)];
   }
@@ -114,10 +115,9 @@ class DeviceSink {
     std::int64_t const cols = job.transposed ? n : job.stored_cols;  // destination columns in this block
     auto const* src = reinterpret_cast<U const*>(blocks_.current());
     if (job.col_stride == 1) {
-      EPX_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(job.row_stride) * sizeof(U), src,
-                                       static_cast<std::size_t>(cols) * sizeof(U),
-                                       static_cast<std::size_t>(cols) * sizeof(U), static_cast<std::size_t>(rows),
-                                       cudaMemcpyHostToDevice, stream_));
+      EPX_CUDA_CHECK(cudaMemcpy2DAsync(
+          dst, static_cast<std::size_t>(job.row_stride) * sizeof(U), src, static_cast<std::size_t>(cols) * sizeof(U),
+          static_cast<std::size_t>(cols) * sizeof(U), static_cast<std::size_t>(rows), cudaMemcpyHostToDevice, stream_));
     } else {  // columns spread out (gate and up biases interleaved): one element per pitch step
       for (std::int64_t r = 0; r < rows; ++r)
         EPX_CUDA_CHECK(cudaMemcpy2DAsync(dst + r * job.row_stride, static_cast<std::size_t>(job.col_stride) * sizeof(U),

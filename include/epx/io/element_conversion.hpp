@@ -23,9 +23,12 @@ namespace epx::io {
 //! The safetensors dtype a file uses for epx's element type `T`.
 template <float_element T>
 constexpr SafetensorsDType safetensors_dtype_of() noexcept {
-  if constexpr (std::is_same_v<T, float>) return SafetensorsDType::kF32;
-  else if constexpr (std::is_same_v<T, half>) return SafetensorsDType::kF16;
-  else return SafetensorsDType::kBF16;
+  if constexpr (std::is_same_v<T, float>)
+    return SafetensorsDType::kF32;
+  else if constexpr (std::is_same_v<T, half>)
+    return SafetensorsDType::kF16;
+  else
+    return SafetensorsDType::kBF16;
 }
 
 namespace detail {
@@ -73,9 +76,12 @@ inline void convert_plain_row(SafetensorsDType dtype, std::byte const* src, std:
   using Two = std::integral_constant<std::int64_t, 2>;
   using Four = std::integral_constant<std::int64_t, 4>;
   switch (dtype) {
-    case SafetensorsDType::kF32: return run(Four{}, [](std::byte const* p) { return convert_plain<T>(SafetensorsDType::kF32, p); });
-    case SafetensorsDType::kF16: return run(Two{}, [](std::byte const* p) { return convert_plain<T>(SafetensorsDType::kF16, p); });
-    case SafetensorsDType::kBF16: return run(Two{}, [](std::byte const* p) { return convert_plain<T>(SafetensorsDType::kBF16, p); });
+    case SafetensorsDType::kF32:
+      return run(Four{}, [](std::byte const* p) { return convert_plain<T>(SafetensorsDType::kF32, p); });
+    case SafetensorsDType::kF16:
+      return run(Two{}, [](std::byte const* p) { return convert_plain<T>(SafetensorsDType::kF16, p); });
+    case SafetensorsDType::kBF16:
+      return run(Two{}, [](std::byte const* p) { return convert_plain<T>(SafetensorsDType::kBF16, p); });
     default: return;
   }
 }

@@ -32,7 +32,8 @@ class ReadOnlyFile {
     do {
       fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
     } while (fd_ < 0 && errno == EINTR);
-    if (fd_ < 0) detail::file_error(Errc::kInvalidArgument, path_, fmt::format("cannot open: {}", std::strerror(errno)));
+    if (fd_ < 0)
+      detail::file_error(Errc::kInvalidArgument, path_, fmt::format("cannot open: {}", std::strerror(errno)));
     struct stat st {};
     if (::fstat(fd_, &st) != 0) {
       int const err = errno;
@@ -71,9 +72,9 @@ class ReadOnlyFile {
   void read_at(std::uint64_t offset, std::span<std::byte> out) const {
     if (out.empty()) return;
     if (offset > size_ || out.size() > size_ - offset)
-      detail::file_error(Errc::kInvalidArgument, path_,
-                         fmt::format("read of bytes [{}, {}) past the end of the {}-byte file", offset,
-                                     offset + out.size(), size_));
+      detail::file_error(
+          Errc::kInvalidArgument, path_,
+          fmt::format("read of bytes [{}, {}) past the end of the {}-byte file", offset, offset + out.size(), size_));
     std::size_t done = 0;
     while (done < out.size()) {
       // Linux transfers at most 0x7ffff000 bytes per call; ask for no more than 1 GiB at a time.
@@ -81,9 +82,9 @@ class ReadOnlyFile {
       ssize_t const got = ::pread(fd_, out.data() + done, ask, static_cast<off_t>(offset + done));
       if (got < 0 && errno == EINTR) continue;
       if (got < 0)
-        detail::file_error(Errc::kInvalidArgument, path_,
-                           fmt::format("read of {} bytes at offset {} failed: {}", ask, offset + done,
-                                       std::strerror(errno)));
+        detail::file_error(
+            Errc::kInvalidArgument, path_,
+            fmt::format("read of {} bytes at offset {} failed: {}", ask, offset + done, std::strerror(errno)));
       if (got == 0)
         detail::file_error(Errc::kInvalidArgument, path_,
                            fmt::format("read at offset {} found the end of the file ({} of {} bytes read): it "

@@ -41,7 +41,13 @@ constexpr std::string_view to_string(WeightEncoding e) noexcept {
 
 //! The destination buffers of a layer load (LayerBuffers' fields).
 enum class LayerBuffer : std::uint8_t {
-  kGateUp, kDown, kGateUpBias, kDownBias, kRouterWeight, kRouterBias, kCorrectionBias,
+  kGateUp,
+  kDown,
+  kGateUpBias,
+  kDownBias,
+  kRouterWeight,
+  kRouterBias,
+  kCorrectionBias,
 };
 inline constexpr std::size_t kNumLayerBuffers = 7;
 
@@ -90,8 +96,8 @@ inline LayerSizes layer_sizes(MoeModel const& model, std::int64_t num_local_expe
 struct CopyJob {
   std::string label = {};  //!< what it is, for messages: "gate of expert 17"
   WeightEncoding encoding = WeightEncoding::kPlain;
-  TensorRef values = {};  //!< plain / FP8 values / MXFP4 blocks
-  TensorRef scales = {};  //!< FP8 scale_inv / MXFP4 scales; none when plain
+  TensorRef values = {};         //!< plain / FP8 values / MXFP4 blocks
+  TensorRef scales = {};         //!< FP8 scale_inv / MXFP4 scales; none when plain
   std::int64_t stored_rows = 0;  //!< one matrix as stored (MXFP4: elements, before packing)
   std::int64_t stored_cols = 0;
   std::int64_t first = 0;  //!< first matrix of the tensor (expert, for a stacked tensor)
@@ -153,17 +159,17 @@ namespace detail {
 
 //! What a plan needs to resolve one weight of the layer.
 struct WeightSpec {
-  std::string name = {};            //!< the tensor's name for this layer (and expert)
-  std::string label = {};           //!< "gate of expert 17", "router weight"
+  std::string name = {};   //!< the tensor's name for this layer (and expert)
+  std::string label = {};  //!< "gate of expert 17", "router weight"
   std::int32_t layer = 0;
-  std::int64_t rows = 0;            //!< epx's orientation: [rows, cols] per matrix
+  std::int64_t rows = 0;  //!< epx's orientation: [rows, cols] per matrix
   std::int64_t cols = 0;
-  std::int64_t stacked = -1;        //!< experts in a stacked tensor; -1: one matrix (per-expert or router)
-  bool vector = false;              //!< stored as [cols] (or [E, cols] stacked) instead of [rows, cols]
-  bool transposed = false;          //!< plain / FP8 stored [cols, rows]
+  std::int64_t stacked = -1;  //!< experts in a stacked tensor; -1: one matrix (per-expert or router)
+  bool vector = false;        //!< stored as [cols] (or [E, cols] stacked) instead of [rows, cols]
+  bool transposed = false;    //!< plain / FP8 stored [cols, rows]
   bool mxfp4_transposed = false;
-  bool quantisable = true;          //!< biases and the correction bias are plain only
-  std::string_view meaning = {};    //!< the dimensions, for messages: "[I, H] (gate_proj: [out, in])"
+  bool quantisable = true;        //!< biases and the correction bias are plain only
+  std::string_view meaning = {};  //!< the dimensions, for messages: "[I, H] (gate_proj: [out, in])"
 };
 
 inline std::string expected_shape(std::int64_t stacked, std::int64_t a, std::int64_t b, bool vector) {
@@ -223,17 +229,17 @@ inline CopyJob resolve_weight(Checkpoint& ckpt, MoeModel const& model, WeightSpe
                      fmt::format("dtype {}, expected F32 (or F16, BF16) block scales", to_string(scales->info->dtype)));
       std::int64_t const br = job.fp8_scale_rows(), bc = job.fp8_scale_cols();
       if (!(stacked ? shape_is(*scales->info, {spec.stacked, br, bc}) : shape_is(*scales->info, {br, bc})))
-        shape_error(*scales, expected_shape(spec.stacked, br, bc, false),
-                    fmt::format("= ceil({} / {}) x ceil({} / {}) block scales", sr, job.fp8_block[0], sc,
-                                job.fp8_block[1]));
+        shape_error(
+            *scales, expected_shape(spec.stacked, br, bc, false),
+            fmt::format("= ceil({} / {}) x ceil({} / {}) block scales", sr, job.fp8_block[0], sc, job.fp8_block[1]));
       job.scales = *scales;
     } else {
-      tensor_error(Errc::kUnsupported, ckpt.shard_path(values->shard), t.name,
-                   fmt::format("dtype {} for the {} of family {}, expected F32, F16 or BF16{}", to_string(t.dtype),
-                               spec.label, family.name,
-                               spec.quantisable ? fmt::format(" (or F8_E4M3 with '{}' block scales)",
-                                                              family.fp8_scale_suffix)
-                                                : ""));
+      tensor_error(
+          Errc::kUnsupported, ckpt.shard_path(values->shard), t.name,
+          fmt::format(
+              "dtype {} for the {} of family {}, expected F32, F16 or BF16{}", to_string(t.dtype), spec.label,
+              family.name,
+              spec.quantisable ? fmt::format(" (or F8_E4M3 with '{}' block scales)", family.fp8_scale_suffix) : ""));
     }
     return job;
   }
@@ -242,7 +248,8 @@ inline CopyJob resolve_weight(Checkpoint& ckpt, MoeModel const& model, WeightSpe
   if (!blocks)
     file_error(Errc::kInvalidArgument, ckpt.source(),
                fmt::format("no tensor '{}' (the {} of layer {}, family {}){}", printable(spec.name), spec.label,
-                           spec.layer, family.name, spec.quantisable ? fmt::format(", nor its MXFP4 form '{}'", printable(blocks_name))
+                           spec.layer, family.name,
+                           spec.quantisable ? fmt::format(", nor its MXFP4 form '{}'", printable(blocks_name))
                                             : std::string()));
   // MXFP4: blocks [.., R, C / 32, 16] and scales [.., R, C / 32], (R, C) = [out, in] unless mxfp4_transposed.
   std::int64_t const sr = spec.mxfp4_transposed ? spec.cols : rows, sc = spec.mxfp4_transposed ? rows : spec.cols;
@@ -252,13 +259,13 @@ inline CopyJob resolve_weight(Checkpoint& ckpt, MoeModel const& model, WeightSpe
   job.stored_cols = sc;
   job.transposed = spec.mxfp4_transposed;
   if (blocks->info->dtype != SafetensorsDType::kU8)
-    tensor_error(Errc::kUnsupported, ckpt.shard_path(blocks->shard), blocks_name,
-                 fmt::format("dtype {}, expected U8 (MXFP4 blocks: two E2M1 codes per byte)",
-                             to_string(blocks->info->dtype)));
+    tensor_error(
+        Errc::kUnsupported, ckpt.shard_path(blocks->shard), blocks_name,
+        fmt::format("dtype {}, expected U8 (MXFP4 blocks: two E2M1 codes per byte)", to_string(blocks->info->dtype)));
   if (sc % kMxfp4BlockElements != 0)
     tensor_error(Errc::kShapeMismatch, ckpt.shard_path(blocks->shard), blocks_name,
-                 fmt::format("MXFP4 blocks for the {} of {} columns, expected a multiple of {} columns", spec.label,
-                             sc, kMxfp4BlockElements));
+                 fmt::format("MXFP4 blocks for the {} of {} columns, expected a multiple of {} columns", spec.label, sc,
+                             kMxfp4BlockElements));
   std::int64_t const nb = sc / kMxfp4BlockElements;
   if (!(stacked ? shape_is(*blocks->info, {spec.stacked, sr, nb, kMxfp4BlockBytes})
                 : shape_is(*blocks->info, {sr, nb, kMxfp4BlockBytes})))
@@ -269,9 +276,9 @@ inline CopyJob resolve_weight(Checkpoint& ckpt, MoeModel const& model, WeightSpe
   std::string const scales_name = spec.name + family.mxfp4_scales_suffix;
   auto const scales = ckpt.find(scales_name);
   if (!scales)
-    tensor_error(Errc::kInvalidArgument, ckpt.shard_path(blocks->shard), blocks_name,
-                 fmt::format("MXFP4 blocks without their scales: no tensor '{}' in {}", printable(scales_name),
-                             ckpt.source()));
+    tensor_error(
+        Errc::kInvalidArgument, ckpt.shard_path(blocks->shard), blocks_name,
+        fmt::format("MXFP4 blocks without their scales: no tensor '{}' in {}", printable(scales_name), ckpt.source()));
   if (scales->info->dtype != SafetensorsDType::kU8 && scales->info->dtype != SafetensorsDType::kF8E8M0)
     tensor_error(Errc::kUnsupported, ckpt.shard_path(scales->shard), scales_name,
                  fmt::format("dtype {}, expected U8 or F8_E8M0 (MXFP4 scales)", to_string(scales->info->dtype)));
@@ -297,12 +304,12 @@ inline LayerPlan plan_layer(Checkpoint& ckpt, MoeModel const& model, std::int32_
   epx::detail::validate(model.mlp, "MoeModel.mlp");
   auto const& f = model.family;
   std::string const where = fmt::format("load_layer (family {})", f.name);
-  epx::detail::require(model.is_moe_layer(layer), Errc::kInvalidArgument, where, "layer", layer,
-                       fmt::format("an MoE layer of this model ({} layers{}{}{})", model.num_layers,
-                                   model.first_moe_layer > 0 ? fmt::format(", the first {} dense", model.first_moe_layer)
-                                                             : "",
-                                   model.moe_layer_step > 1 ? fmt::format(", MoE every {} layers", model.moe_layer_step) : "",
-                                   model.dense_layers.empty() ? "" : ", some listed as dense"));
+  epx::detail::require(
+      model.is_moe_layer(layer), Errc::kInvalidArgument, where, "layer", layer,
+      fmt::format("an MoE layer of this model ({} layers{}{}{})", model.num_layers,
+                  model.first_moe_layer > 0 ? fmt::format(", the first {} dense", model.first_moe_layer) : "",
+                  model.moe_layer_step > 1 ? fmt::format(", MoE every {} layers", model.moe_layer_step) : "",
+                  model.dense_layers.empty() ? "" : ", some listed as dense"));
   epx::detail::require(experts.first >= 0 && experts.count >= 0 &&
                            std::int64_t{experts.first} + experts.count <= model.router.num_experts,
                        Errc::kInvalidArgument, where, "experts",
@@ -315,8 +322,9 @@ inline LayerPlan plan_layer(Checkpoint& ckpt, MoeModel const& model, std::int32_
   bool const interleaved = model.mlp.gate_up_layout == GateUpLayout::kInterleaved;
   bool const stacked = f.storage == ExpertStorage::kStacked;
   bool const gated = is_gated(model.mlp.activation);
-  epx::detail::require(f.gate.empty() || gated, Errc::kInvalidArgument, where, "family.gate / family.up",
-                       f.gate, fmt::format("one gate_up tensor for the ungated activation {}", to_string(model.mlp.activation)));
+  epx::detail::require(
+      f.gate.empty() || gated, Errc::kInvalidArgument, where, "family.gate / family.up", f.gate,
+      fmt::format("one gate_up tensor for the ungated activation {}", to_string(model.mlp.activation)));
 
   auto add = [&](detail::WeightSpec const& spec, LayerBuffer buffer, std::int64_t offset, std::int64_t row_stride,
                  std::int64_t col_stride, std::int64_t matrix_stride, std::int64_t first, std::int64_t count) {
@@ -332,28 +340,56 @@ inline LayerPlan plan_layer(Checkpoint& ckpt, MoeModel const& model, std::int32_
   };
   auto weight = [&](std::string_view pattern, std::int64_t expert, std::string label, std::int64_t r, std::int64_t c,
                     std::string_view meaning) {
-    return detail::WeightSpec{.name = tensor_name(pattern, layer, expert), .label = std::move(label), .layer = layer, .rows = r,
-                              .cols = c, .stacked = stacked ? e : -1, .transposed = f.transposed,
-                              .mxfp4_transposed = f.mxfp4_transposed, .meaning = meaning};
+    return detail::WeightSpec{.name = tensor_name(pattern, layer, expert),
+                              .label = std::move(label),
+                              .layer = layer,
+                              .rows = r,
+                              .cols = c,
+                              .stacked = stacked ? e : -1,
+                              .transposed = f.transposed,
+                              .mxfp4_transposed = f.mxfp4_transposed,
+                              .meaning = meaning};
   };
   auto bias = [&](std::string_view pattern, std::int64_t expert, std::string label, std::int64_t c,
                   std::string_view meaning) {
-    return detail::WeightSpec{.name = tensor_name(pattern, layer, expert), .label = std::move(label), .layer = layer, .rows = 1,
-                              .cols = c, .stacked = stacked ? e : -1, .vector = true, .quantisable = false,
+    return detail::WeightSpec{.name = tensor_name(pattern, layer, expert),
+                              .label = std::move(label),
+                              .layer = layer,
+                              .rows = 1,
+                              .cols = c,
+                              .stacked = stacked ? e : -1,
+                              .vector = true,
+                              .quantisable = false,
                               .meaning = meaning};
   };
 
   // The router: every rank loads all of it.
-  add({.name = tensor_name(f.router_weight, layer), .label = "router weight", .layer = layer, .rows = e, .cols = h,
+  add({.name = tensor_name(f.router_weight, layer),
+       .label = "router weight",
+       .layer = layer,
+       .rows = e,
+       .cols = h,
        .meaning = "[num_experts, hidden]"},
       LayerBuffer::kRouterWeight, 0, h, 1, e * h, 0, 1);
   if (!f.router_bias.empty())
-    add({.name = tensor_name(f.router_bias, layer), .label = "router bias", .layer = layer, .rows = 1, .cols = e, .vector = true,
-         .quantisable = false, .meaning = "[num_experts]"},
+    add({.name = tensor_name(f.router_bias, layer),
+         .label = "router bias",
+         .layer = layer,
+         .rows = 1,
+         .cols = e,
+         .vector = true,
+         .quantisable = false,
+         .meaning = "[num_experts]"},
         LayerBuffer::kRouterBias, 0, e, 1, e, 0, 1);
   if (!f.correction_bias.empty())
-    add({.name = tensor_name(f.correction_bias, layer), .label = "correction bias", .layer = layer, .rows = 1, .cols = e,
-         .vector = true, .quantisable = false, .meaning = "[num_experts]"},
+    add({.name = tensor_name(f.correction_bias, layer),
+         .label = "correction bias",
+         .layer = layer,
+         .rows = 1,
+         .cols = e,
+         .vector = true,
+         .quantisable = false,
+         .meaning = "[num_experts]"},
         LayerBuffer::kCorrectionBias, 0, e, 1, e, 0, 1);
   if (experts.count == 0) return plan;
 
@@ -365,9 +401,9 @@ inline LayerPlan plan_layer(Checkpoint& ckpt, MoeModel const& model, std::int32_
   for (std::int64_t j = 0; j < n_jobs; ++j) {
     std::int64_t const expert = experts.first + j;  // global id (per expert)
     std::int64_t const first = stacked ? experts.first : 0, count = stacked ? experts.count : 1;
-    std::int64_t const local = stacked ? 0 : j;     // first destination matrix
-    std::string const of = stacked ? fmt::format("experts {}..{}", experts.first, experts.end() - 1)
-                                   : fmt::format("expert {}", expert);
+    std::int64_t const local = stacked ? 0 : j;  // first destination matrix
+    std::string const of =
+        stacked ? fmt::format("experts {}..{}", experts.first, experts.end() - 1) : fmt::format("expert {}", expert);
     if (!f.gate_up.empty()) {
       add(weight(f.gate_up, expert, "gate_up of " + of, rows, h, "[gate_up_rows, hidden]"), LayerBuffer::kGateUp,
           local * rows * h, h, 1, rows * h, first, count);

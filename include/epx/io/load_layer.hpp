@@ -57,12 +57,12 @@ struct LoadOptions {
 //! device memory for load_layer_to_device.
 template <float_element T>
 struct LayerBuffers {
-  std::span<T> gate_up = {};          //!< [L, gate_up_rows, H]
-  std::span<T> down = {};             //!< [L, H, I]
-  std::span<T> gate_up_bias = {};     //!< [L, gate_up_rows]
-  std::span<T> down_bias = {};        //!< [L, H]
-  std::span<T> router_weight = {};    //!< [E, H]
-  std::span<T> router_bias = {};      //!< [E]
+  std::span<T> gate_up = {};              //!< [L, gate_up_rows, H]
+  std::span<T> down = {};                 //!< [L, H, I]
+  std::span<T> gate_up_bias = {};         //!< [L, gate_up_rows]
+  std::span<T> down_bias = {};            //!< [L, H]
+  std::span<T> router_weight = {};        //!< [E, H]
+  std::span<T> router_bias = {};          //!< [E]
   std::span<float> correction_bias = {};  //!< [E]
 
   //! The buffer `b` as bytes.
@@ -131,8 +131,8 @@ inline ExpertRange check_request(MoeModel const& model, LayerRequest const& requ
   epx::detail::require(request.placement.num_experts() == model.router.num_experts, Errc::kInvalidArgument, where,
                        "request.placement.num_experts()", request.placement.num_experts(),
                        fmt::format("the model's num_experts = {}", model.router.num_experts));
-  epx::detail::require(request.rank >= 0 && request.rank < request.placement.num_ranks(), Errc::kInvalidArgument,
-                       where, "request.rank", request.rank,
+  epx::detail::require(request.rank >= 0 && request.rank < request.placement.num_ranks(), Errc::kInvalidArgument, where,
+                       "request.rank", request.rank,
                        fmt::format("in [0, {}) (the placement's ranks)", request.placement.num_ranks()));
   return request.placement.local_range(request.rank);
 }
@@ -166,7 +166,8 @@ LoadedLayer<T> loaded_layer(MoeModel const& model, LayerRequest const& request, 
   if (plan.sizes.correction_bias > 0)
     out.config.correction_bias = std::span<float const>(buffers.correction_bias.data(), static_cast<std::size_t>(e));
   out.router_weight = MatrixView<T const>(buffers.router_weight.data(), e, h);
-  if (plan.sizes.router_bias > 0) out.router_bias = std::span<T const>(buffers.router_bias.data(), static_cast<std::size_t>(e));
+  if (plan.sizes.router_bias > 0)
+    out.router_bias = std::span<T const>(buffers.router_bias.data(), static_cast<std::size_t>(e));
   return out;
 }
 
@@ -208,8 +209,10 @@ class HostSink {
  private:
   template <class U>
   static constexpr SafetensorsDType safetensors_dtype_of_or_f32() noexcept {
-    if constexpr (std::is_same_v<U, float>) return SafetensorsDType::kF32;
-    else return safetensors_dtype_of<U>();
+    if constexpr (std::is_same_v<U, float>)
+      return SafetensorsDType::kF32;
+    else
+      return safetensors_dtype_of<U>();
   }
   LayerBuffers<T> buffers_;
 };
@@ -218,8 +221,10 @@ class HostSink {
 template <class T, class Sink>
 void run_plan(Checkpoint& ckpt, LayerPlan const& plan, Sink& sink, Staging& staging) {
   for (auto const& job : plan.jobs) {
-    if (job.buffer == LayerBuffer::kCorrectionBias) run_copy_job<float>(ckpt, job, sink, staging);
-    else run_copy_job<T>(ckpt, job, sink, staging);
+    if (job.buffer == LayerBuffer::kCorrectionBias)
+      run_copy_job<float>(ckpt, job, sink, staging);
+    else
+      run_copy_job<T>(ckpt, job, sink, staging);
   }
 }
 

@@ -52,20 +52,20 @@ enum class ExpertStorage : std::uint8_t {
 //! ("quantization_config.weight_block_size"); an empty key means the family has no such setting
 //! and the value in ModelFamily::router (or the default) holds.
 struct ConfigKeys {
-  std::string num_experts = "num_experts";                  //!< required
-  std::string top_k = "num_experts_per_tok";                //!< required
-  std::string hidden = "hidden_size";                       //!< required
-  std::string intermediate = "moe_intermediate_size";       //!< required: the expert's width I
-  std::string num_layers = "num_hidden_layers";             //!< optional
-  std::string renormalize = {};                             //!< bool, e.g. "norm_topk_prob"
-  std::string scoring = {};                                 //!< "softmax" or "sigmoid", e.g. "scoring_func"
-  std::string num_groups = {};                              //!< e.g. "n_group"
-  std::string topk_groups = {};                             //!< e.g. "topk_group"
-  std::string routed_scaling_factor = {};                   //!< e.g. "routed_scaling_factor"
-  std::string swiglu_limit = {};                            //!< clamped SwiGLU's limit, e.g. "swiglu_limit"
-  std::string first_moe_layer = {};                         //!< layers below it are dense ("first_k_dense_replace")
-  std::string moe_layer_step = {};                          //!< layer l is MoE when (l + 1) % step == 0 ("decoder_sparse_step")
-  std::string dense_layers = {};                            //!< a list of dense layers ("mlp_only_layers")
+  std::string num_experts = "num_experts";             //!< required
+  std::string top_k = "num_experts_per_tok";           //!< required
+  std::string hidden = "hidden_size";                  //!< required
+  std::string intermediate = "moe_intermediate_size";  //!< required: the expert's width I
+  std::string num_layers = "num_hidden_layers";        //!< optional
+  std::string renormalize = {};                        //!< bool, e.g. "norm_topk_prob"
+  std::string scoring = {};                            //!< "softmax" or "sigmoid", e.g. "scoring_func"
+  std::string num_groups = {};                         //!< e.g. "n_group"
+  std::string topk_groups = {};                        //!< e.g. "topk_group"
+  std::string routed_scaling_factor = {};              //!< e.g. "routed_scaling_factor"
+  std::string swiglu_limit = {};                       //!< clamped SwiGLU's limit, e.g. "swiglu_limit"
+  std::string first_moe_layer = {};                    //!< layers below it are dense ("first_k_dense_replace")
+  std::string moe_layer_step = {};  //!< layer l is MoE when (l + 1) % step == 0 ("decoder_sparse_step")
+  std::string dense_layers = {};    //!< a list of dense layers ("mlp_only_layers")
   std::string fp8_block = "quantization_config.weight_block_size";  //!< [rows, cols] of an FP8 scale block
 };
 
@@ -82,7 +82,7 @@ struct ConfigKeys {
 //! block-scale tensor, or, when `<name>` is absent, as MXFP4 `<name><mxfp4_blocks_suffix>` +
 //! `<name><mxfp4_scales_suffix>`; the loader picks by what the checkpoint holds.
 struct ModelFamily {
-  std::string name = {};                 //!< for messages, e.g. "qwen3_moe"
+  std::string name = {};                      //!< for messages, e.g. "qwen3_moe"
   std::vector<std::string> model_types = {};  //!< config.json "model_type" values this family reads
 
   ExpertStorage storage = ExpertStorage::kPerExpert;
@@ -154,8 +154,7 @@ inline void validate(ModelFamily const& f) {
   epx::detail::require(!separate || (!f.gate.empty() && !f.up.empty()), Errc::kInvalidArgument, where, "gate / up",
                        fmt::format("'{}' / '{}'", f.gate, f.up), "both named");
   epx::detail::require(!f.down.empty(), Errc::kInvalidArgument, where, "down", "''", "a tensor name");
-  epx::detail::require(!f.router_weight.empty(), Errc::kInvalidArgument, where, "router_weight", "''",
-                       "a tensor name");
+  epx::detail::require(!f.router_weight.empty(), Errc::kInvalidArgument, where, "router_weight", "''", "a tensor name");
   epx::detail::require(separate || (f.gate_bias.empty() && f.up_bias.empty()), Errc::kInvalidArgument, where,
                        "gate_bias / up_bias", fmt::format("'{}' / '{}'", f.gate_bias, f.up_bias),
                        "empty when gate_up is one tensor (use gate_up_bias)");
@@ -164,10 +163,14 @@ inline void validate(ModelFamily const& f) {
   epx::detail::require(f.gate_bias.empty() == f.up_bias.empty(), Errc::kInvalidArgument, where, "gate_bias / up_bias",
                        fmt::format("'{}' / '{}'", f.gate_bias, f.up_bias), "both named or both empty");
   bool const per_expert = f.storage == ExpertStorage::kPerExpert;
-  for (auto const& [field, pattern] :
-       {std::pair<std::string_view, std::string const&>{"gate", f.gate}, {"up", f.up}, {"gate_up", f.gate_up},
-        {"down", f.down}, {"gate_bias", f.gate_bias}, {"up_bias", f.up_bias}, {"gate_up_bias", f.gate_up_bias},
-        {"down_bias", f.down_bias}}) {
+  for (auto const& [field, pattern] : {std::pair<std::string_view, std::string const&>{"gate", f.gate},
+                                       {"up", f.up},
+                                       {"gate_up", f.gate_up},
+                                       {"down", f.down},
+                                       {"gate_bias", f.gate_bias},
+                                       {"up_bias", f.up_bias},
+                                       {"gate_up_bias", f.gate_up_bias},
+                                       {"down_bias", f.down_bias}}) {
     if (pattern.empty()) continue;
     epx::detail::require(detail::has_placeholder(pattern, "{expert}") == per_expert, Errc::kInvalidArgument, where,
                          field, pattern,
@@ -176,12 +179,14 @@ inline void validate(ModelFamily const& f) {
   }
   for (auto const& [field, pattern] :
        {std::pair<std::string_view, std::string const&>{"router_weight", f.router_weight},
-        {"router_bias", f.router_bias}, {"correction_bias", f.correction_bias}})
+        {"router_bias", f.router_bias},
+        {"correction_bias", f.correction_bias}})
     epx::detail::require(!detail::has_placeholder(pattern, "{expert}"), Errc::kInvalidArgument, where, field, pattern,
                          "a name without {expert} (every expert's router row is in one tensor)");
   for (auto const& [field, suffix] :
        {std::pair<std::string_view, std::string const&>{"fp8_scale_suffix", f.fp8_scale_suffix},
-        {"mxfp4_blocks_suffix", f.mxfp4_blocks_suffix}, {"mxfp4_scales_suffix", f.mxfp4_scales_suffix}})
+        {"mxfp4_blocks_suffix", f.mxfp4_blocks_suffix},
+        {"mxfp4_scales_suffix", f.mxfp4_scales_suffix}})
     epx::detail::require(!suffix.empty(), Errc::kInvalidArgument, where, field, "''", "a non-empty suffix");
 }
 
@@ -230,7 +235,10 @@ inline ModelFamily deepseek_v3() {
   f.router_weight = "model.layers.{layer}.mlp.gate.weight";
   f.correction_bias = "model.layers.{layer}.mlp.gate.e_score_correction_bias";
   // DeepseekV3Config's defaults, for keys a config.json leaves out.
-  f.router = {.scoring = Scoring::kSigmoidTopK, .renormalize = true, .num_groups = 8, .topk_groups = 4,
+  f.router = {.scoring = Scoring::kSigmoidTopK,
+              .renormalize = true,
+              .num_groups = 8,
+              .topk_groups = 4,
               .routed_scaling_factor = 2.5f};
   f.config.num_experts = "n_routed_experts";
   f.config.renormalize = "norm_topk_prob";
@@ -282,14 +290,8 @@ inline ModelFamily transformers5_stacked(ModelFamily base) {
 
 //! Every built-in family, the Hub's layout of a model before its transformers 5 stacked layout.
 inline std::vector<ModelFamily> builtin_families() {
-  return {qwen3_moe(),
-          transformers5_stacked(qwen3_moe()),
-          qwen2_moe(),
-          transformers5_stacked(qwen2_moe()),
-          mixtral(),
-          transformers5_stacked(mixtral()),
-          deepseek_v3(),
-          transformers5_stacked(deepseek_v3()),
+  return {qwen3_moe(), transformers5_stacked(qwen3_moe()), qwen2_moe(),   transformers5_stacked(qwen2_moe()),
+          mixtral(),   transformers5_stacked(mixtral()),   deepseek_v3(), transformers5_stacked(deepseek_v3()),
           gpt_oss()};
 }
 

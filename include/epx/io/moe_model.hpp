@@ -36,11 +36,11 @@ namespace epx::io {
 //! One model's MoE layers: the family that names their tensors and what config.json says of them.
 struct MoeModel {
   ModelFamily family = {};
-  RouterConfig router = {};  //!< num_experts, top_k, scoring, renormalize, groups, scaling
-  ExpertMlpConfig mlp = {};  //!< hidden, intermediate, activation, gate/up layout, clamped SwiGLU
-  std::int32_t num_layers = 0;                //!< decoder layers; 0: not known (not checked)
-  std::int32_t first_moe_layer = 0;           //!< layers below are dense (DeepSeek-V3: 3)
-  std::int32_t moe_layer_step = 1;            //!< layer l is MoE when (l + 1) % step == 0 (Qwen)
+  RouterConfig router = {};                     //!< num_experts, top_k, scoring, renormalize, groups, scaling
+  ExpertMlpConfig mlp = {};                     //!< hidden, intermediate, activation, gate/up layout, clamped SwiGLU
+  std::int32_t num_layers = 0;                  //!< decoder layers; 0: not known (not checked)
+  std::int32_t first_moe_layer = 0;             //!< layers below are dense (DeepSeek-V3: 3)
+  std::int32_t moe_layer_step = 1;              //!< layer l is MoE when (l + 1) % step == 0 (Qwen)
   std::vector<std::int32_t> dense_layers = {};  //!< layers listed as dense (Qwen's mlp_only_layers)
   std::array<std::int32_t, 2> fp8_block = {kFp8DefaultBlock, kFp8DefaultBlock};  //!< [rows, cols] per FP8 scale
 
@@ -90,9 +90,8 @@ inline std::optional<std::int64_t> config_int(nlohmann::json const& config, std:
   if (!v->is_number_integer())
     file_error(Errc::kInvalidArgument, file,
                fmt::format("\"{}\" = {}, expected an integer", key, printable(v->dump(), 60)));
-  std::int64_t const value = v->is_number_unsigned() && v->get<std::uint64_t>() > std::uint64_t(hi)
-                                 ? hi + 1
-                                 : v->get<std::int64_t>();
+  std::int64_t const value =
+      v->is_number_unsigned() && v->get<std::uint64_t>() > std::uint64_t(hi) ? hi + 1 : v->get<std::int64_t>();
   if (value < lo || value > hi)
     file_error(Errc::kInvalidArgument, file,
                fmt::format("\"{}\" = {}, expected an integer in [{}, {}]", key, printable(v->dump(), 60), lo, hi));
@@ -175,8 +174,10 @@ inline MoeModel parse_model_config(std::string_view json_text, ModelFamily famil
   if (auto v = boolean(keys.renormalize)) model.router.renormalize = *v;
   if (!keys.scoring.empty()) {
     if (auto const* v = detail::config_value(config, keys.scoring); v != nullptr && !v->is_null()) {
-      if (v->is_string() && v->get<std::string>() == "softmax") model.router.scoring = Scoring::kSoftmaxTopK;
-      else if (v->is_string() && v->get<std::string>() == "sigmoid") model.router.scoring = Scoring::kSigmoidTopK;
+      if (v->is_string() && v->get<std::string>() == "softmax")
+        model.router.scoring = Scoring::kSoftmaxTopK;
+      else if (v->is_string() && v->get<std::string>() == "sigmoid")
+        model.router.scoring = Scoring::kSigmoidTopK;
       else
         detail::file_error(Errc::kInvalidArgument, file,
                            fmt::format("\"{}\" = {}, expected \"softmax\" or \"sigmoid\"", keys.scoring,
@@ -187,7 +188,8 @@ inline MoeModel parse_model_config(std::string_view json_text, ModelFamily famil
   if (auto v = integer(keys.topk_groups, false, 1, kInt32Max)) model.router.topk_groups = static_cast<std::int32_t>(*v);
   if (auto v = real(keys.routed_scaling_factor)) model.router.routed_scaling_factor = *v;
   if (auto v = real(keys.swiglu_limit)) model.mlp.clamped_swiglu.limit = *v;
-  if (auto v = integer(keys.first_moe_layer, false, 0, kInt32Max)) model.first_moe_layer = static_cast<std::int32_t>(*v);
+  if (auto v = integer(keys.first_moe_layer, false, 0, kInt32Max))
+    model.first_moe_layer = static_cast<std::int32_t>(*v);
   if (auto v = integer(keys.moe_layer_step, false, 1, kInt32Max)) model.moe_layer_step = static_cast<std::int32_t>(*v);
   if (!keys.dense_layers.empty()) {
     if (auto const* v = detail::config_value(config, keys.dense_layers); v != nullptr && !v->is_null()) {

@@ -49,7 +49,8 @@ constexpr float decode_e8m0(std::uint8_t bits) noexcept {
 //! Element `index` (0 .. 31) of an MXFP4 block: its packed 16 bytes and its scale, as fp32.
 constexpr float mxfp4_element(std::uint8_t const* block_bytes, std::int64_t index, std::uint8_t scale) noexcept {
   std::uint8_t const byte = block_bytes[index / 2];
-  std::uint8_t const code = (index % 2 == 0) ? static_cast<std::uint8_t>(byte & 0xfu) : static_cast<std::uint8_t>(byte >> 4);
+  std::uint8_t const code =
+      (index % 2 == 0) ? static_cast<std::uint8_t>(byte & 0xfu) : static_cast<std::uint8_t>(byte >> 4);
   return decode_e2m1(code) * decode_e8m0(scale);
 }
 

@@ -50,8 +50,8 @@ struct TensorInfo {
   std::string name = {};
   SafetensorsDType dtype = SafetensorsDType::kU8;
   std::vector<std::int64_t> shape = {};  //!< row-major extents; empty for a scalar
-  std::uint64_t begin = 0;          //!< first byte, relative to the data section
-  std::uint64_t end = 0;            //!< one past the last byte, relative to the data section
+  std::uint64_t begin = 0;               //!< first byte, relative to the data section
+  std::uint64_t end = 0;                 //!< one past the last byte, relative to the data section
 
   [[nodiscard]] std::uint64_t num_bytes() const noexcept { return end - begin; }
   [[nodiscard]] std::int64_t num_elements() const noexcept {
@@ -63,8 +63,8 @@ struct TensorInfo {
 
 //! A checked safetensors header.
 struct SafetensorsHeader {
-  std::uint64_t json_bytes = 0;  //!< N
-  std::uint64_t data_bytes = 0;  //!< size of the data section: file size - 8 - N
+  std::uint64_t json_bytes = 0;                                    //!< N
+  std::uint64_t data_bytes = 0;                                    //!< size of the data section: file size - 8 - N
   std::vector<TensorInfo> tensors = {};                            //!< ordered by offset
   std::vector<std::pair<std::string, std::string>> metadata = {};  //!< "__metadata__", in file order
 
@@ -91,7 +91,7 @@ namespace detail {
 //! Reads the JSON header of one safetensors file event by event (nlohmann::json::sax_parse):
 //! exactly the schema above, the first deviation recorded with the tensor it belongs to. Keys of
 //! a tensor other than the three are skipped, as the reference reader ignores them.
-class SafetensorsHeaderReader {
+class SafetensorsHeaderReader : public SkippingSaxHandler<SafetensorsHeaderReader> {
  public:
   using json = nlohmann::json;
 
@@ -131,10 +131,11 @@ class SafetensorsHeaderReader {
     if (state_ == State::kTensorField && field_ == Field::kDtype) {
       auto const dtype = parse_safetensors_dtype(value);
       if (!dtype)
-        return fail(fmt::format("dtype = \"{}\", expected one of the format's element types (BOOL, U8, I8, F8_E4M3, "
-                                "F8_E5M2, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, C64, F4, "
-                                "F6_E2M3, F6_E3M2)",
-                                printable(value, 40)));
+        return fail(
+            fmt::format("dtype = \"{}\", expected one of the format's element types (BOOL, U8, I8, F8_E4M3, "
+                        "F8_E5M2, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, C64, F4, "
+                        "F6_E2M3, F6_E3M2)",
+                        printable(value, 40)));
       current_.dtype = *dtype;
       have_dtype_ = true;
       state_ = State::kTensor;
@@ -184,13 +185,17 @@ class SafetensorsHeaderReader {
       return true;
     }
     if (state_ == State::kTensor) {
-      field_ = name == "dtype" ? Field::kDtype : name == "shape" ? Field::kShape
-               : name == "data_offsets" ? Field::kOffsets : Field::kOther;
+      field_ = name == "dtype"          ? Field::kDtype
+               : name == "shape"        ? Field::kShape
+               : name == "data_offsets" ? Field::kOffsets
+                                        : Field::kOther;
       if ((field_ == Field::kDtype && have_dtype_) || (field_ == Field::kShape && have_shape_) ||
           (field_ == Field::kOffsets && num_offsets_ >= 0))
         return fail(fmt::format("\"{}\" appears twice", name));
-      if (field_ == Field::kOther) skipper_.start();
-      else state_ = State::kTensorField;
+      if (field_ == Field::kOther)
+        skipper_.start();
+      else
+        state_ = State::kTensorField;
       return true;
     }
     return unexpected("a key");
@@ -244,8 +249,8 @@ class SafetensorsHeaderReader {
     return unexpected("']'");
   }
   bool parse_error(std::size_t position, std::string const&, json::exception const& e) {
-    return fail(fmt::format("the header is not valid JSON (byte {} of the header): {}", position,
-                            printable(e.what(), 200)));
+    return fail(
+        fmt::format("the header is not valid JSON (byte {} of the header): {}", position, printable(e.what(), 200)));
   }
 
   //! The first problem ("" when none) and the tensor it concerns ("" for the header as a whole).
@@ -257,6 +262,8 @@ class SafetensorsHeaderReader {
   std::vector<std::pair<std::string, std::string>> metadata_;
 
  private:
+  friend class SkippingSaxHandler<SafetensorsHeaderReader>;
+
   enum class State {
     kStart,           // before the top-level object
     kTop,             // in the top-level object, before a key
@@ -289,37 +296,20 @@ class SafetensorsHeaderReader {
       case State::kTensorValue:
         return fail(fmt::format("the value is {}, expected {{\"dtype\", \"shape\", \"data_offsets\"}}", what));
       case State::kTensorField:
-        return fail(fmt::format("{} is {}, expected {}", field_ == Field::kDtype ? "dtype" : field_ == Field::kShape
-                                                                                        ? "shape"
-                                                                                        : "data_offsets",
-                                what,
-                                field_ == Field::kDtype ? "a string" : "an array of integers"));
+        return fail(fmt::format("{} is {}, expected {}",
+                                field_ == Field::kDtype   ? "dtype"
+                                : field_ == Field::kShape ? "shape"
+                                                          : "data_offsets",
+                                what, field_ == Field::kDtype ? "a string" : "an array of integers"));
       case State::kShape:
       case State::kOffsets: return fail(fmt::format("{} holds {}, expected integers >= 0", field_name(), what));
       case State::kMetadataObject: return fail(fmt::format("\"__metadata__\" is {}, expected an object", what));
       case State::kMetadataValue:
-        return fail(fmt::format("\"__metadata__\"[\"{}\"] is {}, expected a string", printable(metadata_key_, 60),
-                                what));
+        return fail(
+            fmt::format("\"__metadata__\"[\"{}\"] is {}, expected a string", printable(metadata_key_, 60), what));
       case State::kDone: return fail(fmt::format("{} follows the header's object", what));
       default: return fail(fmt::format("unexpected {} in the header", what));
     }
-  }
-  bool scalar(std::string_view what) {
-    if (skipper_.active()) return skip_scalar();
-    return unexpected(what);
-  }
-  bool skip_scalar() {
-    skipper_.scalar();
-    return true;
-  }
-  bool skip_open() {
-    if (!skipper_.open())
-      return fail(fmt::format("a value nests deeper than {} levels", JsonValueSkipper::kMaxDepth));
-    return true;
-  }
-  bool skip_close() {
-    skipper_.close();
-    return true;
   }
 
   State state_ = State::kStart;
@@ -332,7 +322,6 @@ class SafetensorsHeaderReader {
   bool in_metadata_ = false;
   std::string metadata_key_;
   std::set<std::string, std::less<>> names_;
-  JsonValueSkipper skipper_;
   std::string error_;
   std::string error_tensor_;
 };
@@ -367,7 +356,8 @@ inline std::uint64_t safetensors_header_length(std::span<std::byte const> prefix
                        fmt::format("{} bytes, expected at least the 8-byte header length of a safetensors file",
                                    std::min<std::uint64_t>(prefix.size(), file_size)));
   std::uint64_t n = 0;
-  for (std::size_t i = 0; i < kSafetensorsPrefixBytes; ++i) n |= std::uint64_t{std::to_integer<std::uint8_t>(prefix[i])} << (8 * i);
+  for (std::size_t i = 0; i < kSafetensorsPrefixBytes; ++i)
+    n |= std::uint64_t{std::to_integer<std::uint8_t>(prefix[i])} << (8 * i);
   if (n > kMaxSafetensorsHeaderBytes)
     detail::file_error(Errc::kInvalidArgument, file,
                        fmt::format("header length = {} bytes, expected at most {} (the format's limit; is this a "
@@ -397,8 +387,8 @@ inline SafetensorsHeader parse_safetensors_header(std::string_view json_text, st
   detail::SafetensorsHeaderReader reader;
   bool const parsed = nlohmann::json::sax_parse(json_text.data(), json_text.data() + json_text.size(), &reader);
   if (!parsed || !reader.done()) {
-    std::string const message = reader.error().empty() ? std::string("the header is not a complete JSON object")
-                                                        : reader.error();
+    std::string const message =
+        reader.error().empty() ? std::string("the header is not a complete JSON object") : reader.error();
     if (reader.error_tensor().empty()) detail::file_error(Errc::kInvalidArgument, file, message);
     detail::tensor_error(Errc::kInvalidArgument, file, reader.error_tensor(), message);
   }
@@ -417,8 +407,8 @@ inline SafetensorsHeader parse_safetensors_header(std::string_view json_text, st
     std::uint64_t const bytes = detail::expected_tensor_bytes(t, file);
     if (bytes != t.num_bytes())
       detail::tensor_error(Errc::kInvalidArgument, file, t.name,
-                           fmt::format("data_offsets = [{}, {}] hold {} bytes, expected {} for {} x {}", t.begin,
-                                       t.end, t.num_bytes(), bytes, to_string(t.dtype), format_shape(t.shape)));
+                           fmt::format("data_offsets = [{}, {}] hold {} bytes, expected {} for {} x {}", t.begin, t.end,
+                                       t.num_bytes(), bytes, to_string(t.dtype), format_shape(t.shape)));
   }
   std::stable_sort(header.tensors.begin(), header.tensors.end(), [](TensorInfo const& a, TensorInfo const& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;

@@ -16,8 +16,26 @@ namespace epx::io {
 //! An element type as a safetensors file stores it. Sub-byte types (F4, F6_*) are packed; a
 //! tensor of them must fill whole bytes.
 enum class SafetensorsDType : std::uint8_t {
-  kBool, kF4, kF6E2M3, kF6E3M2, kU8, kI8, kF8E5M2, kF8E4M3, kF8E8M0, kI16, kU16, kF16, kBF16,
-  kI32, kU32, kF32, kC64, kF64, kI64, kU64,
+  kBool,
+  kF4,
+  kF6E2M3,
+  kF6E3M2,
+  kU8,
+  kI8,
+  kF8E5M2,
+  kF8E4M3,
+  kF8E8M0,
+  kI16,
+  kU16,
+  kF16,
+  kBF16,
+  kI32,
+  kU32,
+  kF32,
+  kC64,
+  kF64,
+  kI64,
+  kU64,
 };
 
 namespace detail {
@@ -29,9 +47,9 @@ struct SafetensorsDTypeEntry {
 };
 
 inline constexpr std::array<SafetensorsDTypeEntry, 20> kSafetensorsDTypes = {{
-    {SafetensorsDType::kBool, "BOOL", 8},     {SafetensorsDType::kF4, "F4", 4},
+    {SafetensorsDType::kBool, "BOOL", 8},      {SafetensorsDType::kF4, "F4", 4},
     {SafetensorsDType::kF6E2M3, "F6_E2M3", 6}, {SafetensorsDType::kF6E3M2, "F6_E3M2", 6},
-    {SafetensorsDType::kU8, "U8", 8},         {SafetensorsDType::kI8, "I8", 8},
+    {SafetensorsDType::kU8, "U8", 8},          {SafetensorsDType::kI8, "I8", 8},
     {SafetensorsDType::kF8E5M2, "F8_E5M2", 8}, {SafetensorsDType::kF8E4M3, "F8_E4M3", 8},
     {SafetensorsDType::kF8E8M0, "F8_E8M0", 8}, {SafetensorsDType::kI16, "I16", 16},
     {SafetensorsDType::kU16, "U16", 16},       {SafetensorsDType::kF16, "F16", 16},

@@ -26,7 +26,7 @@ namespace epx::io {
 
 //! A checked index: the shard files, and for each tensor the shard that holds it.
 struct SafetensorsIndex {
-  std::vector<std::string> shards = {};                          //!< file names, in order of first use
+  std::vector<std::string> shards = {};                            //!< file names, in order of first use
   std::map<std::string, std::int32_t, std::less<>> shard_of = {};  //!< tensor name -> index into shards
 };
 
@@ -34,7 +34,7 @@ namespace detail {
 
 //! Reads an index file event by event (nlohmann::json::sax_parse): "weight_map" must be an object
 //! of strings; other keys are skipped.
-class SafetensorsIndexReader {
+class SafetensorsIndexReader : public SkippingSaxHandler<SafetensorsIndexReader> {
  public:
   using json = nlohmann::json;
 
@@ -48,8 +48,8 @@ class SafetensorsIndexReader {
     if (skipper_.active()) return skip_scalar();
     if (state_ != State::kEntryValue) return unexpected("a string");
     if (auto const why = bad_shard_name(value); !why.empty())
-      return fail(fmt::format("weight_map[\"{}\"] = \"{}\", expected {}", printable(tensor_, 120),
-                              printable(value, 120), why));
+      return fail(
+          fmt::format("weight_map[\"{}\"] = \"{}\", expected {}", printable(tensor_, 120), printable(value, 120), why));
     auto [it, added] = shard_ids_.try_emplace(value, static_cast<std::int32_t>(index_.shards.size()));
     if (added) index_.shards.push_back(std::move(value));
     if (!index_.shard_of.try_emplace(std::move(tensor_), it->second).second)  // keeps tensor_ when refused
@@ -119,6 +119,8 @@ class SafetensorsIndexReader {
   SafetensorsIndex index_;
 
  private:
+  friend class SkippingSaxHandler<SafetensorsIndexReader>;
+
   enum class State { kStart, kTop, kWeightMapValue, kWeightMap, kEntryValue, kDone };
 
   //! Why `name` cannot be a shard file ("" when it can).
@@ -138,34 +140,16 @@ class SafetensorsIndexReader {
       case State::kStart: return fail(fmt::format("starts with {}, expected a JSON object", what));
       case State::kWeightMapValue: return fail(fmt::format("\"weight_map\" is {}, expected an object", what));
       case State::kEntryValue:
-        return fail(fmt::format("weight_map[\"{}\"] is {}, expected a shard file name", printable(tensor_, 120),
-                                what));
+        return fail(fmt::format("weight_map[\"{}\"] is {}, expected a shard file name", printable(tensor_, 120), what));
       case State::kDone: return fail(fmt::format("{} follows the index's object", what));
       default: return fail(fmt::format("unexpected {}", what));
     }
-  }
-  bool scalar(std::string_view what) {
-    if (skipper_.active()) return skip_scalar();
-    return unexpected(what);
-  }
-  bool skip_scalar() {
-    skipper_.scalar();
-    return true;
-  }
-  bool skip_open() {
-    if (!skipper_.open()) return fail(fmt::format("a value nests deeper than {} levels", JsonValueSkipper::kMaxDepth));
-    return true;
-  }
-  bool skip_close() {
-    skipper_.close();
-    return true;
   }
 
   State state_ = State::kStart;
   bool have_weight_map_ = false;
   std::string tensor_;
   std::map<std::string, std::int32_t, std::less<>> shard_ids_;
-  JsonValueSkipper skipper_;
   std::string error_;
 };
 

@@ -37,7 +37,8 @@ inline void select_launch_device(LaunchEnv const& env) {
   std::string_view const name = env.launcher == "mpirun" ? "OMPI_COMM_WORLD_LOCAL_RANK" : "LOCAL_RANK";
   require(env.local_rank < count, Errc::kInvalidArgument, kFromEnv, name, env.local_rank,
           fmt::format("< {}, the CUDA devices this process sees (one rank per GPU; a launcher that gives each rank "
-                      "one device through CUDA_VISIBLE_DEVICES must not also set a local rank above 0)", count));
+                      "one device through CUDA_VISIBLE_DEVICES must not also set a local rank above 0)",
+                      count));
   EPX_CUDA_CHECK(cudaSetDevice(env.local_rank));
 }
 

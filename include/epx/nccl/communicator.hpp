@@ -31,7 +31,6 @@ namespace epx {
 
 namespace detail {
 
-
 //! cudaFree as a deleter (never throws; a failure here has nobody left to report to).
 struct CudaFreeDeleter {
   void operator()(void* p) const noexcept {
@@ -125,8 +124,7 @@ class NcclCommunicator final : public Communicator {
     ncclComm_t comm = nullptr;
     ncclResult_t const started = ncclCommInitRankConfig(&comm, size, id_copy, rank, &config);
     // On an immediate failure NCCL frees the communicator itself and returns a null handle.
-    if (detail::nccl_failed(started) || comm == nullptr)
-      fail_unaborted(Errc::kNccl, "ncclCommInitRankConfig", started);
+    if (detail::nccl_failed(started) || comm == nullptr) fail_unaborted(Errc::kNccl, "ncclCommInitRankConfig", started);
     comm_ = comm;
     wait_ready("ncclCommInitRankConfig (creating the communicator: waiting for every rank to join)", true);
   }
@@ -238,10 +236,10 @@ class NcclCommunicator final : public Communicator {
                     fmt::format("the group size {}", n));
     detail::require(recv_bytes.size() == n, Errc::kInvalidArgument, where, "recv_bytes.size()", recv_bytes.size(),
                     fmt::format("the group size {}", n));
-    detail::require(send_bytes[me] == recv_bytes[me], Errc::kCollectiveMismatch, where,
-                    fmt::format("send_bytes[rank {}]", me), send_bytes[me],
-                    fmt::format("recv_bytes[rank {}] = {} (what this rank sends itself it also receives)", me,
-                                recv_bytes[me]));
+    detail::require(
+        send_bytes[me] == recv_bytes[me], Errc::kCollectiveMismatch, where, fmt::format("send_bytes[rank {}]", me),
+        send_bytes[me],
+        fmt::format("recv_bytes[rank {}] = {} (what this rank sends itself it also receives)", me, recv_bytes[me]));
     std::size_t send_total = 0, recv_total = 0;
     for (std::size_t p = 0; p < n; ++p) {
       send_total += send_bytes[p];
@@ -255,13 +253,13 @@ class NcclCommunicator final : public Communicator {
       for (std::size_t p = 0; p < n; ++p) {
         int const peer = static_cast<int>(p);
         if (send_bytes[p] > 0) {
-          ncclResult_t const r = ncclSend(static_cast<std::byte const*>(send) + send_at, send_bytes[p], ncclUint8, peer,
-                                          comm_, s);
+          ncclResult_t const r =
+              ncclSend(static_cast<std::byte const*>(send) + send_at, send_bytes[p], ncclUint8, peer, comm_, s);
           if (detail::nccl_failed(r)) return {r, "ncclSend"};
         }
         if (recv_bytes[p] > 0) {
-          ncclResult_t const r = ncclRecv(static_cast<std::byte*>(recv) + recv_at, recv_bytes[p], ncclUint8, peer,
-                                          comm_, s);
+          ncclResult_t const r =
+              ncclRecv(static_cast<std::byte*>(recv) + recv_at, recv_bytes[p], ncclUint8, peer, comm_, s);
           if (detail::nccl_failed(r)) return {r, "ncclRecv"};
         }
         send_at += send_bytes[p];
@@ -346,21 +344,24 @@ class NcclCommunicator final : public Communicator {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     EPX_CUDA_CHECK(cudaStreamIsCapturing(s, &capture));
     detail::require(capture == cudaStreamCaptureStatusNone, Errc::kInvalidArgument, where, "stream",
-                    "a stream being captured", "a stream that is not capturing (wait on the stream that launches the "
+                    "a stream being captured",
+                    "a stream that is not capturing (wait on the stream that launches the "
                     "graph, after the launch)");
     auto deadline = detail::PollDeadline::for_device(options_.timeout);
     for (;;) {
       ncclResult_t async = ncclSuccess;
       ncclResult_t const queried = ncclCommGetAsyncError(comm_, &async);
       if (detail::nccl_failed(queried)) fail(Errc::kNccl, where, "ncclCommGetAsyncError", queried);
-      if (detail::nccl_failed(async)) fail(Errc::kNccl, where, "ncclCommGetAsyncError (the communicator's state)", async);
+      if (detail::nccl_failed(async))
+        fail(Errc::kNccl, where, "ncclCommGetAsyncError (the communicator's state)", async);
       cudaError_t const state = cudaStreamQuery(s);
       if (state == cudaSuccess) return;
       if (state != cudaErrorNotReady)
         detail::throw_cuda_error(state, "cudaStreamQuery(stream)", detail::SourceLocation::current());
       if (deadline.expired())
-        fail_timeout(where, "the stream's work did not finish (a peer failed, or never posted its matching operation; a "
-                            "peer on the same node that dies is seen by nothing but this deadline)");
+        fail_timeout(where,
+                     "the stream's work did not finish (a peer failed, or never posted its matching operation; a "
+                     "peer on the same node that dies is seen by nothing but this deadline)");
       deadline.pause();
     }
   }
@@ -398,9 +399,11 @@ class NcclCommunicator final : public Communicator {
   // Every collective starts here: a usable communicator and a CUDA stream.
   void check_call(std::string_view where, StreamRef stream) const {
     if (aborted())
-      detail::throw_error(Errc::kPeerFailed,
-                          fmt::format("{}: rank {} of {}: the communicator was aborted ({}); destroy it and build a new "
-                                      "one on every rank", where, rank_, size_, failure_));
+      detail::throw_error(
+          Errc::kPeerFailed,
+          fmt::format("{}: rank {} of {}: the communicator was aborted ({}); destroy it and build a new "
+                      "one on every rank",
+                      where, rank_, size_, failure_));
     detail::require(!stream.is_host(), Errc::kInvalidArgument, where, "stream", "StreamRef::host()",
                     fmt::format("a CUDA stream on device {} (NCCL moves device memory)", device_));
   }
@@ -443,9 +446,11 @@ class NcclCommunicator final : public Communicator {
       if (deadline.expired()) {
         std::string_view const why = "NCCL still reports ncclInProgress (a peer never arrived, or failed)";
         if (abort_on_failure) fail_timeout(what, why);
-        detail::throw_error(Errc::kTimeout,
-                            fmt::format("NcclCommunicator: adopted communicator: {}: waited {} ms, {}; the communicator "
-                                        "was not aborted (it is the caller's)", what, deadline.elapsed().count(), why));
+        detail::throw_error(
+            Errc::kTimeout,
+            fmt::format("NcclCommunicator: adopted communicator: {}: waited {} ms, {}; the communicator "
+                        "was not aborted (it is the caller's)",
+                        what, deadline.elapsed().count(), why));
       }
       deadline.pause();
     }
@@ -468,8 +473,11 @@ class NcclCommunicator final : public Communicator {
         fmt::format("NcclCommunicator: {}: {}: NCCL call `{}` failed: {} ({}){}", context(), what, call,
                     ncclGetErrorString(result), static_cast<int>(result), last_nccl_error());
     abort_comm(message);
-    detail::throw_error(code, fmt::format("{}; the communicator was aborted: destroy it and build a new one on every "
-                                          "rank", message), loc);
+    detail::throw_error(code,
+                        fmt::format("{}; the communicator was aborted: destroy it and build a new one on every "
+                                    "rank",
+                                    message),
+                        loc);
   }
 
   [[noreturn]] void fail_timeout(std::string_view what, std::string_view why,
@@ -477,8 +485,11 @@ class NcclCommunicator final : public Communicator {
     std::string const message = fmt::format("NcclCommunicator: {}: {}: not finished within the deadline of {} ms: {}",
                                             context(), what, options_.timeout.count(), why);
     abort_comm(message);
-    detail::throw_error(Errc::kTimeout, fmt::format("{}; the communicator was aborted: destroy it and build a new one "
-                                                    "on every rank", message), loc);
+    detail::throw_error(Errc::kTimeout,
+                        fmt::format("{}; the communicator was aborted: destroy it and build a new one "
+                                    "on every rank",
+                                    message),
+                        loc);
   }
 
   // A failure before epx holds the communicator (creation failed at once; adoption).
@@ -487,8 +498,9 @@ class NcclCommunicator final : public Communicator {
     // While adopting, rank and size are not known yet.
     std::string const who = size_ > 0 ? fmt::format("rank {} of {} (device {})", rank_, size_, device_)
                                       : std::string("adopted communicator");
-    detail::throw_error(code, fmt::format("NcclCommunicator: {}: {}: NCCL call failed: {} ({}){}", who, what,
-                                          ncclGetErrorString(result), static_cast<int>(result), last_nccl_error()),
+    detail::throw_error(code,
+                        fmt::format("NcclCommunicator: {}: {}: NCCL call failed: {} ({}){}", who, what,
+                                    ncclGetErrorString(result), static_cast<int>(result), last_nccl_error()),
                         loc);
   }
 
@@ -514,8 +526,10 @@ class NcclCommunicator final : public Communicator {
         if (state == ncclSuccess) state = async;
         if (state == ncclInProgress) deadline.pause();
       }
-      if (state == ncclSuccess) (void)ncclCommDestroy(comm_);
-      else (void)ncclCommAbort(comm_);
+      if (state == ncclSuccess)
+        (void)ncclCommDestroy(comm_);
+      else
+        (void)ncclCommAbort(comm_);
     }
     comm_ = nullptr;
     barrier_word_.reset();
@@ -528,8 +542,8 @@ class NcclCommunicator final : public Communicator {
   int device_ = -1;
   Options options_;
   std::unique_ptr<void, detail::CudaFreeDeleter> barrier_word_;  // one int32 on device_
-  std::uint64_t sequence_ = 0;  // collectives issued, for messages
-  std::string failure_;         // why the communicator was aborted; empty while usable
+  std::uint64_t sequence_ = 0;                                   // collectives issued, for messages
+  std::string failure_;                                          // why the communicator was aborted; empty while usable
 };
 
 }  // namespace epx

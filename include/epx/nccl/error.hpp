@@ -27,11 +27,12 @@ namespace epx::detail {
 
 //! Evaluates an NCCL call once; on failure (ncclInProgress counts as success: nonblocking
 //! communicators report completion separately) throws epx::Error(Errc::kNccl).
-#define EPX_NCCL_CHECK_COMM(call, comm)                                                                    \
-  do {                                                                                                     \
-    ncclResult_t const epx_nccl_check_status_ = (call);                                                    \
-    if (epx_nccl_check_status_ != ncclSuccess && epx_nccl_check_status_ != ncclInProgress)                 \
-      ::epx::detail::throw_nccl_error(epx_nccl_check_status_, (comm), #call, ::epx::detail::SourceLocation::current()); \
+#define EPX_NCCL_CHECK_COMM(call, comm)                                                    \
+  do {                                                                                     \
+    ncclResult_t const epx_nccl_check_status_ = (call);                                    \
+    if (epx_nccl_check_status_ != ncclSuccess && epx_nccl_check_status_ != ncclInProgress) \
+      ::epx::detail::throw_nccl_error(epx_nccl_check_status_, (comm), #call,               \
+                                      ::epx::detail::SourceLocation::current());           \
   } while (0)
 
 //! EPX_NCCL_CHECK_COMM without a communicator for the last-error text.

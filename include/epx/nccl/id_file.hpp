@@ -31,9 +31,9 @@ namespace epx::detail {
 //! What rank 0 publishes: the id, and what every reader checks it against.
 struct IdRecord {
   ncclUniqueId id{};
-  int num_ranks = 0;          //!< WORLD_SIZE of the writer
-  int nccl_version = 0;       //!< ncclGetVersion of the writer (ranks must run the same NCCL)
-  std::uint64_t key_hash = 0; //!< id_key_hash of the job key and generation in the file name
+  int num_ranks = 0;           //!< WORLD_SIZE of the writer
+  int nccl_version = 0;        //!< ncclGetVersion of the writer (ranks must run the same NCCL)
+  std::uint64_t key_hash = 0;  //!< id_key_hash of the job key and generation in the file name
 };
 
 // Layout (native byte order: every rank of an NCCL job runs on the same architecture):
@@ -95,14 +95,16 @@ inline constexpr std::size_t kIdRecordBytes = 8 + 4 + 4 + 4 + 4 + 8 + sizeof(ncc
   get(&record.key_hash, 8);
   get(&record.id, sizeof(ncclUniqueId));
   require(magic == kIdRecordMagic && format == kIdRecordFormat, Errc::kInvalidArgument, where, "header",
-          "not an epx NCCL id record", fmt::format("format {} written by epx (a foreign file: delete it)", kIdRecordFormat));
+          "not an epx NCCL id record",
+          fmt::format("format {} written by epx (a foreign file: delete it)", kIdRecordFormat));
   require(record.num_ranks == expected.num_ranks, Errc::kCollectiveMismatch, where, "world size", record.num_ranks,
           fmt::format("this rank's {} (rank 0 and this rank were launched with different world sizes)",
                       expected.num_ranks));
   require(record.key_hash == expected.key_hash, Errc::kCollectiveMismatch, where, "job key hash", record.key_hash,
           fmt::format("{} (the file belongs to another job or generation)", expected.key_hash));
   require(record.nccl_version == expected.nccl_version, Errc::kCollectiveMismatch, where, "NCCL version of rank 0",
-          record.nccl_version, fmt::format("this rank's {} (every rank must load the same NCCL)", expected.nccl_version));
+          record.nccl_version,
+          fmt::format("this rank's {} (every rank must load the same NCCL)", expected.nccl_version));
   return record;
 }
 
@@ -119,7 +121,8 @@ struct Fd {
 [[noreturn]] inline void throw_io(std::string_view what, std::string const& path, int error) {
   throw_error(Errc::kInvalidArgument,
               fmt::format("NcclCommunicator::from_env: {} {} failed: {}, expected EPX_NCCL_ID_DIR to be a directory "
-                          "that every rank can read and rank 0 can write", what, path, std::strerror(error)));
+                          "that every rank can read and rank 0 can write",
+                          what, path, std::strerror(error)));
 }
 
 }  // namespace id_file_detail
@@ -181,11 +184,12 @@ inline void write_id_file(std::string const& path, IdRecord const& record) {
     }
     if (errno != ENOENT) id_file_detail::throw_io("opening", path, errno);
     if (deadline.expired())
-      throw_error(Errc::kTimeout,
-                  fmt::format("NcclCommunicator::from_env: rank {} waited {} ms for rank 0 to write the NCCL id file {}, "
-                              "which never appeared; expected rank 0 to start and EPX_NCCL_ID_DIR to be one directory "
-                              "shared by every rank (the same path on every node) and writable by rank 0",
-                              rank, deadline.elapsed().count(), path));
+      throw_error(
+          Errc::kTimeout,
+          fmt::format("NcclCommunicator::from_env: rank {} waited {} ms for rank 0 to write the NCCL id file {}, "
+                      "which never appeared; expected rank 0 to start and EPX_NCCL_ID_DIR to be one directory "
+                      "shared by every rank (the same path on every node) and writable by rank 0",
+                      rank, deadline.elapsed().count(), path));
     deadline.pause();
   }
 }

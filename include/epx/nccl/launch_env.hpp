@@ -57,8 +57,8 @@ struct LaunchEnv {
   auto const* first = value.data();
   auto const* last = value.data() + value.size();
   auto const [end, ec] = std::from_chars(first, last, parsed);
-  bool const ok = !value.empty() && ec == std::errc{} && end == last && parsed >= min &&
-                  parsed <= std::numeric_limits<int>::max();
+  bool const ok =
+      !value.empty() && ec == std::errc{} && end == last && parsed >= min && parsed <= std::numeric_limits<int>::max();
   require(ok, Errc::kInvalidArgument, kFromEnv, name, fmt::format("\"{}\"", value),
           fmt::format("an integer >= {}", min));
   return static_cast<int>(parsed);
@@ -105,8 +105,8 @@ struct HostPort {
 [[nodiscard]] inline std::string file_name_safe(std::string_view text) {
   std::string out(text);
   for (auto& c : out) {
-    bool const keep = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-                      c == '_' || c == '-';
+    bool const keep =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
     if (!keep) c = '_';
   }
   return out;
@@ -136,11 +136,11 @@ inline constexpr Names kOpenMpi{"mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WOR
 // Reads a launcher's rank, size and local rank; every one must be set once any is.
 inline void read_ranks(EnvLookup const& env, Names const& names, LaunchEnv& out) {
   auto const rank = env(names.rank), size = env(names.size), local_rank = env(names.local_rank);
-  for (auto const& [name, value] : {std::pair{names.rank, &rank}, std::pair{names.size, &size},
-                                    std::pair{names.local_rank, &local_rank}})
+  for (auto const& [name, value] :
+       {std::pair{names.rank, &rank}, std::pair{names.size, &size}, std::pair{names.local_rank, &local_rank}})
     require(value->has_value(), Errc::kInvalidArgument, kFromEnv, name, "unset",
-            fmt::format("set together with {}, {} and {} ({} sets all three)", names.rank, names.size,
-                        names.local_rank, names.launcher));
+            fmt::format("set together with {}, {} and {} ({} sets all three)", names.rank, names.size, names.local_rank,
+                        names.launcher));
   out.launcher = names.launcher;
   out.size = parse_env_int(names.size, *size, 1);
   out.rank = parse_env_int(names.rank, *rank, 0);
@@ -159,11 +159,16 @@ inline void read_ranks(EnvLookup const& env, Names const& names, LaunchEnv& out)
 // A name for this job's id file that every rank derives alike and a later job does not reuse.
 inline std::string job_key(EnvLookup const& env) {
   std::string key = "epx";
-  if (auto v = env("EPX_NCCL_JOB_ID")) key = *v;                                       // the user's
-  else if (auto r = env("TORCHELASTIC_RUN_ID"); r && *r != "none") key = *r;             // torchrun rdzv id
-  else if (auto p = env("PMIX_NAMESPACE")) key = *p;                                     // Open MPI (PMIx)
-  else if (auto j = env("OMPI_MCA_ess_base_jobid")) key = *j;                            // Open MPI
-  else if (auto m = env("MASTER_PORT")) key = "port" + *m;                               // static torchrun
+  if (auto v = env("EPX_NCCL_JOB_ID"))
+    key = *v;  // the user's
+  else if (auto r = env("TORCHELASTIC_RUN_ID"); r && *r != "none")
+    key = *r;  // torchrun rdzv id
+  else if (auto p = env("PMIX_NAMESPACE"))
+    key = *p;  // Open MPI (PMIx)
+  else if (auto j = env("OMPI_MCA_ess_base_jobid"))
+    key = *j;  // Open MPI
+  else if (auto m = env("MASTER_PORT"))
+    key = "port" + *m;                                                                 // static torchrun
   if (auto restart = env("TORCHELASTIC_RESTART_COUNT")) key += ".restart" + *restart;  // torchrun restarts
   return file_name_safe(key);
 }
@@ -201,8 +206,8 @@ inline std::string job_key(EnvLookup const& env) {
       require(address.port != store_port, Errc::kInvalidArgument, kFromEnv, "NCCL_COMM_ID",
               fmt::format("\"{}\"", *comm_id),
               fmt::format("a port other than MASTER_PORT = {} (torchrun's TCP store listens there, so NCCL's root "
-                          "cannot bind it); use another free port, e.g. NCCL_COMM_ID={}{}{}:{}", store_port,
-                          address.host.find(':') != std::string::npos ? "[" : "", address.host,
+                          "cannot bind it); use another free port, e.g. NCCL_COMM_ID={}{}{}:{}",
+                          store_port, address.host.find(':') != std::string::npos ? "[" : "", address.host,
                           address.host.find(':') != std::string::npos ? "]" : "",
                           store_port < 65535 ? store_port + 1 : store_port - 1));
     }
@@ -217,7 +222,8 @@ inline std::string job_key(EnvLookup const& env) {
                 fmt::format("{}: NCCL_COMM_ID and EPX_NCCL_ID_DIR = unset, expected one of them: "
                             "NCCL_COMM_ID=<rank 0's host>:<free port> (the same on every rank; under torchrun not "
                             "MASTER_PORT, e.g. MASTER_PORT+1), or EPX_NCCL_ID_DIR=<a directory every rank can read "
-                            "and rank 0 can write>", kFromEnv));
+                            "and rank 0 can write>",
+                            kFromEnv));
   }
   return out;
 }

@@ -60,11 +60,11 @@ struct ForwardStep {
   Communicator& comm;
   MoeConfig const& config;
   std::int64_t num_tokens = 0;
-  std::int64_t capacity = 0;         //!< the tokens this rank's workspace holds
-  std::span<std::int64_t> control;   //!< ForwardControl, then the gathered count table
-  Buffers const& buffers;            //!< the dispatch part's own parts of the workspace
-  MatrixView<T> x_perm;              //!< [num_tokens * top_k, hidden] this rank's rows in plan order
-  std::span<T> x_local;              //!< the experts' rows
+  std::int64_t capacity = 0;        //!< the tokens this rank's workspace holds
+  std::span<std::int64_t> control;  //!< ForwardControl, then the gathered count table
+  Buffers const& buffers;           //!< the dispatch part's own parts of the workspace
+  MatrixView<T> x_perm;             //!< [num_tokens * top_k, hidden] this rank's rows in plan order
+  std::span<T> x_local;             //!< the experts' rows
 
   [[nodiscard]] StreamRef comm_stream() const { return E::comm_stream(stream); }
   [[nodiscard]] std::span<std::int64_t> table() const { return control.subspan(kControlWords); }
@@ -97,8 +97,7 @@ struct AllToAllPart {
 
   //! The local experts' row offsets, padded to the segments' alignment.
   static std::size_t offsets_bytes(std::int32_t num_local) noexcept {
-    return align_up<std::size_t>((static_cast<std::size_t>(num_local) + 1) * sizeof(std::int32_t),
-                                 alignof(RowSegment));
+    return align_up<std::size_t>((static_cast<std::size_t>(num_local) + 1) * sizeof(std::int32_t), alignof(RowSegment));
   }
 
   //! What the host writes after the count exchange: the local offsets (what the experts read),
@@ -128,9 +127,9 @@ struct AllToAllPart {
   template <class T>
   struct Handle {
     ExpertRows<T> rows;
-    std::optional<ForwardControl> counters;             // read at the count exchange
-    std::vector<std::size_t> send_bytes, recv_bytes;     // [R] per rank, this forward's
-    std::span<RowSegment const> segments;                // regroup segments, in the execution's memory
+    std::optional<ForwardControl> counters;           // read at the count exchange
+    std::vector<std::size_t> send_bytes, recv_bytes;  // [R] per rank, this forward's
+    std::span<RowSegment const> segments;             // regroup segments, in the execution's memory
     MatrixView<T> received;   // [received rows, H] in recv: rank-major rows in, expert-major results out
     MatrixView<T> regrouped;  // [received rows, H] in x_local: expert-major rows in, rank-major results out
   };
@@ -263,11 +262,13 @@ struct AllGatherPart {
         if (row[0] != table[0])
           throw_error(Errc::kInvalidArgument,
                       fmt::format("forward: AllGather needs the same tokens on every rank: rank 0 has "
-                                  "num_tokens = {}, rank {} has num_tokens = {}", table[0], q, row[0]));
+                                  "num_tokens = {}, rank {} has num_tokens = {}",
+                                  table[0], q, row[0]));
         if (row[0] > row[1])
           throw_error(Errc::kWorkspaceTooSmall,
                       fmt::format("forward: rank {}: num_tokens = {}, expected <= {} (the tokens its workspace "
-                                  "holds; ask workspace_bytes(max_tokens))", q, row[0], row[1]));
+                                  "holds; ask workspace_bytes(max_tokens))",
+                                  q, row[0], row[1]));
       }
     } else if (step.num_tokens > step.capacity) {
       throw_error(Errc::kWorkspaceTooSmall,
@@ -301,8 +302,7 @@ struct AllGatherPart {
     MatrixView<float> partial(step.buffers.partial.data(), step.num_tokens, step.config.mlp.hidden);
     unpermute(step.stream, plan, MatrixView<T const>(h.rows.out), topk_weights, partial);
     typename Exec::template Range<LayerStage::kCombine> const range;  // the sum over ranks and the rounding
-    step.comm.all_reduce_sum(partial.data, static_cast<std::size_t>(partial.size()), DType::kF32,
-                             step.comm_stream());
+    step.comm.all_reduce_sum(partial.data, static_cast<std::size_t>(partial.size()), DType::kF32, step.comm_stream());
     Exec::round_to(step.stream, MatrixView<float const>(partial), y);
   }
 };

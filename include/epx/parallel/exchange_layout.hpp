@@ -49,8 +49,10 @@ EPX_HOST_DEVICE constexpr int segment_of_row(RowSegment const* segments, int num
   int lo = 0, hi = num_segments - 1;  // invariant: segments[lo].src_row <= row
   while (lo < hi) {
     int const mid = lo + (hi - lo + 1) / 2;
-    if (segments[mid].src_row <= row) lo = mid;
-    else hi = mid - 1;
+    if (segments[mid].src_row <= row)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -61,10 +63,10 @@ EPX_HOST_DEVICE constexpr std::int64_t expert_major_row(RowSegment const& s, std
 }
 
 struct AllToAllLayout {
-  std::vector<std::size_t> send_rows;         // [R] rows this rank sends to each rank
-  std::vector<std::size_t> recv_rows;         // [R] rows this rank receives from each rank
-  std::vector<std::int32_t> local_offsets;    // [L + 1] received rows of each local expert, expert-major
-  std::vector<RowSegment> regroup;            // rank-major received row -> expert-major row
+  std::vector<std::size_t> send_rows;       // [R] rows this rank sends to each rank
+  std::vector<std::size_t> recv_rows;       // [R] rows this rank receives from each rank
+  std::vector<std::int32_t> local_offsets;  // [L + 1] received rows of each local expert, expert-major
+  std::vector<RowSegment> regroup;          // rank-major received row -> expert-major row
   std::int64_t num_recv_rows = 0;
   std::uint32_t max_rows_per_local_expert = 0;
 };
@@ -91,11 +93,13 @@ inline void check_count_table(std::span<std::int64_t const> table, ExpertPlaceme
       throw_error(Errc::kWorkspaceTooSmall,
                   fmt::format("forward: rank {}: num_tokens = {}, expected <= {} (the tokens its workspace holds); "
                               "size every rank's workspace with workspace_bytes(max_tokens) for the largest "
-                              "num_tokens any rank passes", q, row[0], row[1]));
+                              "num_tokens any rank passes",
+                              q, row[0], row[1]));
     std::int64_t received = 0;
     for (std::int32_t p = 0; p < num_ranks; ++p) {
       auto const counts = table_row(table, num_experts, p).subspan(kCountTableHeader);
-      for (std::int32_t e = placement.first_expert(q); e < placement.first_expert(q) + placement.num_local_experts(q); ++e)
+      for (std::int32_t e = placement.first_expert(q); e < placement.first_expert(q) + placement.num_local_experts(q);
+           ++e)
         received += counts[static_cast<std::size_t>(e)];
     }
     std::int64_t const capacity = recv_capacity_rows(row[1], num_ranks, top_k);
@@ -103,7 +107,8 @@ inline void check_count_table(std::span<std::int64_t const> table, ExpertPlaceme
       throw_error(Errc::kWorkspaceTooSmall,
                   fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its workspace for {} "
                               "tokens holds); size every rank's workspace with workspace_bytes(max_tokens) for the "
-                              "largest num_tokens any rank passes", q, received, capacity, row[1]));
+                              "largest num_tokens any rank passes",
+                              q, received, capacity, row[1]));
   }
 }
 
@@ -119,7 +124,8 @@ inline AllToAllLayout make_all_to_all_layout(std::span<std::int64_t const> table
   out.send_rows.assign(static_cast<std::size_t>(num_ranks), 0);
   out.recv_rows.assign(static_cast<std::size_t>(num_ranks), 0);
   for (std::int32_t p = 0; p < num_ranks; ++p) {
-    for (std::int32_t e = placement.first_expert(p); e < placement.first_expert(p) + placement.num_local_experts(p); ++e)
+    for (std::int32_t e = placement.first_expert(p); e < placement.first_expert(p) + placement.num_local_experts(p);
+         ++e)
       out.send_rows[static_cast<std::size_t>(p)] += static_cast<std::size_t>(count(rank, e));
     for (std::int32_t l = 0; l < num_local; ++l)
       out.recv_rows[static_cast<std::size_t>(p)] += static_cast<std::size_t>(count(p, first + l));
@@ -129,7 +135,8 @@ inline AllToAllLayout make_all_to_all_layout(std::span<std::int64_t const> table
   for (std::int32_t l = 0; l < num_local; ++l) {
     std::int64_t rows = 0;
     for (std::int32_t q = 0; q < num_ranks; ++q) rows += count(q, first + l);
-    out.local_offsets[static_cast<std::size_t>(l) + 1] = out.local_offsets[static_cast<std::size_t>(l)] + static_cast<std::int32_t>(rows);
+    out.local_offsets[static_cast<std::size_t>(l) + 1] =
+        out.local_offsets[static_cast<std::size_t>(l)] + static_cast<std::int32_t>(rows);
     out.max_rows_per_local_expert = std::max(out.max_rows_per_local_expert, static_cast<std::uint32_t>(rows));
   }
   out.num_recv_rows = out.local_offsets.back();

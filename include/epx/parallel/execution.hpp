@@ -70,28 +70,28 @@ struct PackNothing {
 };
 
 template <class E>
-concept layer_execution =
-    std::constructible_from<E, std::size_t, std::size_t> &&
+concept layer_execution = std::constructible_from<E, std::size_t, std::size_t> &&
     requires(E& exec, typename E::Context context, typename E::Stream stream, Communicator& comm,
              MatrixView<std::int32_t const> ids, ExpertRange range, Workspace ws, Status* status,
              ForwardControl* control, std::uint64_t* key, std::span<std::int64_t> words,
              std::span<RowSegment const> segments, MatrixView<float> rows, MatrixView<float const> partial) {
-      { E::kSynchronous } -> std::convertible_to<bool>;
-      typename E::template Range<LayerStage::kForward>;
-      { E::stream(context, std::string_view()) } -> std::same_as<typename E::Stream>;
-      { E::comm_stream(stream) } -> std::same_as<StreamRef>;
-      E::check_communicator(comm);
-      { E::plan_workspace_bytes(std::int32_t{}, std::int32_t{}, std::int32_t{}) } -> std::same_as<std::size_t>;
-      { E::make_plan(stream, ids, std::int32_t{}, range, ws, status) } -> std::same_as<RoutingPlan>;
-      E::reset_control(stream, control);
-      E::record_first_invalid(stream, ids, std::int32_t{}, key);
-      E::write_count_row(stream, ids.data, std::int32_t{}, std::int64_t{}, std::int64_t{}, words);
-      { exec.read_to_host(stream, comm, std::span<std::int64_t const>(words)) }
-          -> std::same_as<std::span<std::int64_t const>>;
-      exec.write_to_device(stream, std::span<std::byte>(), PackNothing{});
-      E::regroup(stream, segments, std::int64_t{}, rows, rows, bool{});
-      E::round_to(stream, partial, rows);
-    };
+  { E::kSynchronous } -> std::convertible_to<bool>;
+  typename E::template Range<LayerStage::kForward>;
+  { E::stream(context, std::string_view()) } -> std::same_as<typename E::Stream>;
+  { E::comm_stream(stream) } -> std::same_as<StreamRef>;
+  E::check_communicator(comm);
+  { E::plan_workspace_bytes(std::int32_t{}, std::int32_t{}, std::int32_t{}) } -> std::same_as<std::size_t>;
+  { E::make_plan(stream, ids, std::int32_t{}, range, ws, status) } -> std::same_as<RoutingPlan>;
+  E::reset_control(stream, control);
+  E::record_first_invalid(stream, ids, std::int32_t{}, key);
+  E::write_count_row(stream, ids.data, std::int32_t{}, std::int64_t{}, std::int64_t{}, words);
+  {
+    exec.read_to_host(stream, comm, std::span<std::int64_t const>(words))
+    } -> std::same_as<std::span<std::int64_t const>>;
+  exec.write_to_device(stream, std::span<std::byte>(), PackNothing{});
+  E::regroup(stream, segments, std::int64_t{}, rows, rows, bool{});
+  E::round_to(stream, partial, rows);
+};
 
 //! Maps an expert policy and an execution space to the expert part that runs it. Each space
 //! specialises it for the policies it has.
@@ -108,15 +108,14 @@ struct ExpertKernelSelector {
 //! offsets, out, workspace, rows_hint)` reads offsets in the space's memory, and rows_hint is the
 //! row count the experts are expected to hold (it may pick tile shapes; a space may ignore it).
 template <class Part, class Stream>
-concept expert_part =
-    std::default_initializable<Part> &&
+concept expert_part = std::default_initializable<Part> &&
     requires(Part& part, Part const& cpart, Stream stream, MoeConfig const& config, ExpertMlpConfig const& mlp,
              ExpertWeights const& weights, MatrixView<float const> x, std::span<std::int32_t const> offsets,
              MatrixView<float> out, Workspace ws, std::int64_t rows) {
-      Part::check(config);
-      { cpart.template workspace_bytes<float>(mlp, rows) } -> std::same_as<std::size_t>;
-      part.template run<float>(stream, mlp, weights, x, offsets, out, ws, rows);
-    };
+  Part::check(config);
+  { cpart.template workspace_bytes<float>(mlp, rows) } -> std::same_as<std::size_t>;
+  part.template run<float>(stream, mlp, weights, x, offsets, out, ws, rows);
+};
 
 }  // namespace detail
 }  // namespace epx

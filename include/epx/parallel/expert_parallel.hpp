@@ -34,7 +34,9 @@ namespace detail {
 
 //! True when this translation unit has the LayerExecution of `Space` (its backend's header).
 template <class Space>
-concept has_layer_execution = requires { typename LayerExecution<Space>::Stream; };
+concept has_layer_execution = requires {
+  typename LayerExecution<Space>::Stream;
+};
 
 //! A sub-workspace of `bytes` bytes carved as one part, handed to a stage as its own Workspace.
 template <class Carver>
@@ -234,9 +236,8 @@ class ExpertParallel {
   }
 
   [[nodiscard]] std::size_t control_words() const {
-    return detail::kControlWords +
-           static_cast<std::size_t>(comm_->size()) *
-               DispatchPart::table_width(config_.router.num_experts, Exec::kSynchronous);
+    return detail::kControlWords + static_cast<std::size_t>(comm_->size()) *
+                                       DispatchPart::table_width(config_.router.num_experts, Exec::kSynchronous);
   }
 
   [[nodiscard]] std::size_t upload_bytes() const {
@@ -293,8 +294,10 @@ class ExpertParallel {
     std::int64_t lo = 0, hi = max_tokens_limit();
     while (lo < hi) {
       std::int64_t const mid = lo + (hi - lo + 1) / 2;
-      if (layout_bytes<T>(mid) <= workspace.size()) lo = mid;
-      else hi = mid - 1;
+      if (layout_bytes<T>(mid) <= workspace.size())
+        lo = mid;
+      else
+        hi = mid - 1;
     }
     capacity_ = {.bytes = workspace.size(), .tokens = lo};
     return lo;
@@ -310,8 +313,8 @@ class ExpertParallel {
     detail::check_matrix("forward", "y", y, x.rows, config_.mlp.hidden);
     std::int64_t const num_tokens = x.rows, capacity = capacity_tokens<T>(workspace);
     std::size_t const plan_workspace = plan_bytes(capacity);
-    Parts<T> const parts = detail::carve_layout(
-        workspace, "forward", [&](auto& c) { return carve<T>(c, capacity, plan_workspace); });
+    Parts<T> const parts =
+        detail::carve_layout(workspace, "forward", [&](auto& c) { return carve<T>(c, capacity, plan_workspace); });
     // Fresh counters: whatever an earlier forward left unread is gone with its workspace's reuse.
     detail::ForwardControl* const control = detail::forward_control(parts.control);
     Exec::reset_control(stream, control);
@@ -372,10 +375,10 @@ class ExpertParallel {
   Exec exec_;
   ExpertPart experts_{};
   struct Capacity {
-    std::size_t bytes = 0;    // of the workspace last sized
+    std::size_t bytes = 0;     // of the workspace last sized
     std::int64_t tokens = -1;  // what it holds; -1: none sized yet
   } capacity_;
-  detail::ForwardControl last_{};                // the last forward's counters, once read
+  detail::ForwardControl last_{};                 // the last forward's counters, once read
   std::span<std::int64_t const> unread_control_;  // AllGather: where they are until status() reads them
   bool reported_ = false;                         // their invalid ids have been raised
 };

@@ -77,10 +77,10 @@ constexpr InvalidIdSite invalid_id_site(std::uint64_t key, std::int32_t top_k) {
 //! tokens), so the message names the rank with them.
 [[noreturn]] inline void throw_invalid_ids(std::string_view where, int rank, std::uint64_t count,
                                            InvalidIdSite const& first, std::int32_t num_experts) {
-  std::string const first_text =
-      first.token < 0 ? std::string("not recorded")
-                      : fmt::format("token {} of rank {}, slot {}: topk_ids[{}, {}] = {}", first.token, rank,
-                                    first.slot, first.token, first.slot, first.id);
+  std::string const first_text = first.token < 0
+                                     ? std::string("not recorded")
+                                     : fmt::format("token {} of rank {}, slot {}: topk_ids[{}, {}] = {}", first.token,
+                                                   rank, first.slot, first.token, first.slot, first.id);
   throw_error(Errc::kInvalidExpertId,
               fmt::format("{}: rank {}: topk_ids held {} invalid expert id(s) (first: {}), expected -1 or an id in "
                           "[0, {}); those slots were dropped and the output written without them",

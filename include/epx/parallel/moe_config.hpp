@@ -19,9 +19,9 @@ namespace epx {
 
 //! Everything an MoE layer is, for one rank. Aggregate: build it with designated initialisers.
 struct MoeConfig {
-  RouterConfig router = {};                     //!< num_experts, top_k, scoring, groups, scaling
-  ExpertMlpConfig mlp = {};                     //!< hidden, intermediate, activation, gate/up layout
-  ExpertWeights weights = {};                   //!< this rank's local experts only (see placement)
+  RouterConfig router = {};    //!< num_experts, top_k, scoring, groups, scaling
+  ExpertMlpConfig mlp = {};    //!< hidden, intermediate, activation, gate/up layout
+  ExpertWeights weights = {};  //!< this rank's local experts only (see placement)
   //! [num_experts] selection-only router bias (DeepSeek-V3's e_score_correction_bias), or empty.
   //! Its length is checked against router.num_experts at construction; the memory is the
   //! execution space's (Host: host, Cuda: device) and must outlive the layer. E.g.
@@ -61,11 +61,11 @@ inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
                         config.mlp.hidden, config.mlp.intermediate));
   }
   check_weight_shapes(where, config.mlp, config.weights);
-  require(config.correction_bias.empty() ||
-              config.correction_bias.size() == static_cast<std::size_t>(config.router.num_experts),
-          Errc::kShapeMismatch, where, "correction_bias.size()", config.correction_bias.size(),
-          fmt::format("0 (no bias) or router.num_experts = {} (one selection bias per expert)",
-                      config.router.num_experts));
+  require(
+      config.correction_bias.empty() ||
+          config.correction_bias.size() == static_cast<std::size_t>(config.router.num_experts),
+      Errc::kShapeMismatch, where, "correction_bias.size()", config.correction_bias.size(),
+      fmt::format("0 (no bias) or router.num_experts = {} (one selection bias per expert)", config.router.num_experts));
   require(config.correction_bias.empty() || config.correction_bias.data() != nullptr, Errc::kInvalidArgument, where,
           "correction_bias.data()", "nullptr", fmt::format("a pointer to {} floats", config.correction_bias.size()));
   return config;
@@ -80,7 +80,8 @@ decltype(auto) dispatch_on_dtype(DType dtype, F&& f) {
     case DType::kBF16: return f(static_cast<bfloat16*>(nullptr));
     default: break;
   }
-  throw_error(Errc::kInvalidArgument, fmt::format("ExpertParallel: weights.dtype = {}, expected f32, f16 or bf16", dtype));
+  throw_error(Errc::kInvalidArgument,
+              fmt::format("ExpertParallel: weights.dtype = {}, expected f32, f16 or bf16", dtype));
 }
 
 }  // namespace detail

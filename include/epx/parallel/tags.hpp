@@ -23,10 +23,13 @@ struct AllGather {};
 
 namespace detail {
 
-template <class...> inline constexpr bool dependent_false = false;
+template <class...>
+inline constexpr bool dependent_false = false;
 
-template <class T> inline constexpr bool is_expert_tag = std::is_same_v<T, Grouped> || std::is_same_v<T, CublasGrouped>;
-template <class T> inline constexpr bool is_dispatch_tag = std::is_same_v<T, AllToAll> || std::is_same_v<T, AllGather>;
+template <class T>
+inline constexpr bool is_expert_tag = std::is_same_v<T, Grouped> || std::is_same_v<T, CublasGrouped>;
+template <class T>
+inline constexpr bool is_dispatch_tag = std::is_same_v<T, AllToAll> || std::is_same_v<T, AllGather>;
 
 }  // namespace detail
 }  // namespace epx

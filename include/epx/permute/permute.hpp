@@ -39,8 +39,7 @@ inline std::int64_t plan_rows(RoutingPlan const& plan, std::string_view where) {
 }
 
 template <class T>
-void check_permute_args(RoutingPlan const& plan, std::int64_t num_rows, MatrixView<T const> x,
-                        MatrixView<T> x_perm) {
+void check_permute_args(RoutingPlan const& plan, std::int64_t num_rows, MatrixView<T const> x, MatrixView<T> x_perm) {
   constexpr std::string_view where = "permute";
   check_matrix(where, "x", x, plan.num_tokens, -1);
   check_matrix(where, "x_perm", x_perm, -1, x.cols);

@@ -56,8 +56,8 @@ inline void check_plan_args(std::string_view where, MatrixView<std::int32_t cons
   require(num_experts > 0, Errc::kInvalidArgument, where, "num_experts", num_experts, "> 0");
   require(topk_ids.cols >= 1, Errc::kInvalidArgument, where, "topk_ids.cols (top_k)", topk_ids.cols, ">= 1");
   require(experts.first >= 0 && experts.count >= 0 && std::int64_t{experts.first} + experts.count <= num_experts,
-          Errc::kInvalidArgument, where,
-          "experts", fmt::format("[{}, {})", experts.first, std::int64_t{experts.first} + experts.count),
+          Errc::kInvalidArgument, where, "experts",
+          fmt::format("[{}, {})", experts.first, std::int64_t{experts.first} + experts.count),
           fmt::format("a range inside [0, num_experts = {})", num_experts));
   // Row indices are int32 on every backend; products with hidden are computed in 64 bits.
   require(topk_ids.rows * topk_ids.cols < std::numeric_limits<std::int32_t>::max(), Errc::kInvalidArgument, where,

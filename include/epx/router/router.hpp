@@ -17,7 +17,8 @@ namespace epx::detail {
 
 //! Logit element types the router reads (math is always fp32).
 template <class L>
-concept router_logit = std::is_same_v<std::remove_cv_t<L>, float> || std::is_same_v<std::remove_cv_t<L>, bfloat16>;
+concept router_logit = std::is_same_v < std::remove_cv_t<L>,
+float > || std::is_same_v<std::remove_cv_t<L>, bfloat16>;
 
 template <class L>
 void check_route_args(RouterConfig const& config, MatrixView<L const> logits, std::span<float const> correction_bias,

@@ -15,7 +15,7 @@
 
 #include <epx/config.hpp>
 #include <epx/cuda/element.cuh>
-#include <epx/cuda/gemm/paired_columns.hpp>
+#include <epx/gemm/paired_columns.hpp>
 #include <epx/gemm/activation.hpp>
 
 #include <cstdint>
@@ -60,13 +60,14 @@ constexpr EpilogueKind first_gemm_epilogue(Activation activation) noexcept {
 
 template <class TC, class TBias>
 struct GemmEpilogue {
-  TC* c = nullptr;                  //!< [rows, n] (or [rows, n / 2] when gated)
+  TC* c = nullptr;  //!< [rows, n] (or [rows, n / 2] when gated)
   std::int64_t ldc = 0;
-  TBias const* bias = nullptr;      //!< [groups, n] indexed by weight row, or nullptr
-  float const* row_scale = nullptr; //!< [rows] or nullptr: the stored row is multiplied by it (after the bias); not gated
-  int n = 0;                        //!< product columns = weight rows per group
-  bool concatenated = false;        //!< gated only: weight rows are [gate | up], not interleaved
-  bool paired_stores = false;       //!< c and ldc allow storing (p, p + 1) as one aligned access
+  TBias const* bias = nullptr;  //!< [groups, n] indexed by weight row, or nullptr
+  float const* row_scale =
+      nullptr;                 //!< [rows] or nullptr: the stored row is multiplied by it (after the bias); not gated
+  int n = 0;                   //!< product columns = weight rows per group
+  bool concatenated = false;   //!< gated only: weight rows are [gate | up], not interleaved
+  bool paired_stores = false;  //!< c and ldc allow storing (p, p + 1) as one aligned access
   ClampedSwiGLUParams clamped = {};
 
   //! Product columns p (even, < n) and p + 1 of one group, with their biases (0 without bias;
@@ -96,18 +97,20 @@ struct GemmEpilogue {
   //! The factor of `row` (its row scale, 1 without; gated outputs are not scaled).
   template <EpilogueKind kKind>
   [[nodiscard]] __device__ __forceinline__ float row_factor(std::int64_t row) const {
-    if constexpr (epilogue_is_gated(kKind)) return 1.0f;
-    else return row_scale == nullptr ? 1.0f : row_scale[row];
+    if constexpr (epilogue_is_gated(kKind))
+      return 1.0f;
+    else
+      return row_scale == nullptr ? 1.0f : row_scale[row];
   }
 
   //! Stores columns `col` of `row` from accumulators v0 (column p) and v1 (p + 1).
   template <EpilogueKind kKind>
-  __device__ __forceinline__ void store(std::int64_t row, Columns const& col, float factor, float v0,
-                                        float v1) const {
+  __device__ __forceinline__ void store(std::int64_t row, Columns const& col, float factor, float v0, float v1) const {
     TC* const out = c + row * ldc;
     if constexpr (epilogue_is_gated(kKind)) {
       (void)factor;
-      out[col.p >> 1] = device_from_float<TC>(activate(gated_activation(kKind), v0 + col.bias0, v1 + col.bias1, clamped));
+      out[col.p >> 1] =
+          device_from_float<TC>(activate(gated_activation(kKind), v0 + col.bias0, v1 + col.bias1, clamped));
     } else {
       TC const c0 = device_from_float<TC>(finish<kKind>(v0 + col.bias0) * factor);
       if (col.p + 1 >= n) {
@@ -127,8 +130,10 @@ struct GemmEpilogue {
  private:
   template <EpilogueKind kKind>
   __device__ __forceinline__ static float finish(float v) {
-    if constexpr (kKind == EpilogueKind::kReLU) return v > 0.0f ? v : 0.0f;
-    else return v;
+    if constexpr (kKind == EpilogueKind::kReLU)
+      return v > 0.0f ? v : 0.0f;
+    else
+      return v;
   }
 
   __device__ __forceinline__ static void store_two(TC* dst, TC c0, TC c1) {

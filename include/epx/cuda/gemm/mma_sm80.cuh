@@ -34,10 +34,10 @@ namespace epx::detail {
 
 template <class T, class TC>
 struct GroupedGemmArgs {
-  T const* a = nullptr;        //!< [num_rows, k]
+  T const* a = nullptr;  //!< [num_rows, k]
   std::int64_t lda = 0;
   std::int64_t num_rows = 0;
-  T const* b = nullptr;        //!< [num_groups, n, k]
+  T const* b = nullptr;                   //!< [num_groups, n, k]
   std::int32_t const* offsets = nullptr;  //!< [num_groups + 1] device
   int num_groups = 0;
   int n = 0;
@@ -88,8 +88,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], std::uint32_t const (&a
 //! One tile's copy sources for this thread, computed once per tile (stage_copy.hpp).
 template <class CopyA, class CopyB, class T>
 struct TileCopies {
-  T const* a;           //!< A
-  T const* b;           //!< the tile's group's weights [n, k]
+  T const* a;  //!< A
+  T const* b;  //!< the tile's group's weights [n, k]
   CopySource a_source;
   CopySource b_source;
   int k;
@@ -230,8 +230,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        std::int64_t const row =
-            tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
+        std::int64_t const row = tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
         factor[mi][h] = row < tile.row_end ? epi.template row_factor<kKind>(row) : 0.0f;
       }
 #pragma unroll
@@ -243,8 +242,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          std::int64_t const row =
-              tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
+          std::int64_t const row = tile.row_begin + Shape::warp_row(warp, mi) + mma_accumulator_coord(lane, 2 * h).row;
           if (row < tile.row_end)
             epi.template store<kKind>(row, columns, factor[mi][h], acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }

@@ -43,9 +43,9 @@ __global__ void __launch_bounds__(SimtTileShape::kThreads)
         std::int64_t const row = tile.row_begin + e.row;
         a_tile[e.col][e.row] = (row < tile.row_end && k < args.k) ? args.a[row * args.lda + k] : 0.0f;
         int const p = tile.n_begin + e.row;
-        b_tile[e.col][e.row] =
-            (p < args.n && k < args.k) ? b_group[static_cast<std::int64_t>(epi.weight_row(p, kGated)) * args.k + k]
-                                       : 0.0f;
+        b_tile[e.col][e.row] = (p < args.n && k < args.k)
+                                   ? b_group[static_cast<std::int64_t>(epi.weight_row(p, kGated)) * args.k + k]
+                                   : 0.0f;
       }
       __syncthreads();
 #pragma unroll

@@ -16,11 +16,11 @@
 
 namespace epx::detail {
 
-inline constexpr int kStageRowBytes = 128;    //!< one row of a stage: 64 16-bit elements of K
-inline constexpr int kStageChunkBytes = 16;   //!< one cp.async copy, one ldmatrix row piece
+inline constexpr int kStageRowBytes = 128;   //!< one row of a stage: 64 16-bit elements of K
+inline constexpr int kStageChunkBytes = 16;  //!< one cp.async copy, one ldmatrix row piece
 inline constexpr int kStageChunksPerRow = kStageRowBytes / kStageChunkBytes;
-inline constexpr int kStageChunkElems = 8;    //!< 16-bit elements per chunk
-inline constexpr int kStageRowElems = 64;     //!< BK of the tensor-core mainloops
+inline constexpr int kStageChunkElems = 8;  //!< 16-bit elements per chunk
+inline constexpr int kStageRowElems = 64;   //!< BK of the tensor-core mainloops
 
 //! The chunk slot that logical chunk `chunk` (0-7, i.e. K elements [8 chunk, 8 chunk + 8)) of `row` occupies.
 EPX_HOST_DEVICE constexpr int swizzled_chunk(int row, int chunk) { return chunk ^ (row & 7); }

@@ -16,7 +16,7 @@
 //! operand, computed once per tile, plus kt * 64 per k-tile: no 64-bit multiply per copy.
 
 #include <epx/config.hpp>
-#include <epx/cuda/gemm/paired_columns.hpp>
+#include <epx/gemm/paired_columns.hpp>
 #include <epx/cuda/gemm/smem_layout.hpp>
 
 #include <cstdint>

@@ -38,10 +38,10 @@ struct MmaTileShape {
 //! Few rows per group (decode): 16-row tiles read each weight tile once. The narrower ones serve
 //! calls whose 128-wide tiles would leave SMs idle (few local experts: the weights of a handful of
 //! groups spread over all SMs instead of a third of them); deeper rings keep their bytes in flight.
-using MmaDecodeTile = MmaTileShape<16, 128, 1, 4, 5, 2>;     // 92 KB of stages
-using MmaDecodeN64Tile = MmaTileShape<16, 64, 1, 4, 8, 2>;   // 80 KB
-using MmaDecodeN32Tile = MmaTileShape<16, 32, 1, 2, 8, 4>;   // 48 KB
-using MmaMediumTile = MmaTileShape<64, 128, 2, 2, 4, 2>;     // 96 KB
+using MmaDecodeTile = MmaTileShape<16, 128, 1, 4, 5, 2>;    // 92 KB of stages
+using MmaDecodeN64Tile = MmaTileShape<16, 64, 1, 4, 8, 2>;  // 80 KB
+using MmaDecodeN32Tile = MmaTileShape<16, 32, 1, 2, 8, 4>;  // 48 KB
+using MmaMediumTile = MmaTileShape<64, 128, 2, 2, 4, 2>;    // 96 KB
 //! 128 x 128 with 8 warps of 64 x 32, one CTA per SM: a bound of 2 CTAs (128 registers per
 //! thread) made the gated variant spill; with one CTA each warp has up to 255 registers, and the
 //! smem of the second CTA goes to a deeper ring (4 stages, 128 KB) instead.

@@ -41,7 +41,7 @@ struct GemmTile {
 
 //! Tiles of one group: ceil(rows / BM) m-blocks times the n-blocks.
 EPX_HOST_DEVICE inline long long group_tiles(std::int32_t const* offsets, int group, std::int64_t num_rows, int bm,
-                                            int n_blocks) {
+                                             int n_blocks) {
   GroupRows const r = group_rows(offsets, group, num_rows);
   return ceil_div<long long>(r.end - r.begin, bm) * n_blocks;
 }
@@ -53,7 +53,10 @@ class TileWalker {
  public:
   EPX_HOST_DEVICE TileWalker(long long const* tile_start, std::int32_t const* offsets, int num_groups,
                              std::int64_t num_rows, int n)
-      : tile_start_(tile_start), offsets_(offsets), num_groups_(num_groups), num_rows_(num_rows),
+      : tile_start_(tile_start),
+        offsets_(offsets),
+        num_groups_(num_groups),
+        num_rows_(num_rows),
         n_blocks_(ceil_div(n, kBN)) {}
 
   [[nodiscard]] EPX_HOST_DEVICE long long num_tiles() const { return tile_start_[num_groups_]; }

@@ -25,4 +25,15 @@ EPX_HOST_DEVICE constexpr int paired_weight_row_step(int step, bool gated, bool 
   return gated && concatenated ? step >> 1 : step;
 }
 
+//! Where gate channel i and up channel i of a gated MLP with `inter` channels sit among the gate_up
+//! product's 2 * inter columns when the product is kept in the weights' own row order (the Host
+//! reference and the cuBLAS path do): interleaved 2i and 2i + 1, concatenated i and inter + i. The
+//! same rule as paired_weight_row, which the fused epilogue uses to read the rows in paired order.
+EPX_HOST_DEVICE constexpr int gate_column(int i, int inter, bool concatenated) {
+  return paired_weight_row(2 * i, 2 * inter, true, concatenated);
+}
+EPX_HOST_DEVICE constexpr int up_column(int i, int inter, bool concatenated) {
+  return paired_weight_row(2 * i + 1, 2 * inter, true, concatenated);
+}
+
 }  // namespace epx::detail

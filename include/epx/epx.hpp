@@ -31,3 +31,11 @@
 #include <epx/host/grouped_gemm.hpp>
 #include <epx/host/expert_mlp.hpp>
 #include <epx/host/expert_parallel.hpp>
+
+// Backward (training), Host: every stage's gradient and the router losses
+#include <epx/router/losses.hpp>
+#include <epx/host/router_backward.hpp>
+#include <epx/host/router_losses.hpp>
+#include <epx/host/permute_backward.hpp>
+#include <epx/host/grouped_gemm_backward.hpp>
+#include <epx/host/expert_mlp_backward.hpp>

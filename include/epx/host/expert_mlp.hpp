@@ -9,6 +9,29 @@
 
 namespace epx {
 
+namespace detail {
+
+//! The activation of rows [first, last) of GEMM 1's fp32 output h into act (rounded to T): expert_mlp's
+//! middle step, which expert_mlp_backward repeats to get the down projection's input.
+template <class T>
+void activate_rows(ExpertMlpConfig const& config, MatrixView<float const> h, std::int64_t first, std::int64_t last,
+                   MatrixView<T> act) {
+  auto const inter = static_cast<int>(config.intermediate);
+  bool const concatenated = config.gate_up_layout == GateUpLayout::kConcatenated;
+  for (std::int64_t r = first; r < last; ++r) {
+    for (int i = 0; i < inter; ++i) {
+      float gate = h(r, i), up = 0.0f;
+      if (is_gated(config.activation)) {
+        gate = h(r, gate_column(i, inter, concatenated));
+        up = h(r, up_column(i, inter, concatenated));
+      }
+      act(r, i) = from_float<T>(activate(config.activation, gate, up, config.clamped_swiglu));
+    }
+  }
+}
+
+}  // namespace detail
+
 //! @brief The expert MLP over rows grouped by local expert (host reference; semantics in
 //! gemm/expert_mlp.hpp).
 //! @param[in]  config          shapes and activation
@@ -33,17 +56,7 @@ void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weight
   grouped_gemm(Host{}, x, w.gate_up, w.gate_up_bias, expert_offsets, h);
 
   std::int64_t const first = expert_offsets.front(), last = expert_offsets.back();
-  bool const concatenated = config.gate_up_layout == GateUpLayout::kConcatenated;
-  for (std::int64_t r = first; r < last; ++r) {
-    for (int i = 0; i < static_cast<int>(inter); ++i) {
-      float gate = h(r, i), up = 0.0f;
-      if (is_gated(config.activation)) {
-        gate = h(r, detail::gate_column(i, static_cast<int>(inter), concatenated));
-        up = h(r, detail::up_column(i, static_cast<int>(inter), concatenated));
-      }
-      act(r, i) = from_float<T>(detail::activate(config.activation, gate, up, config.clamped_swiglu));
-    }
-  }
+  detail::activate_rows(config, MatrixView<float const>(h), first, last, act);
   grouped_gemm(Host{}, act, w.down, w.down_bias, expert_offsets, out);
 }
 

@@ -49,6 +49,6 @@ TEST_CASE("Cuda::harness: a kernel on a caller stream matches the host") {
 
 TEST_CASE("Cuda::harness: a launch with an impossible block size is reported, not fatal") {
   affine<<<1, 4096>>>(nullptr, nullptr, 1.0f, 0.0f, 0);  // more than 1024 threads per block
-  CHECK_THROWS_WITH_AS(EPX_CUDA_CHECK_LAUNCH(affine), doctest::Contains("launch of affine"), epx::Error);
+  CHECK_THROWS_WITH_AS(EPX_CUDA_CHECK_LAUNCH(affine), doctest::Contains("launch of `affine` failed"), epx::Error);
   CHECK(cudaGetLastError() == cudaSuccess);  // the non-sticky error was cleared
 }

@@ -178,7 +178,7 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: given top-k is used as given: unsor
     on.sync();
     ys[static_cast<std::size_t>(rank)] = y.to_host();
   });
-  for (auto const& y : ys) CHECK(rel_error(y, expected) <= B::template tolerance<float>());
+  for (auto const& y : ys) CHECK(rel_error(y, expected) <= P::template tolerance<float>());
 }
 
 TEST_CASE_TEMPLATE(
@@ -219,7 +219,7 @@ TEST_CASE_TEMPLATE(
     }
     // Written, the invalid slot contributing nothing: equal to the oracle, which drops it too.
     auto const ref = host_layer(s, gw, in[static_cast<std::size_t>(r)]);
-    CHECK(rel_error(res.first, ref.y) <= B::template tolerance<bfloat16>());
+    CHECK(rel_error(res.first, ref.y) <= P::template tolerance<bfloat16>());
     CHECK(bitwise_equal(res.first, res.second));
   }
 }

@@ -28,6 +28,16 @@ struct EpPolicy {
   using Backend = B;
   using Experts = E;
   using Dispatch = D;
+
+  //! The layer's tolerance for element type T. CublasGrouped stores GEMM 1's output h in T before
+  //! the activation (cuBLAS's grouped GEMM writes C in the inputs' type, as a PyTorch MoE block
+  //! does), where Grouped and the Host keep it in fp32: one more rounding of relative 2^-8 (bf16),
+  //! carried through the down projection's sum. Measured on the H200: 0.011-0.012 against 0.01.
+  template <class T>
+  static double tolerance() {
+    double const base = B::template tolerance<T>();
+    return std::is_same_v<E, CublasGrouped> && !std::is_same_v<T, float> ? 2 * base : base;
+  }
 };
 
 // kWithoutExpert: some tokens get all -1 (padding) and one gets -1 and an invalid id; from
@@ -281,8 +291,8 @@ void check_scenario(int num_ranks, Scenario scenario, std::mt19937_64& rng,
     if (std::all_of(dense.begin(), dense.end(), [](double v) { return v == 0.0; })) {
       for (auto v : res.first) CHECK(to_float(v) == 0.0f);  // every slot -1 (or invalid): exact zeros
     } else {
-      CHECK(rel_error(res.first, dense) <= B::template tolerance<T>());
-      CHECK(rel_error(res.first, oracle.y) <= B::template tolerance<T>());
+      CHECK(rel_error(res.first, dense) <= P::template tolerance<T>());
+      CHECK(rel_error(res.first, oracle.y) <= P::template tolerance<T>());
     }
     CHECK(bitwise_equal(res.first, res.second));
     // Tokens that found no expert: counted, and their rows exactly zero.

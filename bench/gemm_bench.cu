@@ -229,7 +229,7 @@ void bm_expert_mlp(benchmark::State& state, Shape shape, int t, bool zipf) {
   });
   epx::detail::CudaCublasGroupedExperts cublas_experts;
   epx::Workspace const ws(c.ws, c.ws_bytes);
-  std::size_t const cublas_ws_bytes = cublas_experts.workspace_bytes<bfloat16>(c.mlp(), c.rows);
+  std::size_t const cublas_ws_bytes = cublas_experts.workspace_bytes<bfloat16>(c.mlp(), c.shape.num_experts, c.rows);
   auto* cublas_ws = device_alloc<std::byte>(cublas_ws_bytes);
   double const cublas_us = time_eager_us(c.s, [&] {
     cublas_experts.run<bfloat16>({epx::StreamRef(c.s), "cublas_experts"}, c.mlp(), c.weights(),

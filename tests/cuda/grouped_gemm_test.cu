@@ -441,7 +441,7 @@ void check_mlp(ExpertMlpConfig const& config, std::vector<std::int32_t> const& c
   {  // CublasGrouped
     INFO("policy CublasGrouped");
     detail::CudaCublasGroupedExperts experts;
-    DeviceBuffer<std::byte> ws(experts.workspace_bytes<T>(config, rows));
+    DeviceBuffer<std::byte> ws(experts.workspace_bytes<T>(config, static_cast<std::int32_t>(groups), rows));
     d_out.poison(0xff);
     ws.poison(0xff);
     experts.run<T>({stream.ref(), "grouped_gemm_test"}, config, weights, dx, offs, dout,

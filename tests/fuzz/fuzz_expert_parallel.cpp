@@ -1,13 +1,17 @@
 // SPDX-FileCopyrightText: 2026 The epx authors
 // SPDX-License-Identifier: MIT
 // ExpertParallel<Grouped, AllToAll | AllGather, Host> over 1-4 LocalGroup ranks with arbitrary
-// ids, weights and shapes. Invariants: an Error with Errc::kInvalidExpertId is thrown exactly on
-// the ranks whose ids hold invalid values (policy kThrow), never anything else; every row of y is
-// written; y matches a plain per-token loop within fp32 tolerance when the inputs are finite.
+// ids, weights and shapes, a training forward then its backward. Invariants: an Error with
+// Errc::kInvalidExpertId is thrown exactly on the ranks whose ids hold invalid values (policy
+// kThrow), never anything else, and the backward still runs; every row of y, dx, d_topk_weights
+// and every weight gradient is written; y, dx and d_topk_weights match plain per-token loops in
+// double within fp32 tolerance when the inputs are finite; a second backward gives the same bits.
 
 #include "fuzz_input.hpp"
 
 #include <cmath>
+#include <cstring>
+#include <span>
 #include <random>
 
 namespace {
@@ -29,7 +33,32 @@ struct Layer {
         out[n] += hv[i] / (1 + std::exp(-hv[i])) * hv[ii + i] * down[(ue * h + n) * ii + i];
     return out;
   }
+
+  //! dL/dx of expert e at x for dL/dout = dy (the vector-Jacobian product), in double.
+  std::vector<double> expert_vjp(std::int32_t e, float const* x, float const* dy) const {
+    auto const h = static_cast<std::size_t>(hidden), ii = static_cast<std::size_t>(inter),
+               ue = static_cast<std::size_t>(e);
+    std::vector<double> hv(2 * ii), dh(2 * ii), dx(h);
+    for (std::size_t n = 0; n < 2 * ii; ++n)
+      for (std::size_t k = 0; k < h; ++k) hv[n] += double(x[k]) * gate_up[(ue * 2 * ii + n) * h + k];
+    for (std::size_t i = 0; i < ii; ++i) {
+      double da = 0.0;
+      for (std::size_t n = 0; n < h; ++n) da += double(dy[n]) * down[(ue * h + n) * ii + i];
+      double const g = hv[i], s = 1 / (1 + std::exp(-g));
+      dh[i] = da * hv[ii + i] * s * (1 + g * (1 - s));
+      dh[ii + i] = da * g * s;
+    }
+    for (std::size_t n = 0; n < 2 * ii; ++n)
+      for (std::size_t k = 0; k < h; ++k) dx[k] += dh[n] * gate_up[(ue * 2 * ii + n) * h + k];
+    return dx;
+  }
 };
+
+double dot(std::vector<double> const& a, float const* b) {
+  double s = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
 
 template <class Dispatch>
 void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
@@ -37,10 +66,11 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
   auto const k = static_cast<std::size_t>(layer.top_k), h = static_cast<std::size_t>(layer.hidden);
   std::vector<std::int64_t> tokens(static_cast<std::size_t>(num_ranks));
   std::vector<std::vector<std::int32_t>> ids(tokens.size());
-  std::vector<std::vector<float>> weights(tokens.size()), x(tokens.size()), y(tokens.size());
+  std::vector<std::vector<float>> weights(tokens.size()), x(tokens.size()), y(tokens.size()), dy(tokens.size()),
+      dx(tokens.size()), dw(tokens.size());
   for (std::size_t r = 0; r < tokens.size(); ++r) {
     if (!kAllToAll && r > 0) {
-      tokens[r] = tokens[0], ids[r] = ids[0], weights[r] = weights[0], x[r] = x[0];
+      tokens[r] = tokens[0], ids[r] = ids[0], weights[r] = weights[0], x[r] = x[0], dy[r] = dy[0];
     } else {
       tokens[r] = in.in_range(0, 6);
       for (std::size_t i = 0; i < static_cast<std::size_t>(tokens[r]) * k; ++i) {
@@ -48,9 +78,17 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
         weights[r].push_back(in.any_float());
       }
       for (std::size_t i = 0; i < static_cast<std::size_t>(tokens[r]) * h; ++i) x[r].push_back(in.any_float());
+      for (std::size_t i = 0; i < static_cast<std::size_t>(tokens[r]) * h; ++i) dy[r].push_back(in.any_float());
     }
     y[r].assign(x[r].size(), NAN);
+    dx[r].assign(x[r].size(), NAN);
+    dw[r].assign(ids[r].size(), NAN);
   }
+  std::vector<int> backward_errors(tokens.size()), backward_differs(tokens.size()), grads_unwritten(tokens.size());
+  bool small_inputs = true;  // every rank's x, dy and weights: fp32 cannot overflow in the experts
+  for (std::size_t r = 0; r < tokens.size(); ++r)
+    for (auto const* v : {&x[r], &dy[r], &weights[r]})
+      for (float e : *v) small_inputs = small_inputs && std::abs(e) < 1e3f;
   std::int64_t const max_tokens = *std::max_element(tokens.begin(), tokens.end());
   auto const placement = ExpertPlacement::contiguous(layer.num_experts, num_ranks);
   std::vector<int> invalid_errors(tokens.size()), other_errors(tokens.size());
@@ -66,15 +104,41 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
             .weights = expert_weights(local.count, layer.gate_up.data() + static_cast<std::size_t>(local.first) * gu,
                                       layer.down.data() + static_cast<std::size_t>(local.first) * dn)},
         comm);
-    std::vector<std::byte> ws(ep.workspace_bytes(max_tokens));
+    std::vector<std::byte> ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
+        bws(ep.backward_workspace_bytes(max_tokens));
     try {
       ep.forward(Host{}, MatrixView<std::int32_t const>(ids[r].data(), tokens[r], layer.top_k),
                  MatrixView<float const>(weights[r].data(), tokens[r], layer.top_k),
                  MatrixView<float const>(x[r].data(), tokens[r], layer.hidden),
-                 MatrixView<float>(y[r].data(), tokens[r], layer.hidden), Workspace(ws.data(), ws.size()));
+                 MatrixView<float>(y[r].data(), tokens[r], layer.hidden), Workspace(ws.data(), ws.size()),
+                 SavedState(saved.data(), saved.size()));
       (void)ep.status(Host{});  // where AllGather raises invalid ids (AllToAll's forward has)
     } catch (Error const& e) {
       (e.code() == Errc::kInvalidExpertId ? invalid_errors : other_errors)[r] = 1;
+    }
+    // The backward, twice: invalid ids were raised after the forward had completed.
+    auto const gu_rows = static_cast<std::size_t>(local.count) * gu,
+               dn_rows = static_cast<std::size_t>(local.count) * dn;
+    std::vector<float> d_gate_up(gu_rows, NAN), d_down(dn_rows, NAN), first_dx;
+    ExpertWeightGrads<float> const grads{.gate_up = {d_gate_up.data(), local.count, 2 * layer.inter, layer.hidden},
+                                         .down = {d_down.data(), local.count, layer.hidden, layer.inter}};
+    try {
+      for (int pass = 0; pass < 2; ++pass) {
+        ep.backward(Host{}, MatrixView<float const>(dy[r].data(), tokens[r], layer.hidden),
+                    MatrixView<float>(dx[r].data(), tokens[r], layer.hidden),
+                    MatrixView<float>(dw[r].data(), tokens[r], layer.top_k), grads,
+                    SavedState(saved.data(), saved.size()), Workspace(bws.data(), bws.size()));
+        if (pass == 0) first_dx = dx[r];
+      }
+      backward_differs[r] =
+          !dx[r].empty() && std::memcmp(first_dx.data(), dx[r].data(), dx[r].size() * sizeof(float)) != 0;
+      // Written: NaN only where some rank's inputs make it (the rows come from every rank).
+      if (small_inputs) {
+        for (float v : d_gate_up) grads_unwritten[r] |= std::isnan(v);
+        for (float v : d_down) grads_unwritten[r] |= std::isnan(v);
+      }
+    } catch (Error const&) {
+      backward_errors[r] = 1;
     }
   });
   for (std::size_t r = 0; r < tokens.size(); ++r) {
@@ -82,12 +146,21 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
     for (auto id : ids[r]) has_invalid = has_invalid || (id != -1 && (id < 0 || id >= layer.num_experts));
     EPX_FUZZ_CHECK(other_errors[r] == 0);
     EPX_FUZZ_CHECK(invalid_errors[r] == (has_invalid ? 1 : 0));
+    EPX_FUZZ_CHECK(backward_errors[r] == 0);
+    EPX_FUZZ_CHECK(backward_differs[r] == 0);
+    EPX_FUZZ_CHECK(grads_unwritten[r] == 0);
     for (std::int64_t t = 0; t < tokens[r]; ++t) {
-      std::vector<double> want(h, 0.0);
+      std::vector<double> want(h, 0.0), want_dx(h, 0.0);
       bool finite = true;
+      for (auto v : std::span(dy[r]).subspan(static_cast<std::size_t>(t) * h, h)) finite = finite && std::abs(v) < 1e3f;
+      double dw_scale = 1.0, dw_error = 0.0;
       for (std::size_t j = 0; j < k; ++j) {
         auto const id = ids[r][static_cast<std::size_t>(t) * k + j];
-        if (id < 0 || id >= layer.num_experts) continue;
+        float const got_dw = dw[r][static_cast<std::size_t>(t) * k + j];
+        if (id < 0 || id >= layer.num_experts) {
+          EPX_FUZZ_CHECK(got_dw == 0.0f);  // no expert, no weight gradient
+          continue;
+        }
         float const w = weights[r][static_cast<std::size_t>(t) * k + j];
         // Compare only where fp32 cannot overflow inside the expert (|x|, |w| < 1e3 with these small
         // weights); a huge finite input may rightly give inf/NaN in fp32 but not in the double reference.
@@ -95,16 +168,27 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
           finite = finite && std::abs(x[r][static_cast<std::size_t>(t) * h + c]) < 1e3f;
         finite = finite && std::abs(w) < 1e3f;
         if (!finite) break;
-        auto const out = layer.expert(id, x[r].data() + static_cast<std::size_t>(t) * h);
+        float const* const xt = x[r].data() + static_cast<std::size_t>(t) * h;
+        float const* const dyt = dy[r].data() + static_cast<std::size_t>(t) * h;
+        auto const out = layer.expert(id, xt);
         for (std::size_t c = 0; c < h; ++c) want[c] += double(w) * out[c];
+        auto const vjp = layer.expert_vjp(id, xt, dyt);
+        for (std::size_t c = 0; c < h; ++c) want_dx[c] += double(w) * vjp[c];
+        double const want_dw = dot(out, dyt);
+        dw_scale = std::max(dw_scale, std::abs(want_dw));
+        dw_error = std::max(dw_error, std::abs(double(got_dw) - want_dw));
       }
-      double scale = 1.0;
+      double scale = 1.0, dx_scale = 1.0;
       for (double v : want) scale = std::isnan(v) ? INFINITY : std::max(scale, std::abs(v));
+      for (double v : want_dx) dx_scale = std::isnan(v) ? INFINITY : std::max(dx_scale, std::abs(v));
       for (std::size_t c = 0; c < h; ++c) {
         float const got = y[r][static_cast<std::size_t>(t) * h + c];
-        // y was poisoned with NaN, so this also proves the row was written.
+        float const got_dx = dx[r][static_cast<std::size_t>(t) * h + c];
+        // y and dx were poisoned with NaN, so this also proves the rows were written.
         if (finite && scale < 1e6) EPX_FUZZ_CHECK(std::abs(got - want[c]) <= 1e-4 * scale);
+        if (finite && dx_scale < 1e6) EPX_FUZZ_CHECK(std::abs(got_dx - want_dx[c]) <= 1e-4 * dx_scale);
       }
+      if (finite && scale < 1e6 && dw_scale < 1e6) EPX_FUZZ_CHECK(dw_error <= 1e-4 * dw_scale);
     }
   }
 }

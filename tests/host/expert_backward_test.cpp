@@ -4,6 +4,7 @@
 // against central finite differences of double-precision re-implementations of their forwards,
 // each re-implementation first checked against the library's forward.
 
+#include "../common/finite_differences.hpp"
 #include "../common/test_util.hpp"
 
 #include <epx/host/expert_mlp_backward.hpp>
@@ -27,18 +28,11 @@ constexpr auto kActivations = {Activation::kSwiGLU, Activation::kGeGLU, Activati
 //! dL/dp.*member by central differences of `loss`, in double.
 template <class P, class Loss>
 Dvec fd_gradient(P p, Dvec P::*member, Loss const& loss) {
-  Dvec& v = p.*member;
-  Dvec g(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) {
-    double const x = v[i];
-    v[i] = x + kEps;
-    double const plus = loss(p);
-    v[i] = x - kEps;
-    double const minus = loss(p);
-    v[i] = x;
-    g[i] = (plus - minus) / (2.0 * kEps);
-  }
-  return g;
+  Dvec const at = p.*member;
+  return test::central_differences(at, kEps, [&](Dvec const& v) {
+    p.*member = v;
+    return loss(p);
+  });
 }
 
 template <class T>

@@ -5,6 +5,7 @@
 // routed scaling, correction bias, group-limited selection; each loss alone and all together),
 // values on hand-checked cases, counts and the correction-bias update, determinism, bad arguments.
 
+#include "../common/finite_differences.hpp"
 #include "../common/test_util.hpp"
 
 #include <epx/host/router_backward.hpp>
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 
 using namespace epx;
 
@@ -96,18 +98,7 @@ double weight_objective(RouterConfig const& c, std::vector<double> const& logits
 // Central differences of f over every finite element of x (non-finite elements get 0).
 template <class F>
 std::vector<double> finite_differences(std::vector<double> x, F&& f) {
-  std::vector<double> g(x.size(), 0.0);
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    if (!std::isfinite(x[i])) continue;
-    double const x0 = x[i];
-    x[i] = x0 + kEps;
-    double const up = f(x);
-    x[i] = x0 - kEps;
-    double const down = f(x);
-    x[i] = x0;
-    g[i] = (up - down) / (2.0 * kEps);
-  }
-  return g;
+  return test::central_differences(std::move(x), kEps, f);
 }
 
 std::vector<double> to_double(std::vector<float> const& v) { return std::vector<double>(v.begin(), v.end()); }

@@ -116,7 +116,8 @@ struct CudaGroupedExperts {
   }
 
   template <class T>
-  [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
+  [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
+                                            std::int64_t max_rows) const {
     return cuda_expert_mlp_workspace_bytes<T>(mlp, max_rows);
   }
 

@@ -27,17 +27,6 @@
 
 namespace epx {
 
-//! Where expert_mlp_backward writes the local experts' weight gradients, each in the layout of the
-//! weight it belongs to (ExpertWeights), of element type G (fp32, or the weights' type). Written,
-//! not accumulated: a caller that accumulates over micro-batches adds them into its own buffers.
-template <float_element G>
-struct ExpertWeightGrads {
-  BatchedMatrixView<G> gate_up = {};  //!< [num_local_experts, gate_up_rows, hidden]
-  BatchedMatrixView<G> down = {};     //!< [num_local_experts, hidden, intermediate]
-  G* gate_up_bias = nullptr;          //!< [num_local_experts, gate_up_rows], or nullptr: not computed
-  G* down_bias = nullptr;             //!< [num_local_experts, hidden], or nullptr: not computed
-};
-
 namespace detail {
 
 //! Scratch of the reference expert MLP backward.

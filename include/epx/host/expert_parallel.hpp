@@ -8,9 +8,12 @@
 
 #include <epx/core/dtype.hpp>
 #include <epx/host/expert_mlp.hpp>
+#include <epx/host/expert_mlp_backward.hpp>
 #include <epx/host/permute.hpp>
+#include <epx/host/permute_backward.hpp>
 #include <epx/host/plan.hpp>
 #include <epx/host/router.hpp>
+#include <epx/host/router_backward.hpp>
 #include <epx/parallel/exchange_layout.hpp>
 #include <epx/parallel/execution.hpp>
 #include <epx/parallel/expert_parallel.hpp>
@@ -20,6 +23,7 @@
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 namespace epx::detail {
 
@@ -29,7 +33,8 @@ struct HostGroupedExperts {
   static void check(MoeConfig const&) {}
 
   template <class T>
-  [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
+  [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
+                                            std::int64_t max_rows) const {
     return expert_mlp_workspace_bytes<T>(mlp, max_rows);
   }
 
@@ -38,6 +43,36 @@ struct HostGroupedExperts {
   void run(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/) const {
     expert_mlp(Host{}, mlp, weights, x, offsets, out, ws);
+  }
+
+  //! The backward's scratch: GEMM 1's output h (fp32, recomputed from the saved input rows), then
+  //! expert_mlp_backward's own.
+  template <class T>
+  [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
+    return layout_bytes([&](auto& c) { return carve_backward<T>(c, mlp, max_rows); });
+  }
+
+  //! dx rows and the local experts' weight gradients from forward's input rows `x` and the output
+  //! rows' gradient `dy`; h is recomputed (one GEMM: 2 * rows * gate_up_rows * hidden flops).
+  template <class T, class G>
+  void backward(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> offsets, MatrixView<G const> dy, MatrixView<G> dx,
+                ExpertWeightGrads<G> const& grads, Workspace ws) const {
+    auto const parts =
+        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_backward<T>(c, mlp, x.rows); });
+    MatrixView<float> const h(parts.first.data(), x.rows, mlp.gate_up_rows());
+    expert_mlp_gate_up(Host{}, mlp, weights, x, offsets, h);
+    expert_mlp_backward(Host{}, mlp, weights, x, offsets, MatrixView<float const>(h), dy, dx, grads, parts.second);
+  }
+
+ private:
+  template <class T, class Carver>
+  static std::pair<std::span<float>, Workspace> carve_backward(Carver& c, ExpertMlpConfig const& mlp,
+                                                               std::int64_t max_rows) {
+    auto const h =
+        c.template take<float>(static_cast<std::size_t>(max_rows) * static_cast<std::size_t>(mlp.gate_up_rows()));
+    auto const rest = c.template take<std::byte>(expert_mlp_backward_workspace_bytes<T>(mlp, max_rows));
+    return {h, Workspace(rest.data(), rest.size())};
   }
 };
 
@@ -127,6 +162,12 @@ class LayerExecution<Host> {
         else
           std::copy_n(rank_row, rank_major.cols, expert_row);
       }
+  }
+
+  //! dst = src, element by element (a training forward's copy of the given routing).
+  template <class T>
+  static void copy(Stream, MatrixView<T const> src, MatrixView<T> dst) {
+    for (std::int64_t r = 0; r < src.rows; ++r) std::copy_n(src.row(r), src.cols, dst.row(r));
   }
 
   //! y = T(partial), rounded once.

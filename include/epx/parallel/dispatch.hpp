@@ -65,9 +65,34 @@ struct ForwardStep {
   Buffers const& buffers;           //!< the dispatch part's own parts of the workspace
   MatrixView<T> x_perm;             //!< [num_tokens * top_k, hidden] this rank's rows in plan order
   std::span<T> x_local;             //!< the experts' rows
+  std::span<T> combine_rows;        //!< where AllToAll's combine regroups the experts' results: x_local,
+                                    //!< or other rows when forward keeps x_local for a backward
 
   [[nodiscard]] StreamRef comm_stream() const { return E::comm_stream(stream); }
   [[nodiscard]] std::span<std::int64_t> table() const { return control.subspan(kControlWords); }
+  [[nodiscard]] ExpertRange local_experts() const { return config.placement.local_range(comm.rank()); }
+};
+
+//! One backward, as its dispatch part sees it: what forward kept (its routing, the count table
+//! read back to the host, its rows) and the part's own buffers in the backward's workspace.
+template <class E, class T, class G, class Buffers>
+struct BackwardStep {
+  using Exec = E;
+  using Element = T;
+  using Grad = G;
+
+  E& exec;
+  typename E::Stream stream;
+  Communicator& comm;
+  MoeConfig const& config;
+  std::int64_t num_tokens = 0;
+  std::span<std::int64_t const> table;  //!< forward's gathered count table, host memory (AllToAll)
+  Buffers const& buffers;               //!< the dispatch part's own parts of the backward's workspace
+  std::span<T const> x_perm;            //!< forward's x_perm, as forward left it (kept)
+  std::span<T const> x_local;           //!< forward's experts' rows, as forward left them (kept)
+  std::span<G> d_perm;                  //!< [num_tokens * top_k, hidden] gradient rows in plan order
+
+  [[nodiscard]] StreamRef comm_stream() const { return E::comm_stream(stream); }
   [[nodiscard]] ExpertRange local_experts() const { return config.placement.local_range(comm.rank()); }
 };
 
@@ -197,10 +222,82 @@ struct AllToAllPart {
       typename Exec::template Range<LayerStage::kCombine> const range;
       // The experts' rows back in rank-major order, then to the ranks they came from, into the
       // x_perm rows they left.
-      Exec::regroup(step.stream, h.segments, h.received.rows, h.regrouped, h.received, true);
-      step.comm.all_to_all_v(h.regrouped.data, h.recv_bytes, step.x_perm.data, h.send_bytes, step.comm_stream());
+      MatrixView<T> const rank_major(step.combine_rows.data(), h.received.rows, h.received.cols);
+      Exec::regroup(step.stream, h.segments, h.received.rows, rank_major, h.received, true);
+      step.comm.all_to_all_v(rank_major.data, h.recv_bytes, step.x_perm.data, h.send_bytes, step.comm_stream());
     }
     unpermute(step.stream, plan, MatrixView<T const>(step.x_perm), topk_weights, y);
+  }
+
+  //! The backward's buffers: the uploaded offsets and segments, and two sets of received rows.
+  template <class G>
+  struct BackwardBuffers {
+    std::span<std::byte> upload;  // local offsets + regroup segments, as forward's
+    std::span<G> recv;            // [R * M * k, H] gradient rows received rank-major; then the experts' dx
+    std::span<G> rows;            // [R * M * k, H] the same rows expert-major; then dx rank-major
+  };
+
+  template <class G, class Carver>
+  static BackwardBuffers<G> carve_backward(Carver& c, LayerShape const& s) {
+    std::size_t const rows = s.num_ranks * s.max_tokens * s.top_k * s.hidden;
+    BackwardBuffers<G> b;
+    b.upload = c.template take<std::byte>(upload_bytes(s.num_local_experts, static_cast<std::int32_t>(s.num_ranks)));
+    b.recv = c.template take<G>(rows);
+    b.rows = c.template take<G>(rows);
+    return b;
+  }
+
+  //! The gradient takes forward's route in reverse, with forward's count table (no count
+  //! exchange): dy through unpermute's backward into this rank's slot rows, to the experts' ranks
+  //! (combine's all-to-all reversed), through the experts' backward, back to the tokens' ranks
+  //! (dispatch's all-to-all reversed), and through permute's backward into dx.
+  //! `experts_backward(x, offsets, dy_rows, dx_rows)` runs the local experts' backward.
+  template <class Step, class ExpertsBackward>
+  static void backward(Step const& step, RoutingPlan const& plan, MatrixView<float const> topk_weights,
+                       MatrixView<typename Step::Grad const> dy, MatrixView<typename Step::Grad> dx,
+                       MatrixView<float> d_topk_weights, ExpertsBackward&& experts_backward) {
+    using T = typename Step::Element;
+    using G = typename Step::Grad;
+    using Exec = typename Step::Exec;
+    MoeConfig const& config = step.config;
+    auto const hidden = config.mlp.hidden;
+    std::int64_t const slots = step.num_tokens * config.router.top_k;
+    ExpertRange const local = step.local_experts();
+    // 1. Each slot's gradient row and its weight's gradient; forward left each slot's result in x_perm.
+    MatrixView<G> const d_perm(step.d_perm.data(), slots, hidden);
+    unpermute_backward(step.stream, plan, MatrixView<T const>(step.x_perm.data(), slots, hidden), topk_weights, dy,
+                       d_perm, d_topk_weights);
+    // 2. Forward's layout again, from its count table; its offsets and segments to the execution's memory.
+    auto const layout = make_all_to_all_layout(step.table, config.placement, step.comm.rank());
+    std::size_t const offsets_bytes = AllToAllPart::offsets_bytes(local.count);
+    std::size_t const segments_bytes = layout.regroup.size() * sizeof(RowSegment);
+    auto const upload = step.buffers.upload.first(offsets_bytes + segments_bytes);
+    step.exec.write_to_device(step.stream, upload, [&](std::span<std::byte> staging) {
+      std::memcpy(staging.data(), layout.local_offsets.data(), layout.local_offsets.size() * sizeof(std::int32_t));
+      if (segments_bytes > 0) std::memcpy(staging.data() + offsets_bytes, layout.regroup.data(), segments_bytes);
+    });
+    std::span<RowSegment const> const segments(reinterpret_cast<RowSegment const*>(upload.data() + offsets_bytes),
+                                               layout.regroup.size());
+    std::span<std::int32_t const> const offsets(reinterpret_cast<std::int32_t const*>(upload.data()),
+                                                layout.local_offsets.size());
+    // 3. Gradient rows to the experts' ranks, expert-major; the experts' backward; dx rows back.
+    std::vector<std::size_t> send_bytes, recv_bytes;
+    auto const row_bytes = static_cast<std::size_t>(hidden) * sizeof(G);
+    for (std::size_t p = 0; p < layout.send_rows.size(); ++p) {
+      send_bytes.push_back(layout.send_rows[p] * row_bytes);
+      recv_bytes.push_back(layout.recv_rows[p] * row_bytes);
+    }
+    std::int64_t const n = layout.num_recv_rows;
+    MatrixView<G> const received(step.buffers.recv.data(), n, hidden), regrouped(step.buffers.rows.data(), n, hidden);
+    step.comm.all_to_all_v(d_perm.data, send_bytes, received.data, recv_bytes, step.comm_stream());
+    Exec::regroup(step.stream, segments, n, received, regrouped, false);
+    if (local.count > 0)  // the experts' dx rows into `received`, whose gradient rows are spent
+      experts_backward(MatrixView<T const>(step.x_local.data(), n, hidden), offsets, MatrixView<G const>(regrouped),
+                       received);
+    Exec::regroup(step.stream, segments, n, regrouped, received, true);
+    step.comm.all_to_all_v(regrouped.data, recv_bytes, d_perm.data, send_bytes, step.comm_stream());
+    // 4. Each token's dx: the sum of its slots' rows.
+    permute_backward(step.stream, plan, MatrixView<G const>(d_perm), dx);
   }
 };
 
@@ -304,6 +401,52 @@ struct AllGatherPart {
     typename Exec::template Range<LayerStage::kCombine> const range;  // the sum over ranks and the rounding
     step.comm.all_reduce_sum(partial.data, static_cast<std::size_t>(partial.size()), DType::kF32, step.comm_stream());
     Exec::round_to(step.stream, MatrixView<float const>(partial), y);
+  }
+
+  template <class G>
+  struct BackwardBuffers {
+    std::span<G> rows;         // [M * k, H] the experts' dx rows, in plan order
+    std::span<float> partial;  // [M, H] this rank's share of dx, then the sum
+  };
+
+  template <class G, class Carver>
+  static BackwardBuffers<G> carve_backward(Carver& c, LayerShape const& s) {
+    BackwardBuffers<G> b;
+    b.rows = c.template take<G>(s.max_tokens * s.top_k * s.hidden);
+    b.partial = c.template take<float>(s.max_tokens * s.hidden);
+    return b;
+  }
+
+  //! Each rank's local experts' share of dx and of the weights' gradient, summed over the group
+  //! (forward's all-reduce, reversed: every rank holds the same dy). Forward kept the experts'
+  //! input rows in x_perm and their results in x_local, both in plan order.
+  template <class Step, class ExpertsBackward>
+  static void backward(Step const& step, RoutingPlan const& plan, MatrixView<float const> topk_weights,
+                       MatrixView<typename Step::Grad const> dy, MatrixView<typename Step::Grad> dx,
+                       MatrixView<float> d_topk_weights, ExpertsBackward&& experts_backward) {
+    using T = typename Step::Element;
+    using G = typename Step::Grad;
+    using Exec = typename Step::Exec;
+    auto const hidden = step.config.mlp.hidden;
+    std::int64_t const slots = step.num_tokens * step.config.router.top_k;
+    require(d_topk_weights.ld == d_topk_weights.cols || d_topk_weights.rows <= 1, Errc::kInvalidArgument, "backward",
+            "d_topk_weights.ld", d_topk_weights.ld,
+            fmt::format("{} (contiguous rows: AllGather all-reduces them)", d_topk_weights.cols));
+    MatrixView<G> const d_perm(step.d_perm.data(), slots, hidden), d_in(step.buffers.rows.data(), slots, hidden);
+    unpermute_backward(step.stream, plan, MatrixView<T const>(step.x_local.data(), slots, hidden), topk_weights, dy,
+                       d_perm, d_topk_weights);
+    if (step.local_experts().count > 0)
+      experts_backward(MatrixView<T const>(step.x_perm.data(), slots, hidden), plan.expert_offsets,
+                       MatrixView<G const>(d_perm), d_in);
+    MatrixView<float> partial(step.buffers.partial.data(), step.num_tokens, hidden);
+    permute_backward(step.stream, plan, MatrixView<G const>(d_in), partial);
+    typename Exec::template Range<LayerStage::kCombine> const range;
+    step.comm.all_reduce_sum(partial.data, static_cast<std::size_t>(partial.size()), DType::kF32, step.comm_stream());
+    Exec::round_to(step.stream, MatrixView<float const>(partial), dx);
+    // Each rank's weights' gradient holds only its experts' slots (0 elsewhere): the sum is the whole.
+    if (d_topk_weights.size() > 0)
+      step.comm.all_reduce_sum(d_topk_weights.data, static_cast<std::size_t>(d_topk_weights.size()), DType::kF32,
+                               step.comm_stream());
   }
 };
 

@@ -104,7 +104,7 @@ struct ExpertKernelSelector {
 //! @brief An expert part: the expert MLP over rows grouped by local expert, with the same
 //! signature on every space (only `Stream` differs). Default-constructible (the layer makes one);
 //! `check(config)` throws the Error of a layer it cannot run (the layer's can_implement asks it);
-//! `workspace_bytes<T>(mlp, max_rows)` sizes its scratch; `run<T>(stream, mlp, weights, x,
+//! `workspace_bytes<T>(mlp, num_groups, max_rows)` sizes its scratch (num_groups: the local experts); `run<T>(stream, mlp, weights, x,
 //! offsets, out, workspace, rows_hint)` reads offsets in the space's memory, and rows_hint is the
 //! row count the experts are expected to hold (it may pick tile shapes; a space may ignore it).
 template <class Part, class Stream>
@@ -113,7 +113,7 @@ concept expert_part = std::default_initializable<Part> &&
              ExpertWeights const& weights, MatrixView<float const> x, std::span<std::int32_t const> offsets,
              MatrixView<float> out, Workspace ws, std::int64_t rows) {
   Part::check(config);
-  { cpart.template workspace_bytes<float>(mlp, rows) } -> std::same_as<std::size_t>;
+  { cpart.template workspace_bytes<float>(mlp, std::int32_t{}, rows) } -> std::same_as<std::size_t>;
   part.template run<float>(stream, mlp, weights, x, offsets, out, ws, rows);
 };
 

@@ -77,6 +77,31 @@ constexpr bool wgmma_built() noexcept {
 #endif
 }
 
+}  // namespace epx::detail
+
+namespace epx {
+
+//! The two tile configurations of the CUTLASS Hopper grouped GEMM (cuda/gemm/cutlass_grouped.cuh),
+//! torch._grouped_mm's on sm_90: Pingpong 64 x 128 x 128 for few rows per group (decode),
+//! Cooperative 128 x 256 x 64 for many; both with 2 x 1 x 1 clusters.
+enum class CutlassTile : std::uint8_t { kPingpong64x128, kCooperative128x256 };
+
+}  // namespace epx
+
+namespace epx::detail {
+
+//! Which CUTLASS tile runs: Pingpong while the average rows per group fit one of its 64-row tiles
+//! twice (torch picks by the same average), Cooperative beyond. Unmeasured, like the rest.
+struct CutlassTilePolicy {
+  std::int64_t pingpong_rows = 128;  //!< average rows per group up to which Pingpong runs
+};
+
+constexpr CutlassTile cutlass_tile_for(CutlassTilePolicy const& policy, std::int64_t rows,
+                                       std::int64_t groups) noexcept {
+  return groups > 0 && rows <= policy.pingpong_rows * groups ? CutlassTile::kPingpong64x128
+                                                             : CutlassTile::kCooperative128x256;
+}
+
 //! The policy of a stage for `device`: the defaults above, the same for every device (unmeasured).
 template <class Policy>
 constexpr Policy policy_for(DeviceTraits const&) noexcept {

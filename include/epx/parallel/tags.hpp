@@ -14,6 +14,10 @@ struct Grouped {};
 //! CUDA only.
 struct CublasGrouped {};
 
+//! Expert policy: CUTLASS's Hopper grouped GEMM (TMA, warp-specialised wgmma; torch._grouped_mm's
+//! kernel on sm_90). CUDA only; needs CUTLASS (EPX_WITH_CUTLASS) and an sm_90a build for an H100/H200.
+struct CutlassGrouped {};
+
 //! Dispatch policy: exchange per-expert counts, then all-to-all-v the rows to the experts' ranks
 //! and back. Each rank brings its own tokens.
 struct AllToAll {};

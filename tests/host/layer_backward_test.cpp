@@ -265,8 +265,14 @@ TEST_CASE("ExpertParallel::backward: AllGather ranks equal the Host stages chain
   }
 }
 
-TEST_CASE("ExpertParallel::backward: one rank's gradients equal central finite differences of its forward") {
+TEST_CASE(
+    "ExpertParallel::backward: one rank's gradients (router losses added) equal central finite differences of its "
+    "forward") {
   EPX_TEST_SEEDED_RNG(rng);
+  // The losses of the step: L = <c, y> + the weighted router losses (load balancing, sequence aux
+  // over two sequences, z-loss), whose gradient router_losses adds into backward's d_logits.
+  RouterLossConfig const losses{.load_balancing = 0.3f, .sequence_aux = 0.2f, .z_loss = 0.05f};
+  std::vector<std::int64_t> const sequences = {0, 2, 5};
   std::int64_t const tokens = 5;
   auto gw = test::GlobalWeights<float>::random(kExperts, mlp_config(), true, rng);
   auto x = test::random_vector<float>(static_cast<std::size_t>(tokens * kHidden), rng);
@@ -285,7 +291,15 @@ TEST_CASE("ExpertParallel::backward: one rank's gradients equal central finite d
                Workspace(ws.data(), ws.size()));
     double l = 0.0;
     for (std::size_t i = 0; i < y.size(); ++i) l += double{c[i]} * y[i];
-    return l;
+    // The same routing the forward made, for the losses (selection is piecewise constant).
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(tokens * kTopK));
+    std::vector<float> w(ids.size()), scratch(static_cast<std::size_t>(tokens * kExperts), 0.0f);
+    route(Host{}, router_config(), MatrixView<float const>(logits.data(), tokens, kExperts), {},
+          MatrixView<std::int32_t>(ids.data(), tokens, kTopK), MatrixView<float>(w.data(), tokens, kTopK));
+    return l + router_losses(Host{}, router_config(), losses, MatrixView<float const>(logits.data(), tokens, kExperts),
+                             MatrixView<std::int32_t const>(ids.data(), tokens, kTopK), sequences,
+                             MatrixView<float>(scratch.data(), tokens, kExperts))
+                   .total;
   };
   std::vector<float> y(static_cast<std::size_t>(tokens * kHidden)), dx(y.size()),
       d_logits(static_cast<std::size_t>(tokens * kExperts));
@@ -297,6 +311,9 @@ TEST_CASE("ExpertParallel::backward: one rank's gradients equal central finite d
               MatrixView<float const>(c.data(), tokens, kHidden), MatrixView<float>(dx.data(), tokens, kHidden),
               MatrixView<float>(d_logits.data(), tokens, kExperts), grads.view(),
               SavedState(saved.data(), saved.size()), Workspace(bws.data(), bws.size()));
+  auto const routing = ep.saved_routing(Host{}, SavedState(saved.data(), saved.size()));
+  (void)router_losses(Host{}, router_config(), losses, MatrixView<float const>(logits.data(), tokens, kExperts),
+                      routing.topk_ids, sequences, MatrixView<float>(d_logits.data(), tokens, kExperts));  // adds
   // fp32 forward: a step of 1e-2 keeps rounding (~1e-7 / 1e-2) and truncation (~1e-4) apart from
   // the gradients' scale (~1); the selection does not change (top-k gaps >= 0.3).
   constexpr float kStep = 1e-2f;

@@ -20,8 +20,26 @@ namespace {
 
 constexpr std::int32_t kExperts = 8, kTopK = 2, kHidden = 16, kInter = 12;
 
-ExpertMlpConfig mlp_config() { return {.hidden = kHidden, .intermediate = kInter}; }
-RouterConfig router_config() { return {.num_experts = kExperts, .top_k = kTopK, .renormalize = true}; }
+//! The layer configuration the helpers below use: softmax -> top-k, renormalised, SwiGLU,
+//! concatenated gate/up, unless a test case sets another (Variant::Scope).
+struct Variant {
+  RouterConfig router{.num_experts = kExperts, .top_k = kTopK, .renormalize = true};
+  ExpertMlpConfig mlp{.hidden = kHidden, .intermediate = kInter};
+
+  static Variant& current() {
+    static Variant v;
+    return v;
+  }
+  //! Makes `v` current for this scope.
+  struct Scope {
+    explicit Scope(Variant v) { current() = v; }
+    ~Scope() { current() = Variant{}; }
+  };
+};
+
+ExpertMlpConfig mlp_config() { return Variant::current().mlp; }
+RouterConfig router_config() { return Variant::current().router; }
+std::int32_t gate_up_rows() { return mlp_config().gate_up_rows(); }
 
 //! Logits whose top-k are far from ties: a random order of well-separated levels, plus noise.
 std::vector<float> separated_logits(std::int64_t tokens, std::mt19937_64& rng) {
@@ -44,14 +62,14 @@ struct Grads {
   std::int32_t experts = 0;
   explicit Grads(std::int32_t e) : experts(e) {
     auto const ue = static_cast<std::size_t>(e);
-    gate_up.assign(ue * 2 * kInter * kHidden, kPoison());
+    gate_up.assign(ue * static_cast<std::size_t>(gate_up_rows()) * kHidden, kPoison());
     down.assign(ue * kHidden * kInter, kPoison());
-    gate_up_bias.assign(ue * 2 * kInter, kPoison());
+    gate_up_bias.assign(ue * static_cast<std::size_t>(gate_up_rows()), kPoison());
     down_bias.assign(ue * kHidden, kPoison());
   }
   static float kPoison() { return std::numeric_limits<float>::quiet_NaN(); }
   ExpertWeightGrads<float> view() {
-    return {.gate_up = {gate_up.data(), experts, 2 * kInter, kHidden},
+    return {.gate_up = {gate_up.data(), experts, gate_up_rows(), kHidden},
             .down = {down.data(), experts, kHidden, kInter},
             .gate_up_bias = gate_up_bias.data(),
             .down_bias = down_bias.data()};
@@ -63,9 +81,9 @@ struct Grads {
       std::copy_n(from.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(first) * per),
                   static_cast<std::size_t>(count) * per, to.begin());
     };
-    copy(gate_up, g.gate_up, 2 * kInter * kHidden);
+    copy(gate_up, g.gate_up, static_cast<std::size_t>(gate_up_rows()) * kHidden);
     copy(down, g.down, kHidden * kInter);
-    copy(gate_up_bias, g.gate_up_bias, 2 * kInter);
+    copy(gate_up_bias, g.gate_up_bias, static_cast<std::size_t>(gate_up_rows()));
     copy(down_bias, g.down_bias, kHidden);
     return g;
   }
@@ -112,15 +130,16 @@ Chain chain(test::GlobalWeights<float> const& gw, std::vector<float> const& x, s
   unpermute(Host{}, plan, MatrixView<float const>(out.data(), rows, kHidden),
             MatrixView<float const>(w.data(), tokens, kTopK), MatrixView<float>(c.y.data(), tokens, kHidden));
   // Backward, in reverse.
-  std::vector<float> d_out(slots * kHidden), d_w(slots), h(slots * 2 * kInter), d_in(slots * kHidden);
+  std::vector<float> d_out(slots * kHidden), d_w(slots), h(slots * static_cast<std::size_t>(gate_up_rows())),
+      d_in(slots * kHidden);
   unpermute_backward(Host{}, plan, MatrixView<float const>(out.data(), rows, kHidden),
                      MatrixView<float const>(w.data(), tokens, kTopK),
                      MatrixView<float const>(dy.data(), tokens, kHidden),
                      MatrixView<float>(d_out.data(), rows, kHidden), MatrixView<float>(d_w.data(), tokens, kTopK));
   expert_mlp_gate_up(Host{}, mlp, weights, MatrixView<float const>(x_perm.data(), rows, kHidden), plan.expert_offsets,
-                     MatrixView<float>(h.data(), rows, 2 * kInter));
+                     MatrixView<float>(h.data(), rows, gate_up_rows()));
   expert_mlp_backward(Host{}, mlp, weights, MatrixView<float const>(x_perm.data(), rows, kHidden), plan.expert_offsets,
-                      MatrixView<float const>(h.data(), rows, 2 * kInter),
+                      MatrixView<float const>(h.data(), rows, gate_up_rows()),
                       MatrixView<float const>(d_out.data(), rows, kHidden),
                       MatrixView<float>(d_in.data(), rows, kHidden), c.grads.view(), Workspace(ws.data(), ws.size()));
   c.dx.resize(static_cast<std::size_t>(tokens * kHidden));
@@ -201,36 +220,54 @@ TEST_CASE("ExpertParallel::backward: AllToAll ranks equal the Host stages chaine
   EPX_TEST_SEEDED_RNG(rng);
   // Even; uneven with a rank without experts; a rank without tokens; one rank.
   std::vector<Split> const splits = {{{4, 4}, {5, 7}}, {{3, 0, 5}, {6, 4, 9}}, {{2, 3, 3}, {7, 0, 5}}, {{8}, {11}}};
-  for (Split const& s : splits) {
-    CAPTURE(s.experts_per_rank.size());
-    auto const placement = ExpertPlacement::from_counts(s.experts_per_rank);
-    auto const gw = test::GlobalWeights<float>::random(kExperts, mlp_config(), true, rng);
-    std::int64_t const total = std::accumulate(s.tokens_per_rank.begin(), s.tokens_per_rank.end(), std::int64_t{0});
-    std::vector<std::int64_t> first(s.tokens_per_rank.size(), 0);
-    std::partial_sum(s.tokens_per_rank.begin(), s.tokens_per_rank.end() - 1, first.begin() + 1);
-    auto const x = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
-    auto const dy = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
-    auto const logits = separated_logits(total, rng);
-    Chain const ref = chain(gw, x, logits, dy);
-    auto const outs = run_layer<AllToAll>(gw, placement, first, s.tokens_per_rank, x, logits, dy);
-    for (int r = 0; r < placement.num_ranks(); ++r) {
-      CAPTURE(r);
-      auto const& o = outs[static_cast<std::size_t>(r)];
-      auto const f = first[static_cast<std::size_t>(r)], t = s.tokens_per_rank[static_cast<std::size_t>(r)];
-      // The same rows in the same order meet the same sums: bitwise the chain's.
-      CHECK(same_bits(o.y, rows_of(ref.y, kHidden, f, t)));
-      CHECK(same_bits(o.dx, rows_of(ref.dx, kHidden, f, t)));
-      CHECK(same_bits(o.dx, o.dx_again));
-      CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
-      CHECK(o.ids == rows_of(ref.ids, kTopK, f, t));
-      ExpertRange const local = placement.local_range(r);
-      Grads const want = ref.grads.slice(local.first, local.count);
-      CHECK(same_bits(o.grads.gate_up, want.gate_up));
-      CHECK(same_bits(o.grads.down, want.down));
-      CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
-      CHECK(same_bits(o.grads.down_bias, want.down_bias));
+  // Every scoring mode (grouped selection, scaling), and every activation with both gate/up layouts.
+  std::vector<Variant> variants(1);
+  for (Scoring scoring : {Scoring::kTopKSoftmax, Scoring::kSigmoidTopK})
+    variants.push_back({.router = {.num_experts = kExperts,
+                                   .top_k = kTopK,
+                                   .scoring = scoring,
+                                   .renormalize = scoring == Scoring::kSigmoidTopK,
+                                   .num_groups = 4,
+                                   .topk_groups = 2,
+                                   .routed_scaling_factor = 2.5f}});
+  for (Activation a : {Activation::kGeGLU, Activation::kGeGLUTanh, Activation::kReLU, Activation::kClampedSwiGLU})
+    for (GateUpLayout layout : {GateUpLayout::kConcatenated, GateUpLayout::kInterleaved})
+      if (a != Activation::kReLU || layout == GateUpLayout::kConcatenated)
+        variants.push_back(
+            {.mlp = {.hidden = kHidden, .intermediate = kInter, .activation = a, .gate_up_layout = layout}});
+  for (std::size_t v = 0; v < variants.size(); ++v)
+    for (Split const& s : splits) {
+      CAPTURE(v);
+      Variant::Scope const scope(variants[v]);
+      CAPTURE(s.experts_per_rank.size());
+      auto const placement = ExpertPlacement::from_counts(s.experts_per_rank);
+      auto const gw = test::GlobalWeights<float>::random(kExperts, mlp_config(), true, rng);
+      std::int64_t const total = std::accumulate(s.tokens_per_rank.begin(), s.tokens_per_rank.end(), std::int64_t{0});
+      std::vector<std::int64_t> first(s.tokens_per_rank.size(), 0);
+      std::partial_sum(s.tokens_per_rank.begin(), s.tokens_per_rank.end() - 1, first.begin() + 1);
+      auto const x = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
+      auto const dy = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
+      auto const logits = separated_logits(total, rng);
+      Chain const ref = chain(gw, x, logits, dy);
+      auto const outs = run_layer<AllToAll>(gw, placement, first, s.tokens_per_rank, x, logits, dy);
+      for (int r = 0; r < placement.num_ranks(); ++r) {
+        CAPTURE(r);
+        auto const& o = outs[static_cast<std::size_t>(r)];
+        auto const f = first[static_cast<std::size_t>(r)], t = s.tokens_per_rank[static_cast<std::size_t>(r)];
+        // The same rows in the same order meet the same sums: bitwise the chain's.
+        CHECK(same_bits(o.y, rows_of(ref.y, kHidden, f, t)));
+        CHECK(same_bits(o.dx, rows_of(ref.dx, kHidden, f, t)));
+        CHECK(same_bits(o.dx, o.dx_again));
+        CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
+        CHECK(o.ids == rows_of(ref.ids, kTopK, f, t));
+        ExpertRange const local = placement.local_range(r);
+        Grads const want = ref.grads.slice(local.first, local.count);
+        CHECK(same_bits(o.grads.gate_up, want.gate_up));
+        CHECK(same_bits(o.grads.down, want.down));
+        CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
+        CHECK(same_bits(o.grads.down_bias, want.down_bias));
+      }
     }
-  }
 }
 
 TEST_CASE("ExpertParallel::backward: AllGather ranks equal the Host stages chained on the group's tokens") {

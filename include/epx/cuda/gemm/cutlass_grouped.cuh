@@ -59,6 +59,7 @@
 #include <epx/core/workspace.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/gemm/group_problem.hpp>
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/tuning.cuh>
 
@@ -166,11 +167,11 @@ __global__ void group_args_kernel(GroupArgs<K> const out, typename K::ElementA c
                                   std::int32_t const* offsets, int groups, int n, int k) {
   for (int g = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); g < groups;
        g += static_cast<int>(gridDim.x * blockDim.x)) {
-    std::int32_t const first = offsets[g], rows = offsets[g + 1] - first;
-    out.shapes[g] = cute::make_shape(rows, n, k);
-    out.a[g] = a + std::int64_t{first} * lda;
-    out.b[g] = b + std::int64_t{g} * n * k;
-    out.d[g] = d + std::int64_t{first} * ldd;
+    GroupProblem const p = group_problem(offsets, g, lda, ldd, n, k);
+    out.shapes[g] = cute::make_shape(p.m, p.n, p.k);
+    out.a[g] = a + p.a_offset;
+    out.b[g] = b + p.b_offset;
+    out.d[g] = d + p.d_offset;
     out.stride_a[g] = leading_stride<typename K::StrideA>(lda);
     out.stride_b[g] = leading_stride<typename K::StrideB>(k);
     out.stride_d[g] = leading_stride<typename K::StrideD>(ldd);

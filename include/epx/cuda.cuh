@@ -17,6 +17,7 @@
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/local_group.cuh>
 #include <epx/cuda/permute.cuh>
+#include <epx/cuda/permute_backward.cuh>
 #include <epx/cuda/plan.cuh>
 #include <epx/cuda/router.cuh>
 #include <epx/cuda/tuning.cuh>

@@ -15,40 +15,11 @@
 
 #include <epx/core/space.hpp>
 #include <epx/host/permute.hpp>
+#include <epx/permute/permute_backward_args.hpp>
 
 #include <type_traits>
 
 namespace epx {
-namespace detail {
-
-template <class TG, class TDx>
-void check_permute_backward_args(RoutingPlan const& plan, std::int64_t num_rows, MatrixView<TG const> d_x_perm,
-                                 MatrixView<TDx> dx) {
-  constexpr std::string_view where = "permute_backward";
-  check_matrix(where, "d_x_perm", d_x_perm, -1, -1);
-  require(d_x_perm.rows >= num_rows, Errc::kShapeMismatch, where, "d_x_perm.rows", d_x_perm.rows,
-          fmt::format(">= the plan's routed rows ({})", num_rows));
-  check_matrix(where, "dx", dx, plan.num_tokens, d_x_perm.cols);
-}
-
-template <class TOut, class TDy, class TG>
-void check_unpermute_backward_args(RoutingPlan const& plan, std::int64_t num_rows, MatrixView<TOut const> expert_out,
-                                   MatrixView<float const> topk_weights, MatrixView<TDy const> dy,
-                                   MatrixView<TG> d_expert_out, MatrixView<float> d_topk_weights) {
-  constexpr std::string_view where = "unpermute_backward";
-  check_matrix(where, "expert_out", expert_out, -1, -1);
-  require(expert_out.rows >= num_rows, Errc::kShapeMismatch, where, "expert_out.rows", expert_out.rows,
-          fmt::format(">= the plan's routed rows ({})", num_rows));
-  check_matrix(where, "topk_weights", topk_weights, plan.num_tokens, plan.top_k);
-  check_matrix(where, "dy", dy, plan.num_tokens, expert_out.cols);
-  check_matrix(where, "d_expert_out", d_expert_out, -1, expert_out.cols);
-  require(d_expert_out.rows >= num_rows, Errc::kShapeMismatch, where, "d_expert_out.rows", d_expert_out.rows,
-          fmt::format(">= the plan's routed rows ({})", num_rows));
-  check_matrix(where, "d_topk_weights", d_topk_weights, plan.num_tokens, plan.top_k);
-}
-
-}  // namespace detail
-
 //! @brief The backward of permute: each token's gradient is the sum of its routed rows' gradients,
 //! added in slot order with fp32 accumulation (host reference; bitwise deterministic).
 //! @param[in]  plan      the plan forward's permute used, from make_plan(Host, ...)

@@ -121,3 +121,20 @@ TEST_CASE("io upload: the host stream is refused") {
     (void)io::load_layer_to_device(ckpt, model, request, io::LayerBuffers<bfloat16>{}, StreamRef::host());
   });
 }
+
+TEST_CASE("io upload: Dequantize::kDevice is refused where the call is not compiled by nvcc") {
+  EPX_TEST_SEEDED_RNG(rng);
+  TempDir dir;
+  CaseShape shape;
+  write_model(build_model("deepseek_v3", Encoding::kFp8, shape, rng), dir.path());
+  io::Checkpoint ckpt(dir.path());
+  auto const model = io::read_model(ckpt);
+  io::LayerRequest const request{.layer = shape.layer, .placement = ExpertPlacement::contiguous(6, 1), .rank = 0};
+  cudaStream_t stream = nullptr;
+  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  test::check_throws(Errc::kUnsupported, "options.dequantize = Dequantize::kDevice", [&] {
+    (void)io::load_layer_to_device(ckpt, model, request, io::LayerBuffers<bfloat16>{}, StreamRef(stream),
+                                   {.dequantize = io::Dequantize::kDevice});
+  });
+  EPX_CUDA_CHECK(cudaStreamDestroy(stream));
+}

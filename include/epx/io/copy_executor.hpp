@@ -70,7 +70,7 @@ void decode_rows(CopyJob const& job, std::byte const* values, std::byte const* m
         float const* scale_row = fp8_scales.data() + ((s0 + i) / job.fp8_block[0]) * scale_cols;
         U* o = out.base + i * out.row_step;
         for (std::int64_t j = 0; j < cols; ++j)
-          o[j * out.col_step] = round_to<U>(decode_e4m3(row[j]) * scale_row[j / job.fp8_block[1]]);
+          o[j * out.col_step] = round_to<U>(dequantize_product(decode_e4m3(row[j]), scale_row[j / job.fp8_block[1]]));
       }
       return;
     }

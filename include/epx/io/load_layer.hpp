@@ -45,11 +45,20 @@ struct LayerRequest {
   std::int32_t rank = 0;
 };
 
+//! Where load_layer_to_device dequantises FP8 and MXFP4 tensors (load_layer: always the host).
+enum class Dequantize : std::uint8_t {
+  kAuto,    //!< on the device when the call is compiled by nvcc (cuda_dequantize.cuh), else on the host
+  kHost,    //!< decoded on the host, uploaded as T
+  kDevice,  //!< uploaded as stored (bytes and scales), decoded by a kernel; needs the call compiled by nvcc
+};
+
 struct LoadOptions {
   //! The most memory the loader allocates for staging (raw bytes of a chunk; on the CUDA path the
   //! same again as pinned memory). A chunk is never less than one stored row. Jobs read verbatim into
   //! host memory use none.
   std::size_t staging_bytes = std::size_t{64} << 20;
+  //! load_layer_to_device only: where quantised tensors are decoded (load_layer refuses kDevice).
+  Dequantize dequantize = Dequantize::kAuto;
 };
 
 //! Caller-owned destination memory, each span at least LayerSizes' elements (spans for tensors the
@@ -242,6 +251,10 @@ template <float_element T>
 LoadedLayer<T> load_layer(Checkpoint& ckpt, MoeModel const& model, LayerRequest const& request,
                           LayerBuffers<T> const& buffers, LoadOptions const& options = {}) {
   constexpr std::string_view where = "epx::io::load_layer";
+  epx::detail::require(options.dequantize != Dequantize::kDevice, Errc::kInvalidArgument, where, "options.dequantize",
+                       "Dequantize::kDevice",
+                       "kAuto or kHost (load_layer decodes on the host; kDevice is for "
+                       "load_layer_to_device)");
   ExpertRange const experts = detail::check_request(model, request, where);
   ReadStats const before = ckpt.stats();
   LayerPlan const plan = plan_layer(ckpt, model, request.layer, experts);

@@ -19,10 +19,14 @@
 //! epx's dequantisation, bit for bit: the product is exact in fp32 (a code has at most two
 //! significant bits, the scale is a power of two), then it is rounded to the destination type to
 //! nearest even (bf16 by default: exact unless it leaves bf16's range, as in transformers' bf16
-//! ldexp). Scale 0xFF is NaN (OCP MX v1.0), so its whole block is NaN.
+//! ldexp). Scale 0xFF is NaN (OCP MX v1.0), so its whole block is NaN (0x7FC00000, the decoded
+//! scale, on host and device alike: dequantize_product).
+//!
+//! The decoders and the index math are EPX_HOST_DEVICE and constexpr (see fp8_e4m3.hpp).
 
-#include <array>
-#include <bit>
+#include <epx/config.hpp>
+#include <epx/io/fp8_e4m3.hpp>
+
 #include <cstdint>
 
 namespace epx::io {
@@ -33,25 +37,57 @@ inline constexpr std::int64_t kMxfp4BlockElements = 32;
 inline constexpr std::int64_t kMxfp4BlockBytes = 16;
 
 //! An E2M1 code (low 4 bits of `code`) as fp32: sign, 2 exponent bits (bias 1), 1 mantissa bit.
-constexpr float decode_e2m1(std::uint8_t code) noexcept {
-  constexpr std::array<float, 8> kMagnitude = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  float const magnitude = kMagnitude[code & 0x7u];
+//! Computed from the fields rather than looked up: a table would live in host memory only.
+EPX_HOST_DEVICE constexpr float decode_e2m1(std::uint8_t code) noexcept {
+  std::uint32_t const exponent = (code >> 1) & 0x3u;
+  std::uint32_t const mantissa = code & 0x1u;
+  // exponent 0: subnormal, m x 0.5; else (1 + m / 2) x 2^(exponent - 1)
+  float const magnitude = exponent == 0
+                              ? static_cast<float>(mantissa) * 0.5f
+                              : static_cast<float>(2u + mantissa) * static_cast<float>(1u << exponent) * 0.25f;
   return (code & 0x8u) != 0 ? -magnitude : magnitude;
 }
 
 //! An E8M0 scale as fp32: 2^(bits - 127) (2^-127 is an fp32 subnormal, exact); 0xFF is NaN.
-constexpr float decode_e8m0(std::uint8_t bits) noexcept {
-  if (bits == 0xff) return std::bit_cast<float>(0x7fc00000u);
-  if (bits == 0) return std::bit_cast<float>(0x00400000u);  // 2^-127
-  return std::bit_cast<float>(std::uint32_t{bits} << 23);
+EPX_HOST_DEVICE constexpr float decode_e8m0(std::uint8_t bits) noexcept {
+  if (bits == 0xff) return detail::float_from_bits(0x7fc00000u);
+  if (bits == 0) return detail::float_from_bits(0x00400000u);  // 2^-127
+  return detail::float_from_bits(std::uint32_t{bits} << 23);
 }
 
-//! Element `index` (0 .. 31) of an MXFP4 block: its packed 16 bytes and its scale, as fp32.
-constexpr float mxfp4_element(std::uint8_t const* block_bytes, std::int64_t index, std::uint8_t scale) noexcept {
-  std::uint8_t const byte = block_bytes[index / 2];
-  std::uint8_t const code =
-      (index % 2 == 0) ? static_cast<std::uint8_t>(byte & 0xfu) : static_cast<std::uint8_t>(byte >> 4);
-  return decode_e2m1(code) * decode_e8m0(scale);
+//! Where MXFP4 element c of a stored row finds its code: byte c / 2 of the row's packed bytes...
+EPX_HOST_DEVICE constexpr std::int64_t mxfp4_byte_index(std::int64_t c) noexcept { return c / 2; }
+//! ... shifted right by this (the low nibble first) ...
+EPX_HOST_DEVICE constexpr std::uint32_t mxfp4_nibble_shift(std::int64_t c) noexcept {
+  return static_cast<std::uint32_t>(c % 2) * 4u;
 }
+//! ... and its scale: byte c / 32 of the row's scales.
+EPX_HOST_DEVICE constexpr std::int64_t mxfp4_scale_index(std::int64_t c) noexcept { return c / kMxfp4BlockElements; }
+
+//! Element `index` (0 .. 31) of an MXFP4 block: its packed 16 bytes and its scale, as fp32.
+EPX_HOST_DEVICE constexpr float mxfp4_element(std::uint8_t const* block_bytes, std::int64_t index,
+                                              std::uint8_t scale) noexcept {
+  auto const code =
+      static_cast<std::uint8_t>((block_bytes[mxfp4_byte_index(index)] >> mxfp4_nibble_shift(index)) & 0xfu);
+  return dequantize_product(decode_e2m1(code), decode_e8m0(scale));
+}
+
+//! An MXFP4 [rows, cols] sub-matrix (host or device memory): element (i, j) is element col0 + j of
+//! stored row i.
+struct Mxfp4Source {
+  std::uint8_t const* blocks = nullptr;  //!< the first row's packed codes (two per byte, low nibble first)
+  std::int64_t blocks_ld = 0;            //!< bytes between rows (>= ceil((col0 + cols) / 2))
+  std::uint8_t const* scales = nullptr;  //!< the first row's E8M0 scales, one per 32 elements
+  std::int64_t scale_ld = 0;             //!< bytes between rows (>= ceil((col0 + cols) / 32))
+  std::int64_t col0 = 0;                 //!< the first column
+
+  //! Element (i, j) dequantised to fp32 (what the device kernel computes, element by element).
+  EPX_HOST_DEVICE constexpr float at(std::int64_t i, std::int64_t j) const noexcept {
+    std::int64_t const c = col0 + j;
+    std::uint8_t const* const row = blocks + i * blocks_ld;
+    auto const code = static_cast<std::uint8_t>((row[mxfp4_byte_index(c)] >> mxfp4_nibble_shift(c)) & 0xfu);
+    return dequantize_product(decode_e2m1(code), decode_e8m0(scales[i * scale_ld + mxfp4_scale_index(c)]));
+  }
+};
 
 }  // namespace epx::io

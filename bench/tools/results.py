@@ -252,6 +252,11 @@ def main():
             stamp = (info.get("started") or "undated")[:10]
             gpu = re.sub(r"[^a-z0-9]+", "-", (info.get("gpu") or "gpu").split(",")[0].lower()).strip("-")
             kept = args.results.parent / "results" / f"{stamp}-{gpu}.json"  # bench/results/ beside RESULTS.md
+            if kept.exists():  # a second run on one day keeps its own file: name it by its start time too
+                clock = re.sub(r"[^0-9]", "", (info.get("started") or "")[11:19]) or "later"
+                kept = kept.with_name(f"{stamp}-{clock}-{gpu}.json")
+            if kept.exists():
+                sys.exit(f"results.py: {kept} exists already; this run seems recorded")
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(out_dir / "benchmarks.json", kept)
             with open(args.results, "a") as f:

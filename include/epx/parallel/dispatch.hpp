@@ -148,6 +148,33 @@ struct AllToAllPart {
     return b;
   }
 
+  //! A layout's local offsets and regroup segments, written to `upload` (the execution's memory) in
+  //! one write: what the experts and the regroups read, forward and backward alike.
+  struct UploadedLayout {
+    std::span<std::int32_t const> offsets;  // [local experts + 1]
+    std::span<RowSegment const> segments;
+  };
+
+  template <class Step>
+  static UploadedLayout upload_layout(Step const& step, std::span<std::byte> upload, AllToAllLayout const& layout) {
+    std::size_t const offsets_bytes = AllToAllPart::offsets_bytes(step.local_experts().count);
+    std::size_t const segments_bytes = layout.regroup.size() * sizeof(RowSegment);
+    auto const part = upload.first(offsets_bytes + segments_bytes);
+    step.exec.write_to_device(step.stream, part, [&](std::span<std::byte> staging) {
+      std::memcpy(staging.data(), layout.local_offsets.data(), layout.local_offsets.size() * sizeof(std::int32_t));
+      if (segments_bytes > 0) std::memcpy(staging.data() + offsets_bytes, layout.regroup.data(), segments_bytes);
+    });
+    return {.offsets = {reinterpret_cast<std::int32_t const*>(part.data()), layout.local_offsets.size()},
+            .segments = {reinterpret_cast<RowSegment const*>(part.data() + offsets_bytes), layout.regroup.size()}};
+  }
+
+  //! Bytes per rank of rows `row_bytes` wide (all_to_all_v's sizes).
+  static std::vector<std::size_t> bytes_per_rank(std::vector<std::size_t> const& rows, std::size_t row_bytes) {
+    std::vector<std::size_t> bytes(rows.size());
+    for (std::size_t p = 0; p < rows.size(); ++p) bytes[p] = rows[p] * row_bytes;
+    return bytes;
+  }
+
   //! What dispatch leaves for the experts and for combine (backward will reuse it too).
   template <class T>
   struct Handle {
@@ -170,7 +197,6 @@ struct AllToAllPart {
     using Exec = typename Step::Exec;
     MoeConfig const& config = step.config;
     auto const hidden = config.mlp.hidden;
-    ExpertRange const local = step.local_experts();
     typename Exec::template Range<LayerStage::kDispatch> range;
     // 1. This rank's row of the count table (no counts when it made no plan), then every rank's.
     auto const& send = step.buffers.table_send;
@@ -187,20 +213,12 @@ struct AllToAllPart {
     auto const layout = make_all_to_all_layout(table, config.placement, step.comm.rank());
     h.counters->status.max_tokens_per_expert = layout.max_rows_per_local_expert;
     // 3. The local offsets and the regroup segments to the execution's memory, in one write.
-    std::size_t const offsets_bytes = AllToAllPart::offsets_bytes(local.count);
-    std::size_t const segments_bytes = layout.regroup.size() * sizeof(RowSegment);
-    auto const upload = step.buffers.upload.first(offsets_bytes + segments_bytes);
-    step.exec.write_to_device(step.stream, upload, [&](std::span<std::byte> staging) {
-      std::memcpy(staging.data(), layout.local_offsets.data(), layout.local_offsets.size() * sizeof(std::int32_t));
-      if (segments_bytes > 0) std::memcpy(staging.data() + offsets_bytes, layout.regroup.data(), segments_bytes);
-    });
-    h.segments = {reinterpret_cast<RowSegment const*>(upload.data() + offsets_bytes), layout.regroup.size()};
+    auto const uploaded = upload_layout(step, step.buffers.upload, layout);
+    h.segments = uploaded.segments;
     // 4. Rows to the experts' ranks: received rank-major, regrouped expert-major.
     auto const row_bytes = static_cast<std::size_t>(hidden) * sizeof(T);
-    for (std::size_t p = 0; p < layout.send_rows.size(); ++p) {
-      h.send_bytes.push_back(layout.send_rows[p] * row_bytes);
-      h.recv_bytes.push_back(layout.recv_rows[p] * row_bytes);
-    }
+    h.send_bytes = bytes_per_rank(layout.send_rows, row_bytes);
+    h.recv_bytes = bytes_per_rank(layout.recv_rows, row_bytes);
     h.received = MatrixView<T>(step.buffers.recv.data(), layout.num_recv_rows, hidden);
     h.regrouped = MatrixView<T>(step.x_local.data(), layout.num_recv_rows, hidden);
     step.comm.all_to_all_v(step.x_perm.data, h.send_bytes, h.received.data, h.recv_bytes, step.comm_stream());
@@ -208,7 +226,7 @@ struct AllToAllPart {
     range.end();
     // The experts read the regrouped rows and write into recv, whose received rows are spent.
     h.rows = {.in = MatrixView<T const>(h.regrouped),
-              .offsets = {reinterpret_cast<std::int32_t const*>(upload.data()), layout.local_offsets.size()},
+              .offsets = uploaded.offsets,
               .out = h.received,
               .rows_hint = layout.num_recv_rows};
     return h;
@@ -269,24 +287,11 @@ struct AllToAllPart {
                        d_perm, d_topk_weights);
     // 2. Forward's layout again, from its count table; its offsets and segments to the execution's memory.
     auto const layout = make_all_to_all_layout(step.table, config.placement, step.comm.rank());
-    std::size_t const offsets_bytes = AllToAllPart::offsets_bytes(local.count);
-    std::size_t const segments_bytes = layout.regroup.size() * sizeof(RowSegment);
-    auto const upload = step.buffers.upload.first(offsets_bytes + segments_bytes);
-    step.exec.write_to_device(step.stream, upload, [&](std::span<std::byte> staging) {
-      std::memcpy(staging.data(), layout.local_offsets.data(), layout.local_offsets.size() * sizeof(std::int32_t));
-      if (segments_bytes > 0) std::memcpy(staging.data() + offsets_bytes, layout.regroup.data(), segments_bytes);
-    });
-    std::span<RowSegment const> const segments(reinterpret_cast<RowSegment const*>(upload.data() + offsets_bytes),
-                                               layout.regroup.size());
-    std::span<std::int32_t const> const offsets(reinterpret_cast<std::int32_t const*>(upload.data()),
-                                                layout.local_offsets.size());
+    auto const [offsets, segments] = upload_layout(step, step.buffers.upload, layout);
     // 3. Gradient rows to the experts' ranks, expert-major; the experts' backward; dx rows back.
-    std::vector<std::size_t> send_bytes, recv_bytes;
     auto const row_bytes = static_cast<std::size_t>(hidden) * sizeof(G);
-    for (std::size_t p = 0; p < layout.send_rows.size(); ++p) {
-      send_bytes.push_back(layout.send_rows[p] * row_bytes);
-      recv_bytes.push_back(layout.recv_rows[p] * row_bytes);
-    }
+    auto const send_bytes = bytes_per_rank(layout.send_rows, row_bytes);
+    auto const recv_bytes = bytes_per_rank(layout.recv_rows, row_bytes);
     std::int64_t const n = layout.num_recv_rows;
     MatrixView<G> const received(step.buffers.recv.data(), n, hidden), regrouped(step.buffers.rows.data(), n, hidden);
     step.comm.all_to_all_v(d_perm.data, send_bytes, received.data, recv_bytes, step.comm_stream());

@@ -36,7 +36,10 @@ __device__ inline bool token_has_no_expert(std::int32_t const* __restrict__ row,
 //! local expert) for everything else; values: the slot index. Invalid ids are counted, and so are
 //! the tokens with no valid id (the thread of a token's slot 0 reads its row; over every expert,
 //! not only the range, so that every rank of an AllGather layer counts the same).
-__global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int64_t ld, std::int32_t num_tokens,
+//! A template over the id type only so that a program's several translation units may include
+//! this header (a non-template __global__ function is defined in each: a link error); likewise below.
+template <class Id>
+__global__ void plan_keys_kernel(Id const* __restrict__ ids, std::int64_t ld, std::int32_t num_tokens,
                                  std::int32_t top_k, std::int32_t num_experts, ExpertRange range,
                                  std::uint32_t* __restrict__ keys, std::int32_t* __restrict__ slots,
                                  Status* __restrict__ status) {
@@ -68,9 +71,10 @@ __global__ void plan_keys_kernel(std::int32_t const* __restrict__ ids, std::int6
 
 //! From the sorted keys: expert_offsets (every boundary writes the offsets of the experts it
 //! opens, so empty experts are covered), sorted_slots (-1 past the routed rows) and slot_rows.
-__global__ void plan_offsets_kernel(std::uint32_t const* __restrict__ sorted_keys,
-                                    std::int32_t* __restrict__ sorted_slots, std::int64_t n, std::int32_t count,
-                                    std::int32_t* __restrict__ expert_offsets, std::int32_t* __restrict__ slot_rows) {
+template <class Key>
+__global__ void plan_offsets_kernel(Key const* __restrict__ sorted_keys, std::int32_t* __restrict__ sorted_slots,
+                                    std::int64_t n, std::int32_t count, std::int32_t* __restrict__ expert_offsets,
+                                    std::int32_t* __restrict__ slot_rows) {
   if (n == 0) {  // no slots: every offset is 0
     for (std::int32_t e = threadIdx.x; e <= count; e += blockDim.x)
       if (blockIdx.x == 0) expert_offsets[e] = 0;
@@ -89,7 +93,8 @@ __global__ void plan_offsets_kernel(std::uint32_t const* __restrict__ sorted_key
   }
 }
 
-__global__ void plan_counts_kernel(std::int32_t const* __restrict__ expert_offsets, std::int32_t count,
+template <class Offset>
+__global__ void plan_counts_kernel(Offset const* __restrict__ expert_offsets, std::int32_t count,
                                    std::int32_t* __restrict__ tokens_per_expert, Status* __restrict__ status) {
   for (std::int32_t e = grid_thread<std::int32_t>(); e < count; e += grid_threads<std::int32_t>()) {
     std::int32_t const rows = expert_offsets[e + 1] - expert_offsets[e];
@@ -172,22 +177,22 @@ inline RoutingPlan make_plan(StreamRef stream, MatrixView<std::int32_t const> to
   auto const policy = detail::policy_for<detail::PlanPolicy>(detail::current_device_traits());
   int const blocks = detail::grid_blocks(n, policy.threads_per_block, policy.max_blocks);
   if (n > 0) {
-    detail::plan_keys_kernel<<<blocks, policy.threads_per_block, 0, s>>>(topk_ids.data, topk_ids.ld, num_tokens, top_k,
-                                                                         num_experts, experts, parts.keys_in.data(),
-                                                                         parts.slots_in.data(), status);
+    detail::plan_keys_kernel<std::int32_t>
+        <<<blocks, policy.threads_per_block, 0, s>>>(topk_ids.data, topk_ids.ld, num_tokens, top_k, num_experts,
+                                                     experts, parts.keys_in.data(), parts.slots_in.data(), status);
     EPX_CUDA_CHECK_LAUNCH(plan_keys_kernel);
     std::size_t temp = parts.sort_temp.size();
     EPX_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         parts.sort_temp.data(), temp, parts.keys_in.data(), parts.keys_out.data(), parts.slots_in.data(),
         parts.plan.sorted_slots.data(), static_cast<int>(n), 0, detail::plan_end_bit(experts.count), s));
   }
-  detail::plan_offsets_kernel<<<blocks, policy.threads_per_block, 0, s>>>(
+  detail::plan_offsets_kernel<std::uint32_t><<<blocks, policy.threads_per_block, 0, s>>>(
       parts.keys_out.data(), parts.plan.sorted_slots.data(), n, experts.count, parts.plan.expert_offsets.data(),
       parts.plan.slot_rows.data());
   EPX_CUDA_CHECK_LAUNCH(plan_offsets_kernel);
   if (experts.count > 0) {
     int const count_blocks = detail::grid_blocks(experts.count, policy.threads_per_block, policy.max_blocks);
-    detail::plan_counts_kernel<<<count_blocks, policy.threads_per_block, 0, s>>>(
+    detail::plan_counts_kernel<std::int32_t><<<count_blocks, policy.threads_per_block, 0, s>>>(
         parts.plan.expert_offsets.data(), experts.count, parts.plan.tokens_per_expert.data(), status);
     EPX_CUDA_CHECK_LAUNCH(plan_counts_kernel);
   }

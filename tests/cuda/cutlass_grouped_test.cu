@@ -18,9 +18,11 @@
 #include "../common/expert_parallel_scenarios.hpp"
 #include "../common/test_util.hpp"
 #include "device_buffer.cuh"
+#include "layer_backward_cases.cuh"
 
 #include <epx/cuda.cuh>
 
+#include <chrono>
 #include <cstring>
 #include <numeric>
 
@@ -354,4 +356,77 @@ TEST_CASE("ExpertParallel<CutlassGrouped>[cuda]: fp32 weights and odd widths are
   auto const widths = ExpertParallel<CutlassGrouped, AllGather, Cuda>::can_implement(odd, group.communicator(0));
   REQUIRE(widths.has_value());
   CHECK(std::string(widths->what()).find("mlp.intermediate = 12, expected a multiple of 8") != std::string::npos);
+}
+
+TEST_CASE(
+    "ExpertParallel<Grouped>[cuda]: with CUTLASS built in, Grouped runs it at prefill and its own kernel for decode") {
+  // This unit carries the CUTLASS path (EPX_HAVE_CUTLASS): Grouped picks per forward, from the rows
+  // per local expert (GroupedKernelPolicy: CUTLASS from 128), and says which kernel ran. Both agree
+  // with the Host layer on the same routing.
+  using namespace epx::test;
+  EPX_TEST_SEEDED_RNG(rng);
+  static_assert(epx::detail::CudaGroupedExperts::kWithCutlass);
+  bool const cutlass_here = cutlass_grouped_gemm_available();
+  Scenario const s{.num_experts = 8, .top_k = 2, .mlp = {.hidden = 64, .intermediate = 48}, .bias = true};
+  auto const gw = GlobalWeights<bfloat16>::random(s.num_experts, s.mlp, s.bias, rng);
+  CudaLocalGroup group(1, {.timeout = std::chrono::seconds(30)});
+  group.run([&](int, Communicator& comm) {
+    CudaStream stream;
+    DeviceExperts<bfloat16> const experts(gw, ExpertRange{0, s.num_experts});
+    ExpertParallel<Grouped, AllToAll, Cuda> ep(
+        MoeConfig{.router = s.router(), .mlp = s.mlp, .weights = experts.weights()}, comm);
+    CHECK(ep.expert_kernel() == "none");
+    // 100 tokens: 25 rows per expert (decode-like); 700 tokens: 175 per expert (prefill).
+    for (std::int64_t const t : {std::int64_t{100}, std::int64_t{700}}) {
+      CAPTURE(t);
+      auto const x_host = random_vector<bfloat16>(static_cast<std::size_t>(t * s.mlp.hidden), rng);
+      auto const ids_host = make_ids(s, t, rng);
+      auto const weights_host = random_weights(ids_host.size(), rng);
+      DeviceBuffer<std::byte> ws(ep.workspace_bytes(t));
+      DeviceBuffer<bfloat16> x(x_host), y(x_host.size());
+      DeviceBuffer<float> weights(weights_host);
+      DeviceBuffer<std::int32_t> ids(ids_host);
+      y.poison(0xff);
+      ep.forward(stream.ref(), MatrixView<std::int32_t const>(ids.data(), t, s.top_k),
+                 MatrixView<float const>(weights.data(), t, s.top_k),
+                 MatrixView<bfloat16 const>(x.data(), t, s.mlp.hidden), MatrixView<bfloat16>(y.data(), t, s.mlp.hidden),
+                 Workspace(ws.data(), ws.size()));
+      stream.sync();
+      std::string_view const want = t == 700 && cutlass_here ? "cutlass" : "epx";
+      CHECK(ep.expert_kernel() == want);
+      RankInputs<bfloat16> in{.x = x_host, .ids = ids_host, .weights = weights_host};
+      CHECK(rel_error(y.to_host(), host_layer(s, gw, in).y) <= CudaBackend::tolerance<bfloat16>());
+    }
+  });
+}
+
+namespace epx::test {
+using CudaGroupedAllToAll = EpPolicy<CudaBackend, Grouped, AllToAll>;
+}  // namespace epx::test
+TYPE_TO_STRING_AS("Grouped (CUTLASS built in), AllToAll", epx::test::CudaGroupedAllToAll);
+
+TEST_CASE(
+    "ExpertParallel<Grouped>[cuda]: with CUTLASS built in, N ranks at prefill sizes equal the dense MoE and the Host") {
+  using namespace epx::test;
+  EPX_TEST_SEEDED_RNG(rng);
+  // 8 experts, top-2: ~170 rows per local expert, so every rank's Grouped runs CUTLASS (on sm_90).
+  check_rank_counts<CudaGroupedAllToAll, bfloat16>({.tokens_per_rank = {700, 650}, .bias = true}, rng);
+}
+
+TEST_CASE("ExpertParallel<CutlassGrouped | Grouped>::backward[cuda]: the CUTLASS layers' gradients equal the Host's") {
+  // The backward (h recomputed with epx's kernel, the gradient GEMMs of cuda/grouped_gemm_backward.cuh)
+  // after a CUTLASS forward; Grouped with prefill-sized inputs, where its forward runs CUTLASS.
+  using namespace epx::test::backward;
+  EPX_TEST_SEEDED_RNG(rng);
+  if (!cutlass_grouped_gemm_available()) return;
+  auto const all = cases();
+  for (std::size_t i = 0; i < all.size(); i += 2) {
+    CAPTURE(i);
+    check_case<CutlassGrouped, AllToAll, bfloat16>(all[i], rng);
+    check_case<CutlassGrouped, AllGather, bfloat16>(all[i], rng);
+  }
+  epx::test::backward::Case prefill = all[0];
+  prefill.experts_per_rank = {3, 5};
+  prefill.tokens_per_rank = {700, 560};
+  check_case<Grouped, AllToAll, bfloat16>(prefill, rng);
 }

@@ -7,6 +7,7 @@
 #include <epx/cuda.cuh>
 
 #include "../common/test_util.hpp"
+#include "args_test_util.hpp"
 
 #include <doctest/doctest.h>
 
@@ -19,31 +20,10 @@
 #include <vector>
 
 using namespace epx;
-
-namespace {
-
-template <class F>
-Error caught(F&& f) {
-  try {
-    f();
-  } catch (Error const& e) {
-    return e;
-  }
-  FAIL("no epx::Error was thrown");
-  return Error(Errc::kInvalidArgument, "unreachable");
-}
-
-bool contains(std::string const& text, std::string const& part) { return text.find(part) != std::string::npos; }
-
-StreamRef fake_stream() { return StreamRef(reinterpret_cast<CUstream_st*>(std::uintptr_t{0x1000})); }
-
-// Device pointers that are never dereferenced: every call below fails its host-side checks first.
-template <class T>
-T* fake(std::uintptr_t address = 0x10000) {
-  return reinterpret_cast<T*>(address);
-}
-
-}  // namespace
+using test::caught;
+using test::contains;
+using test::fake;
+using test::fake_stream;
 
 TEST_CASE("GroupedGemm::grouped_gemm[cuda-args]: bad arguments are refused before any GPU work") {
   std::int32_t const* offsets = fake<std::int32_t const>();

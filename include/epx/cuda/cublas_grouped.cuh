@@ -17,6 +17,7 @@
 #include <epx/core/workspace.hpp>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/group_rows.cuh>
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/tuning.cuh>
@@ -31,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -44,108 +46,6 @@ constexpr cudaDataType_t cuda_data_type() {
     return CUDA_R_16F;
   else
     return CUDA_R_16BF;
-}
-
-//! The group of `row` among offsets[0..groups] (rows of empty groups never match).
-__device__ __forceinline__ int group_of_row(std::int32_t const* offsets, int groups, std::int64_t row) {
-  int lo = 0, hi = groups - 1;
-  while (lo < hi) {  // last g with offsets[g] <= row
-    int const mid = (lo + hi + 1) / 2;
-    if (offsets[mid] <= row)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
-//! group_activation_kernel's arguments: h of type H (T on the cuBLAS path, fp32 on CUTLASS's).
-template <class T, class H = T>
-struct GroupActivationParams {
-  H const* h;  // [rows, gate_up_rows] the gate_up product, ldh apart
-  std::int64_t ldh;
-  T* a;  // [rows, intermediate] activated, lda apart
-  std::int64_t lda;
-  T const* bias;                // [groups, gate_up_rows] or nullptr
-  std::int32_t const* offsets;  // [groups + 1] device
-  int groups;
-  int intermediate;
-  bool gated;
-  bool interleaved;
-  Activation activation;
-  ClampedSwiGLUParams clamped;
-};
-
-//! a[r, i] = activation(h[r, gate], h[r, up]) (+ gate_up bias of the row's expert) in fp32, one
-//! rounding to T, for the rows of [offsets[0], offsets[groups]): blocks stride over rows (the
-//! row count stays on the device), threads over the columns.
-template <class T, class H>
-__global__ void group_activation_kernel(GroupActivationParams<T, H> const p) {
-  std::int64_t const last = p.offsets[p.groups];
-  for (std::int64_t row = p.offsets[0] + blockIdx.x; row < last; row += gridDim.x) {
-    int const g = group_of_row(p.offsets, p.groups, row);
-    int const inter = p.intermediate;
-    int const width = p.gated ? 2 * inter : inter;
-    for (int i = static_cast<int>(threadIdx.x); i < inter; i += static_cast<int>(blockDim.x)) {
-      int const gate_col = p.gated ? gate_column(i, inter, !p.interleaved) : i;
-      int const up_col = up_column(i, inter, !p.interleaved);  // read only when gated
-      float gate = device_to_float(p.h[row * p.ldh + gate_col]);
-      float up = 0.0f;
-      if (p.bias != nullptr) gate += device_to_float(p.bias[static_cast<std::int64_t>(g) * width + gate_col]);
-      if (p.gated) {
-        up = device_to_float(p.h[row * p.ldh + up_col]);
-        if (p.bias != nullptr) up += device_to_float(p.bias[static_cast<std::int64_t>(g) * width + up_col]);
-      }
-      p.a[row * p.lda + i] = device_from_float<T>(activate(p.activation, gate, up, p.clamped));
-    }
-  }
-}
-
-//! out[r, :] = T((in[r, :] + down bias of the row's expert) * row_scale[r]), one rounding, for the
-//! rows of [offsets[0], offsets[groups]) (blocks stride over rows). `in` may be `out` (cuBLAS: T in
-//! place) or an fp32 buffer (CUTLASS).
-template <class T, class TIn>
-__global__ void group_finish_kernel(TIn const* in, std::int64_t ldi, T* out, std::int64_t ldo, T const* bias,
-                                    float const* row_scale, std::int32_t const* offsets, int groups, int hidden) {
-  std::int64_t const last = offsets[groups];
-  for (std::int64_t row = offsets[0] + blockIdx.x; row < last; row += gridDim.x) {
-    int const g = group_of_row(offsets, groups, row);
-    float const scale = row_scale == nullptr ? 1.0f : row_scale[row];
-    for (int c = static_cast<int>(threadIdx.x); c < hidden; c += static_cast<int>(blockDim.x)) {
-      float v = device_to_float(in[row * ldi + c]);
-      if (bias != nullptr) v += device_to_float(bias[static_cast<std::int64_t>(g) * hidden + c]);
-      out[row * ldo + c] = device_from_float<T>(v * scale);
-    }
-  }
-}
-
-//! Threads of a one-row-per-block kernel over `cols` columns: whole warps, at most the policy's.
-inline int group_row_threads(int cols) {
-  auto const policy = policy_for<CublasPolicy>(current_device_traits());
-  return std::min(policy.max_threads_per_block, static_cast<int>(align_up(cols, 32)));
-}
-
-//! Launches group_activation_kernel over at most `max_rows` rows (the grid strides beyond).
-template <class T, class H>
-void launch_group_activation(ExpertMlpConfig const& mlp, T const* bias, std::span<std::int32_t const> device_offsets,
-                             int groups, std::int64_t max_rows, MatrixView<H const> h, MatrixView<T> act,
-                             cudaStream_t s) {
-  if (max_rows == 0) return;
-  GroupActivationParams<T, H> const params{.h = h.data,
-                                           .ldh = h.ld,
-                                           .a = act.data,
-                                           .lda = act.ld,
-                                           .bias = bias,
-                                           .offsets = device_offsets.data(),
-                                           .groups = groups,
-                                           .intermediate = mlp.intermediate,
-                                           .gated = is_gated(mlp.activation),
-                                           .interleaved = mlp.gate_up_layout == GateUpLayout::kInterleaved,
-                                           .activation = mlp.activation,
-                                           .clamped = mlp.clamped_swiglu};
-  auto const blocks = static_cast<unsigned>(std::min<std::int64_t>(max_rows, kMaxGridStrideBlocks));
-  group_activation_kernel<T, H><<<blocks, group_row_threads(mlp.intermediate), 0, s>>>(params);
-  EPX_CUDA_CHECK_LAUNCH(group_activation_kernel);
 }
 
 //! CublasGrouped on Cuda. Owns a cuBLAS handle (created in the constructor: not on the forward path).
@@ -169,6 +69,8 @@ class CudaCublasGroupedExperts {
                                             std::int64_t max_rows) const {
     return layout_bytes([&](auto& c) { return carve<T>(c, mlp, max_rows); });
   }
+
+  [[nodiscard]] static std::string_view kernel_name() noexcept { return "cublas"; }
 
   //! cuBLAS runs every shape the configuration allows.
   static void check(MoeConfig const&) {}
@@ -210,7 +112,7 @@ class CudaCublasGroupedExperts {
     if (w.down_bias != nullptr) {
       group_finish_kernel<T, T><<<static_cast<unsigned>(rows), group_row_threads(mlp.hidden), 0, s>>>(
           out.data, out.ld, out.data, out.ld, w.down_bias, nullptr, device_offsets.data(), static_cast<int>(groups),
-          mlp.hidden);
+          mlp.hidden, out.rows);
       EPX_CUDA_CHECK_LAUNCH(group_finish_kernel);
     }
   }

@@ -16,9 +16,10 @@
 
 #include <epx/cuda/gemm/cutlass_grouped.cuh>
 // CUTLASS's headers first (read under NDEBUG), then epx's
-#include <epx/cuda/cublas_grouped.cuh>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
+#include <epx/cuda/expert_mlp_backward.cuh>
+#include <epx/cuda/group_rows.cuh>
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/tuning.cuh>
@@ -30,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 namespace epx {
 namespace detail {
@@ -110,14 +112,14 @@ void cutlass_expert_mlp(StreamRef stream_ref, ExpertMlpConfig const& mlp, Expert
   auto const blocks = static_cast<unsigned>(std::min<std::int64_t>(x.rows, detail::kMaxGridStrideBlocks));
   detail::group_finish_kernel<T, float><<<blocks, detail::group_row_threads(mlp.hidden), 0, s>>>(
       out32.data, out32.ld, out.data, out.ld, w.down_bias, nullptr, offsets.data(), static_cast<int>(groups),
-      mlp.hidden);
+      mlp.hidden, out.rows);
   EPX_CUDA_CHECK_LAUNCH(group_finish_kernel);
 }
 
 namespace detail {
 
-//! CutlassGrouped on Cuda: cutlass_expert_mlp, no sync.
-struct CudaCutlassGroupedExperts {
+//! CutlassGrouped on Cuda: cutlass_expert_mlp, no sync. Backward: CudaRecomputingBackward.
+struct CudaCutlassGroupedExperts : CudaRecomputingBackward {
   //! What CUTLASS's TMA needs of the shapes, and bf16/fp16, said at construction.
   static void check(MoeConfig const& config) {
     constexpr std::string_view where = "ExpertParallel<CutlassGrouped, ..., Cuda>";
@@ -150,6 +152,8 @@ struct CudaCutlassGroupedExperts {
       cutlass_expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, rows_hint);
     }
   }
+
+  [[nodiscard]] static std::string_view kernel_name() noexcept { return "cutlass"; }
 };
 
 template <>

@@ -14,7 +14,6 @@
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/gemm/expert_mlp.hpp>
-#include <epx/parallel/execution.hpp>
 #include <epx/parallel/moe_config.hpp>
 
 #include <cstdint>
@@ -99,40 +98,4 @@ void expert_mlp(StreamRef stream, ExpertMlpConfig const& config, ExpertWeights c
   detail::run_grouped_gemm<detail::EpilogueKind::kLinear>(down, options.rows_hint, s, where);
 }
 
-namespace detail {
-
-//! Grouped on Cuda: epx's grouped GEMM, no sync.
-struct CudaGroupedExperts {
-  //! The tensor-core kernel reads rows in 16-byte chunks: bf16 and fp16 widths must be multiples of
-  //! 8 (what expert_mlp would refuse at the first forward, said at construction).
-  static void check(MoeConfig const& config) {
-    if (config.weights.dtype == DType::kF32) return;
-    for (auto const& [name, value] :
-         {std::pair<std::string_view, std::int32_t>{"mlp.hidden", config.mlp.hidden},
-          std::pair<std::string_view, std::int32_t>{"mlp.intermediate", config.mlp.intermediate}})
-      require(value % 8 == 0, Errc::kInvalidArgument, "ExpertParallel<Grouped, ..., Cuda>", name, value,
-              fmt::format("a multiple of 8 for {} weights (rows of 16-byte chunks for the tensor-core kernel)",
-                          config.weights.dtype));
-  }
-
-  template <class T>
-  [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
-                                            std::int64_t max_rows) const {
-    return cuda_expert_mlp_workspace_bytes<T>(mlp, max_rows);
-  }
-
-  template <class T>
-  void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
-           std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws,
-           std::int64_t rows_hint) const {
-    expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
-  }
-};
-
-template <>
-struct ExpertKernelSelector<Grouped, Cuda> {
-  using type = CudaGroupedExperts;
-};
-
-}  // namespace detail
 }  // namespace epx

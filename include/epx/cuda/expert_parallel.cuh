@@ -19,6 +19,9 @@
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
 #include <epx/cuda/expert_mlp.cuh>
+#include <epx/cuda/grouped_experts.cuh>
+#include <epx/cuda/permute_backward.cuh>
+#include <epx/cuda/router_backward.cuh>
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/permute.cuh>
@@ -36,6 +39,7 @@
 #include <memory>
 #include <span>
 #include <string_view>
+#include <type_traits>
 
 namespace epx::detail {
 
@@ -113,6 +117,13 @@ __global__ void partial_to_output_kernel(float const* __restrict__ partial, std:
       y[r * ldy + c] = device_from_float<T>(partial[r * ldp + c]);
 }
 
+//! *to = value: a few words written in the order of a stream, the value carried as a kernel argument
+//! (no host staging buffer that a later call could overwrite before the copy runs).
+template <class Words>
+__global__ void write_words_kernel(Words* __restrict__ to, Words const value) {
+  *to = value;
+}
+
 //! The NVTX range of each of the layer's own stages.
 template <LayerStage>
 struct NvtxLayerStage;
@@ -162,6 +173,16 @@ class LayerExecution<Cuda> {
     return epx::make_plan(stream, ids, num_experts, range, workspace, status);
   }
 
+  //! route_backward on the stream. The ids are the saved forward's (route() wrote them); a token
+  //! whose ids it would reject anyway gets zero gradients and counts in `status` (the backward's
+  //! control block), not an Error: reading it back would cost a sync.
+  template <class L>
+  static void route_backward(Stream stream, RouterConfig const& config, MatrixView<L const> logits,
+                             MatrixView<std::int32_t const> ids, MatrixView<float const> d_topk_weights,
+                             MatrixView<float> d_logits, Status* status) {
+    epx::route_backward(stream, config, logits, ids, d_topk_weights, d_logits, status);
+  }
+
   static void reset_control(Stream stream, ForwardControl* control) {
     EPX_CUDA_CHECK(cudaMemsetAsync(&control->status, 0, sizeof(Status), stream.get()));
     static_assert(kNoInvalidId == ~std::uint64_t{0}, "all-ones bytes");
@@ -201,6 +222,16 @@ class LayerExecution<Cuda> {
     return {reinterpret_cast<std::int64_t const*>(control_.data()), words.size()};
   }
 
+  //! The saved state's header: one single-thread kernel on the stream, the words as its argument.
+  template <class Header>
+  static void write_header(Stream stream, std::span<std::int64_t> words, Header const& header) {
+    static_assert(std::is_trivially_copyable_v<Header> && sizeof(Header) <= 256, "a small kernel argument");
+    require(words.size_bytes() >= sizeof(Header), Errc::kInvalidArgument, "ExpertParallel<..., Cuda>",
+            "saved header words", words.size(), fmt::format(">= {}", sizeof(Header) / sizeof(std::int64_t)));
+    write_words_kernel<Header><<<1, 1, 0, stream.get()>>>(reinterpret_cast<Header*>(words.data()), header);
+    EPX_CUDA_CHECK_LAUNCH(write_words_kernel);
+  }
+
   //! `pack` fills the pinned staging buffer; one host->device copy follows on the stream, no wait.
   //! The next forward on this object rewrites the buffer only after its own wait (AllToAll), which
   //! covers this copy when both forwards are on one stream (the class's documented rule).
@@ -235,6 +266,16 @@ class LayerExecution<Cuda> {
     else
       launch(static_cast<T*>(nullptr));
     EPX_CUDA_CHECK_LAUNCH(regroup_rows_kernel);
+  }
+
+  //! dst = src on the stream (a training forward's copy of the given routing): one 2D copy.
+  template <class T>
+  static void copy(Stream stream, MatrixView<T const> src, MatrixView<T> dst) {
+    if (src.rows == 0 || src.cols == 0) return;
+    auto const row_bytes = static_cast<std::size_t>(src.cols) * sizeof(T);
+    EPX_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, static_cast<std::size_t>(dst.ld) * sizeof(T), src.data,
+                                     static_cast<std::size_t>(src.ld) * sizeof(T), row_bytes,
+                                     static_cast<std::size_t>(src.rows), cudaMemcpyDeviceToDevice, stream.get()));
   }
 
   template <class T>

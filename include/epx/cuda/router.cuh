@@ -341,17 +341,7 @@ void route(StreamRef stream, RouterConfig const& config, MatrixView<L> logits_in
             : 0;
     detail::route_kernel<Logit, kPerLane><<<blocks, warps * detail::kWarpLanes, stage_bytes, s.get()>>>(params);
   };
-  int const per_lane = detail::router_registers(config.num_experts);
-  if (per_lane <= 1)
-    launch(std::integral_constant<int, 1>{});
-  else if (per_lane <= 2)
-    launch(std::integral_constant<int, 2>{});
-  else if (per_lane <= 4)
-    launch(std::integral_constant<int, 4>{});
-  else if (per_lane <= 8)
-    launch(std::integral_constant<int, 8>{});
-  else
-    launch(std::integral_constant<int, 16>{});
+  detail::with_router_registers(config.num_experts, launch);
   EPX_CUDA_CHECK_LAUNCH(route_kernel);
 }
 

@@ -15,6 +15,8 @@
 #include <epx/config.hpp>
 #include <epx/core/router_config.hpp>
 
+#include <type_traits>
+
 namespace epx::detail {
 
 inline constexpr int kWarpLanes = 32;
@@ -32,6 +34,23 @@ EPX_HOST_DEVICE constexpr int router_expert_register(int expert) { return expert
 
 //! Registers per lane for `num_experts` experts (the kernel is instantiated for a bound of this).
 EPX_HOST_DEVICE constexpr int router_registers(int num_experts) { return (num_experts + kWarpLanes - 1) / kWarpLanes; }
+
+//! Calls launch(std::integral_constant<int, R>{}) with R the smallest of 1, 2, 4, 8, 16 registers per
+//! lane that holds num_experts (the router kernels are instantiated for those five).
+template <class Launch>
+void with_router_registers(int num_experts, Launch&& launch) {
+  int const per_lane = router_registers(num_experts);
+  if (per_lane <= 1)
+    launch(std::integral_constant<int, 1>{});
+  else if (per_lane <= 2)
+    launch(std::integral_constant<int, 2>{});
+  else if (per_lane <= 4)
+    launch(std::integral_constant<int, 4>{});
+  else if (per_lane <= 8)
+    launch(std::integral_constant<int, 8>{});
+  else
+    launch(std::integral_constant<int, 16>{});
+}
 
 EPX_HOST_DEVICE constexpr int router_slot_lane(int slot) { return slot % kWarpLanes; }
 EPX_HOST_DEVICE constexpr int router_slot_register(int slot) { return slot / kWarpLanes; }

@@ -102,6 +102,29 @@ constexpr CutlassTile cutlass_tile_for(CutlassTilePolicy const& policy, std::int
                                                              : CutlassTile::kCooperative128x256;
 }
 
+//! The kernel the expert policy Grouped runs on Cuda for one forward.
+enum class GroupedKernel : std::uint8_t {
+  kEpx,      //!< epx's own grouped GEMM (mma.sync; fused activation epilogue): every device, every width
+  kCutlass,  //!< CUTLASS's Hopper grouped GEMM (cuda/cutlass_grouped.cuh): EPX_HAVE_CUTLASS builds, sm_90
+};
+
+//! When Grouped takes CUTLASS's kernel: 16-bit weights, a build and device that run it, and at least
+//! `cutlass_min_rows_per_expert` rows per local expert on average. Measured on an H200 (bench/RESULTS.md,
+//! 2026-12-04: expert_mlp of the first session against cutlass_expert_mlp of the second, bf16, four
+//! models): CUTLASS's expert MLP takes 1.36-1.48x the own kernel's time at 4-32 rows per expert
+//! (decode, where the own kernel reads the weights at the HBM limit) and 0.49-0.71x from 128 rows on
+//! (T = 4096 and 16384); between 32 and 128 is unmeasured, so the switch sits at the first measured win.
+struct GroupedKernelPolicy {
+  std::int64_t cutlass_min_rows_per_expert = 128;
+};
+
+constexpr GroupedKernel grouped_kernel_for(GroupedKernelPolicy const& policy, bool cutlass_runs, bool sixteen_bit,
+                                           std::int64_t rows, std::int64_t groups) noexcept {
+  return cutlass_runs && sixteen_bit && groups > 0 && rows >= policy.cutlass_min_rows_per_expert * groups
+             ? GroupedKernel::kCutlass
+             : GroupedKernel::kEpx;
+}
+
 //! The policy of a stage for `device`: the defaults above, the same for every device (unmeasured).
 template <class Policy>
 constexpr Policy policy_for(DeviceTraits const&) noexcept {

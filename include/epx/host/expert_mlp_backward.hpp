@@ -18,6 +18,7 @@
 
 #include <epx/core/space.hpp>
 #include <epx/gemm/expert_mlp.hpp>
+#include <epx/gemm/expert_mlp_backward.hpp>
 #include <epx/gemm/paired_columns.hpp>
 #include <epx/host/expert_mlp.hpp>
 #include <epx/host/grouped_gemm.hpp>
@@ -26,33 +27,6 @@
 #include <type_traits>
 
 namespace epx {
-
-namespace detail {
-
-//! Scratch of the reference expert MLP backward.
-template <class T>
-struct ExpertMlpBackwardScratch {
-  std::span<T> activated;          // [rows, intermediate]: forward's a, recomputed from h
-  std::span<float> d_activated;    // [rows, intermediate]: da
-  std::span<float> d_gate_up_out;  // [rows, gate_up_rows]: dh
-};
-
-template <class T, class Carver>
-ExpertMlpBackwardScratch<T> carve_expert_mlp_backward(Carver& carver, ExpertMlpConfig const& c, std::int64_t max_rows) {
-  auto const rows = static_cast<std::size_t>(max_rows);
-  auto const inter = static_cast<std::size_t>(c.intermediate);
-  return {carver.template take<T>(rows * inter), carver.template take<float>(rows * inter),
-          carver.template take<float>(rows * static_cast<std::size_t>(c.gate_up_rows()))};
-}
-
-}  // namespace detail
-
-//! Workspace bytes of `expert_mlp_backward` for up to `max_rows` rows (pure host arithmetic):
-//! max_rows * (intermediate * (sizeof(T) + 4) + gate_up_rows * 4) plus alignment.
-template <float_element T>
-[[nodiscard]] std::size_t expert_mlp_backward_workspace_bytes(ExpertMlpConfig const& config, std::int64_t max_rows) {
-  return detail::layout_bytes([&](auto& c) { return detail::carve_expert_mlp_backward<T>(c, config, max_rows); });
-}
 
 //! @brief GEMM 1 of the expert MLP, h = x · gate_up[e]ᵀ (+ gate_up_bias[e]) in fp32: bitwise what
 //! expert_mlp computes before its activation (the same grouped_gemm call). It is what
@@ -71,10 +45,7 @@ void expert_mlp_gate_up(Host, ExpertMlpConfig const& config, ExpertWeights const
   constexpr std::string_view where = "expert_mlp_gate_up";
   using T = std::remove_const_t<TX>;
   MatrixView<T const> const x(x_in);
-  detail::validate(config, where);
-  auto const w = detail::typed_weights<T>(config, weights, where);
-  detail::check_matrix(where, "x", x, -1, config.hidden);
-  detail::check_matrix(where, "gate_up_out", gate_up_out, x.rows, config.gate_up_rows());
+  auto const w = detail::check_expert_mlp_gate_up_args<T>(where, config, weights, x, expert_offsets, gate_up_out);
   detail::check_group_offsets(where, "expert_offsets", expert_offsets, weights.num_local_experts, x.rows,
                               "num_local_experts");
   grouped_gemm(Host{}, x, w.gate_up, w.gate_up_bias, expert_offsets, gate_up_out);
@@ -105,17 +76,11 @@ void expert_mlp_backward(Host, ExpertMlpConfig const& config, ExpertWeights cons
   constexpr std::string_view where = "expert_mlp_backward";
   using T = std::remove_const_t<TX>;
   MatrixView<T const> const x(x_in);
-  detail::validate(config, where);
-  auto const w = detail::typed_weights<T>(config, weights, where);
-  std::int64_t const rows = x.rows, experts = weights.num_local_experts;
-  std::int64_t const gate_up_rows = config.gate_up_rows(), hidden = config.hidden, inter = config.intermediate;
-  detail::check_matrix(where, "x", x, -1, hidden);
-  detail::check_matrix(where, "gate_up_out", gate_up_out, rows, gate_up_rows);
-  detail::check_matrix(where, "dy", dy, rows, hidden);
-  detail::check_matrix(where, "dx", dx, rows, hidden);
-  detail::check_group_offsets(where, "expert_offsets", expert_offsets, experts, rows, "num_local_experts");
-  detail::check_batched(where, "grads.gate_up", grads.gate_up, experts, gate_up_rows, hidden);
-  detail::check_batched(where, "grads.down", grads.down, experts, hidden, inter);
+  auto const w = detail::check_expert_mlp_backward_args<T, G>(where, config, weights, x, expert_offsets, gate_up_out,
+                                                              dy, MatrixView<G const>(dx), grads);
+  std::int64_t const rows = x.rows, gate_up_rows = config.gate_up_rows(), inter = config.intermediate;
+  detail::check_group_offsets(where, "expert_offsets", expert_offsets, weights.num_local_experts, rows,
+                              "num_local_experts");
   auto const scratch = detail::carve_layout(
       workspace, where, [&](auto& c) { return detail::carve_expert_mlp_backward<T>(c, config, rows); });
 

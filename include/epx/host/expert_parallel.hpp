@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string_view>
 #include <type_traits>
@@ -31,6 +32,8 @@ namespace epx::detail {
 struct HostGroupedExperts {
   //! The reference loops run every shape the configuration allows.
   static void check(MoeConfig const&) {}
+
+  [[nodiscard]] static std::string_view kernel_name() noexcept { return "host"; }
 
   template <class T>
   [[nodiscard]] std::size_t workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
@@ -49,7 +52,7 @@ struct HostGroupedExperts {
   //! expert_mlp_backward's own.
   template <class T>
   [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
-    return layout_bytes([&](auto& c) { return carve_backward<T>(c, mlp, max_rows); });
+    return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows); });
   }
 
   //! dx rows and the local experts' weight gradients from forward's input rows `x` and the output
@@ -59,20 +62,10 @@ struct HostGroupedExperts {
                 std::span<std::int32_t const> offsets, MatrixView<G const> dy, MatrixView<G> dx,
                 ExpertWeightGrads<G> const& grads, Workspace ws) const {
     auto const parts =
-        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_backward<T>(c, mlp, x.rows); });
+        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows); });
     MatrixView<float> const h(parts.first.data(), x.rows, mlp.gate_up_rows());
     expert_mlp_gate_up(Host{}, mlp, weights, x, offsets, h);
     expert_mlp_backward(Host{}, mlp, weights, x, offsets, MatrixView<float const>(h), dy, dx, grads, parts.second);
-  }
-
- private:
-  template <class T, class Carver>
-  static std::pair<std::span<float>, Workspace> carve_backward(Carver& c, ExpertMlpConfig const& mlp,
-                                                               std::int64_t max_rows) {
-    auto const h =
-        c.template take<float>(static_cast<std::size_t>(max_rows) * static_cast<std::size_t>(mlp.gate_up_rows()));
-    auto const rest = c.template take<std::byte>(expert_mlp_backward_workspace_bytes<T>(mlp, max_rows));
-    return {h, Workspace(rest.data(), rest.size())};
   }
 };
 
@@ -115,6 +108,14 @@ class LayerExecution<Host> {
     return epx::plan_workspace_bytes(num_tokens, top_k, num_experts);
   }
 
+  //! route_backward on the calling thread; ids that no forward wrote are an Error (`status` unused).
+  template <class L>
+  static void route_backward(Stream, RouterConfig const& config, MatrixView<L const> logits,
+                             MatrixView<std::int32_t const> ids, MatrixView<float const> d_topk_weights,
+                             MatrixView<float> d_logits, Status* /*status*/) {
+    epx::route_backward(Host{}, config, logits, ids, d_topk_weights, d_logits);
+  }
+
   static RoutingPlan make_plan(Stream, MatrixView<std::int32_t const> ids, std::int32_t num_experts, ExpertRange range,
                                Workspace workspace, Status* status) {
     return epx::make_plan(Host{}, ids, num_experts, range, workspace, *status);
@@ -141,6 +142,12 @@ class LayerExecution<Host> {
   std::span<std::int64_t const> read_to_host(Stream, Communicator&,
                                              std::span<std::int64_t const> words) const noexcept {
     return words;
+  }
+
+  //! The saved state's header, written in place.
+  template <class Header>
+  static void write_header(Stream, std::span<std::int64_t> words, Header const& header) {
+    std::memcpy(static_cast<void*>(words.data()), &header, sizeof(header));
   }
 
   //! `part` is host memory: `pack` writes it directly.

@@ -8,6 +8,7 @@
 
 #include <epx/core/space.hpp>
 #include <epx/router/losses.hpp>
+#include <epx/router/route_backward_args.hpp>
 #include <epx/router/router.hpp>
 
 #include <cmath>
@@ -16,22 +17,6 @@
 #include <vector>
 
 namespace epx {
-namespace detail {
-
-template <class L>
-void check_route_backward_args(RouterConfig const& config, MatrixView<L const> logits,
-                               MatrixView<std::int32_t const> topk_ids, MatrixView<float const> d_topk_weights,
-                               MatrixView<float> d_logits) {
-  constexpr std::string_view where = "route_backward";
-  validate(config, where);
-  check_matrix(where, "logits", logits, -1, config.num_experts);
-  check_matrix(where, "topk_ids", topk_ids, logits.rows, config.top_k);
-  check_matrix(where, "d_topk_weights", d_topk_weights, logits.rows, config.top_k);
-  check_matrix(where, "d_logits", d_logits, logits.rows, config.num_experts);
-  check_topk_id_range(where, topk_ids, config.num_experts);
-}
-
-}  // namespace detail
 
 //! @brief The gradient of the router logits through `route`'s weights (host reference).
 //!
@@ -77,8 +62,9 @@ requires detail::router_logit<L>
 void route_backward(Host, RouterConfig const& config, MatrixView<L> logits_in, MatrixView<std::int32_t const> topk_ids,
                     MatrixView<float const> d_topk_weights, MatrixView<float> d_logits) {
   MatrixView<std::remove_const_t<L> const> const logits(logits_in);  // read only, mutable views welcome
-  detail::check_route_backward_args(config, logits, topk_ids, d_topk_weights, d_logits);
   constexpr std::string_view where = "route_backward";
+  detail::check_route_backward_args(config, logits, topk_ids, d_topk_weights, d_logits);
+  detail::check_topk_id_range(where, topk_ids, config.num_experts);
 
   auto const num_experts = static_cast<std::size_t>(config.num_experts);
   auto const top_k = static_cast<std::size_t>(config.top_k);

@@ -57,7 +57,8 @@ struct NoRange {
 //!  - the host-visible control block: read_to_host(stream, comm, words), which on a space that is
 //!    not synchronous copies and waits (Communicator::wait: bounded by the communicator's deadline),
 //!    and write_to_device(stream, part, pack), which lets `pack` fill host memory that then reaches
-//!    `part` in the order of the stream.
+//!    `part` in the order of the stream; write_header(stream, words, header), which writes a small
+//!    trivially copyable value into the space's memory in stream order without that staging.
 //!  - check_communicator(comm): the memory a Communicator moves must be the space's.
 //!  - a constructor from (control words, upload bytes): the largest reads and writes a forward
 //!    makes, for spaces that keep host mirrors of them (pinned memory on Cuda).
@@ -89,6 +90,7 @@ concept layer_execution = std::constructible_from<E, std::size_t, std::size_t> &
     exec.read_to_host(stream, comm, std::span<std::int64_t const>(words))
     } -> std::same_as<std::span<std::int64_t const>>;
   exec.write_to_device(stream, std::span<std::byte>(), PackNothing{});
+  E::write_header(stream, words, std::int64_t{});
   E::regroup(stream, segments, std::int64_t{}, rows, rows, bool{});
   E::round_to(stream, partial, rows);
 };
@@ -106,7 +108,8 @@ struct ExpertKernelSelector {
 //! `check(config)` throws the Error of a layer it cannot run (the layer's can_implement asks it);
 //! `workspace_bytes<T>(mlp, num_groups, max_rows)` sizes its scratch (num_groups: the local experts); `run<T>(stream, mlp, weights, x,
 //! offsets, out, workspace, rows_hint)` reads offsets in the space's memory, and rows_hint is the
-//! row count the experts are expected to hold (it may pick tile shapes; a space may ignore it).
+//! row count the experts are expected to hold (it may pick tile shapes; a space may ignore it);
+//! `kernel_name()` names the kernel the last run used (ExpertParallel::expert_kernel).
 template <class Part, class Stream>
 concept expert_part = std::default_initializable<Part> &&
     requires(Part& part, Part const& cpart, Stream stream, MoeConfig const& config, ExpertMlpConfig const& mlp,
@@ -115,6 +118,7 @@ concept expert_part = std::default_initializable<Part> &&
   Part::check(config);
   { cpart.template workspace_bytes<float>(mlp, std::int32_t{}, rows) } -> std::same_as<std::size_t>;
   part.template run<float>(stream, mlp, weights, x, offsets, out, ws, rows);
+  { cpart.kernel_name() } -> std::convertible_to<std::string_view>;
 };
 
 }  // namespace detail

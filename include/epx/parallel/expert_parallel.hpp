@@ -59,7 +59,7 @@ concept expert_part_backward = requires(Part const& part, Stream stream, ExpertM
 };
 
 //! The words a training forward writes at the start of its saved memory, checked by backward.
-struct SavedHeader {
+struct SavedHeader {  // five words: read back through the control block's host mirror (its size)
   static constexpr std::int64_t kMagic = 0x4445564153585045;  // "EPXSAVED", little-endian
   std::int64_t magic = 0;                                     // kMagic once the forward completed
   std::int64_t layer = 0;                                     // the ExpertParallel object's id
@@ -67,6 +67,8 @@ struct SavedHeader {
   std::int64_t capacity = 0;  // the tokens the forward's layout was carved for
   std::int64_t dtype = 0;
 };
+static_assert(sizeof(SavedHeader) <= kControlWords * sizeof(std::int64_t) && std::is_trivially_copyable_v<SavedHeader>,
+              "backward reads the header through the control block's host mirror");
 inline constexpr std::size_t kSavedHeaderWords = sizeof(SavedHeader) / sizeof(std::int64_t);
 
 //! A process-wide id for each ExpertParallel object: what ties saved memory to its layer.
@@ -167,6 +169,11 @@ class ExpertParallel {
   }
 
   [[nodiscard]] MoeConfig const& config() const noexcept { return config_; }
+
+  //! @brief The expert kernel the last forward ran: "host" (the reference loops), "epx" (epx's own
+  //! grouped GEMM), "cutlass" (CUTLASS's Hopper grouped GEMM) or "cublas"; "none" for Grouped on
+  //! Cuda before its first forward. Grouped picks per forward (cuda/grouped_experts.cuh).
+  [[nodiscard]] std::string_view expert_kernel() const noexcept { return experts_.kernel_name(); }
   [[nodiscard]] ExpertRange local_experts() const { return config_.placement.local_range(comm_->rank()); }
 
   //! Workspace bytes (the space's memory) for forward calls of up to `max_tokens` tokens on every
@@ -298,9 +305,9 @@ class ExpertParallel {
     detail::check_matrix("backward", "d_logits", MatrixView<float const>(d_logits), dy.rows,
                          config_.router.num_experts);
     run_backward<G>(stream, dy, dx, std::nullopt, grads, saved, workspace,
-                    [&](MatrixView<std::int32_t const> ids, MatrixView<float const> d_topk_weights) {
-                      route_backward(stream, config_.router, MatrixView<Logit const>(router_logits), ids,
-                                     d_topk_weights, d_logits);
+                    [&](MatrixView<std::int32_t const> ids, MatrixView<float const> d_topk_weights, Status* status) {
+                      Exec::route_backward(stream, config_.router, MatrixView<Logit const>(router_logits), ids,
+                                           d_topk_weights, d_logits, status);
                     });
   }
 
@@ -315,7 +322,7 @@ class ExpertParallel {
     detail::check_matrix("backward", "d_topk_weights", MatrixView<float const>(d_topk_weights), dy.rows,
                          config_.router.top_k);
     run_backward<G>(stream, dy, dx, d_topk_weights, grads, saved, workspace,
-                    [](MatrixView<std::int32_t const>, MatrixView<float const>) {});
+                    [](MatrixView<std::int32_t const>, MatrixView<float const>, Status*) {});
   }
 
   //! @brief The routing counters of the last forward (all zeros before the first).
@@ -658,9 +665,10 @@ class ExpertParallel {
     return detail::carve_layout(saved, "saved", [&](auto& c) { return carve_kept<T>(c, 0, true); }).header;
   }
 
+  // In the order of the stream, without the execution's upload staging (whose one buffer a forward's
+  // layout upload may still be reading from): the header's words travel by value.
   void write_saved_header(Stream stream, std::span<std::int64_t> words, detail::SavedHeader const& header) {
-    exec_.write_to_device(stream, std::as_writable_bytes(words),
-                          [&](std::span<std::byte> staging) { std::memcpy(staging.data(), &header, sizeof(header)); });
+    Exec::write_header(stream, words, header);
   }
 
   // The header of `saved`, checked against this layer and dy: written by a completed forward of
@@ -688,7 +696,7 @@ class ExpertParallel {
     return h;
   }
 
-  // Both backwards: `router_backward(ids, d_topk_weights)` turns the weights' gradient into the
+  // Both backwards: `router_backward(ids, d_topk_weights, status)` turns the weights' gradient into the
   // logits' (or nothing, when forward took the routing as given).
   template <class G, class RouterBackward>
   void run_backward(Stream stream, MatrixView<G const> dy, MatrixView<G> dx,
@@ -728,6 +736,8 @@ class ExpertParallel {
     // Forward's count table, on the host (AllToAll; a synchronous space reads it in place).
     auto const table =
         exec_.read_to_host(stream, *comm_, std::span<std::int64_t const>(kept.control)).subspan(detail::kControlWords);
+    // The backward's own counters (the plan's and route_backward's; ids a forward wrote count none).
+    Exec::reset_control(stream, detail::forward_control(parts.control));
     RoutingPlan const plan = Exec::make_plan(stream, ids, config_.router.num_experts, plan_experts(), parts.plan,
                                              &detail::forward_control(parts.control)->status);
     detail::BackwardStep<Exec, T, G, BackwardBuffers<G>> const step{.exec = exec_,
@@ -746,7 +756,7 @@ class ExpertParallel {
                              experts_.template backward<T, G>(stream, config_.mlp, config_.weights, rows, offsets,
                                                               d_out, d_in, grads, parts.experts);
                            });
-    router_backward(ids, MatrixView<float const>(d_topk_weights));
+    router_backward(ids, MatrixView<float const>(d_topk_weights), &detail::forward_control(parts.control)->status);
   }
 
   // InvalidIds::kThrow: the Error, once per forward, by whichever of forward and status reads the

@@ -31,6 +31,13 @@ EPX_HOST_DEVICE inline GroupRows group_rows(std::int32_t const* offsets, int gro
   return {begin, end};
 }
 
+//! Rows [offsets[0], offsets[groups]) clamped into [0, num_rows] the same way: the rows a row
+//! kernel over every group visits (group_rows.cuh).
+EPX_HOST_DEVICE inline GroupRows grouped_row_range(std::int32_t const* offsets, int groups, std::int64_t num_rows) {
+  std::int32_t const ends[2] = {offsets[0], offsets[groups]};
+  return group_rows(ends, 0, num_rows);
+}
+
 //! One output tile: rows [row_begin, row_end) of `group` (at most BM of them), columns from n_begin.
 struct GemmTile {
   int group;

@@ -13,6 +13,25 @@
 //   layer/<shape>/T=<t>/ep8_localgroup  8 CudaLocalGroup ranks on the one GPU, AllToAll, contiguous
 //                                       placement, T/8 of the ep1 tokens per rank (the same total work)
 //   .../ep1_zipf1.2, .../ep8_localgroup_zipf1.2   the same at T = 4096 with Zipf(1.2) routing
+//   layer/<shape>/T=<t>/ep1_backward    training at ep = 1 (AllToAll, 1-rank CudaLocalGroup, uniform
+//                                       routing): forward(..., SavedState), then backward with fp32 dy
+//                                       and fp32 gradients (dx, d_logits, the experts' weights and, for
+//                                       gpt-oss, biases) from that one saved state. layer_bench only (the
+//                                       backward runs the same kernels in both programs). EPX_BENCH_QUICK:
+//                                       T = 128 and 4096 only. A case whose one backward would take more
+//                                       than 2 s at 10 TFLOP/s (16 x rows x H x I flops: GEMM 1 recomputed,
+//                                       two GEMMs per weight) is reported as skipped, with the estimate,
+//                                       in its label (not an error).
+//
+// Two programs from this file (bench/CMakeLists.txt):
+//   layer_bench           epx::cuda: Grouped runs epx's own grouped GEMM. Rows layer/...
+//   layer_bench_cutlass   epx::cutlass (EPX_HAVE_CUTLASS), sm_90a only: Grouped picks CUTLASS's Hopper
+//                         grouped GEMM at prefill (>= 128 rows per local expert; tuning.cuh). Its rows are
+//                         named layer_cutlass/... (the family follows EPX_HAVE_CUTLASS), so that both
+//                         programs' rows sit side by side in one bundle run's RESULTS. No backward rows.
+// Every row's label says which expert kernel its forwards ran: "kernel=epx" or "kernel=cutlass"
+// (ExpertParallel::expert_kernel() after the timed forwards; ep8: each rank's, "+"-joined when they
+// differ); a skipped backward case says "skipped: ..." instead.
 //
 // Counters (../shared/PERFORMANCE.md, "How to measure"):
 //   ms                median time of one forward.
@@ -45,8 +64,17 @@
 //             ep8_target_ms  1.15 x ep1 ms + copy_ms (PERFORMANCE.md's 8-rank target)
 //   On one GPU the ep1 layer also copies every row (a 1-rank all-to-all-v is a copy to itself), so
 //   the copies ep8 makes between ranks are mostly already in the ep1 time.
+//   ep1_backward rows: ms = bwd_ms
+//             fwd_ms         median time of one training forward (with SavedState), eager, as ep1
+//             bwd_ms         median time of one backward of that saved state, eager: CUDA events around
+//                            N backwards (N as ep1's, fewer when one timing would pass ~0.5 s by the
+//                            flop estimate; at least 1), median of 7 (quick: 3), after a warm-up backward
+//             bwd_over_fwd   bwd_ms / fwd_ms (issue 15's goal: <= 2.2)
+//             saved_mb       saved_bytes(T) / 2^20: the SavedState one forward keeps for its backward
+//             est_bwd_ms     the flop estimate of one backward at 10 TFLOP/s (also on skipped rows)
 // Memory: only one shape's weights live at a time (DeepSeek-V3: 22.5 GB); every workspace belongs to
-// its case. The largest case, DeepSeek-V3 ep8 at T = 16384, needs about 22.5 + 8 x 4.5 GB.
+// its case. The largest case, DeepSeek-V3 ep8 at T = 16384, needs about 22.5 + 8 x 4.5 GB. A backward
+// case adds fp32 weight gradients, twice the bf16 weights (DeepSeek-V3: 45 GB), freed with the case.
 // Output: --benchmark_format=json --benchmark_out=bench/results/layer-h100.json (see bench/README.md).
 
 #include "bench_common.cuh"
@@ -79,6 +107,18 @@ using epx::MatrixView;
 
 constexpr int kEpRanks = 8;
 constexpr int kZipfTokens = 4096;  // the one T with a skewed-routing row
+
+// The rows' family: layer_bench_cutlass (this file built with epx::cutlass) names its rows layer_cutlass/...
+using Experts = epx::detail::CudaGroupedExperts;  // what Grouped runs on Cuda in this translation unit
+constexpr std::string_view kFamily = Experts::kWithCutlass ? "layer_cutlass" : "layer";
+
+// The backward rows' flop estimate: the rate of today's gradient GEMMs (CUDA cores, a correctness path:
+// cuda/grouped_gemm_backward.cuh; raise it when they run on tensor cores), the longest backward a case
+// may take, and about how long one timing of N backwards should last.
+constexpr double kBackwardFlopRate = 10e12;
+constexpr double kBackwardSkipSeconds = 2.0;
+constexpr double kBackwardTimingSeconds = 0.5;
+constexpr int kQuickBackwardMaxTokens = 4096;  // EPX_BENCH_QUICK: backward rows at T = 128 and 4096 only
 
 // PERFORMANCE.md's block table (H100, bf16, ms): recorded figures, not measured here.
 struct BlockFigures {
@@ -338,20 +378,23 @@ void layer_forward(Layer& ep, epx::StreamRef stream, Shape const& shape, LayerIn
 template <class Dispatch>
 using CudaLayer = epx::ExpertParallel<epx::Grouped, Dispatch, epx::Cuda>;
 
+struct Timing {
+  double ms = 0;
+  bool graph = false;
+  std::string kernel;  // ExpertParallel::expert_kernel() after the timed forwards
+};
+
 // ms per forward at ep = 1 through AllToAll: eager (the forward waits for its count table).
-double ep1_alltoall_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) {
+Timing ep1_alltoall_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) {
   Stream stream;
   epx::CudaLocalGroup group(1);
   CudaLayer<epx::AllToAll> ep(layer_config(shape, w, epx::ExpertPlacement::contiguous(shape.num_experts, 1), 0),
                               group.communicator(0));
   DeviceArray<std::byte> const ws(ep.workspace_bytes(in.tokens));
-  return time_eager_us(stream.get(), [&] { layer_forward(ep, stream.ref(), shape, in, 0, in.tokens, ws); }) / 1e3;
+  double const ms =
+      time_eager_us(stream.get(), [&] { layer_forward(ep, stream.ref(), shape, in, 0, in.tokens, ws); }) / 1e3;
+  return {.ms = ms, .graph = false, .kernel = std::string(ep.expert_kernel())};
 }
-
-struct Timing {
-  double ms = 0;
-  bool graph = false;
-};
 
 // ms per forward at ep = 1 through AllGather, which makes no host sync: captured in a CUDA graph
 // when the 1-rank CudaLocalGroup's all_reduce_sum lets itself be captured, eagerly otherwise.
@@ -363,18 +406,20 @@ Timing ep1_allgather_ms(Shape const& shape, LayerWeights const& w, LayerInputs c
                                  group.communicator(0));
     DeviceArray<std::byte> const ws(ep.workspace_bytes(in.tokens));
     auto body = [&] { layer_forward(ep, stream.ref(), shape, in, 0, in.tokens, ws); };
-    return (capture ? graph_us(stream, body) : time_eager_us(stream.get(), body)) / 1e3;
+    double const ms = (capture ? graph_us(stream, body) : time_eager_us(stream.get(), body)) / 1e3;
+    return Timing{.ms = ms, .graph = capture, .kernel = std::string(ep.expert_kernel())};
   };
   try {
-    return {measure(true), true};
+    return measure(true);
   } catch (epx::Error const& e) {
     std::fprintf(stderr, "layer_bench: %s/T=%d/ep1_allgather: the CUDA-graph capture failed, timed eagerly: %s\n",
                  shape.name, in.tokens, e.what());
   }
-  return {measure(false), false};
+  return measure(false);
 }
 
-// The stages of the ep = 1 layer alone on the same data, each as CUDA-graph replays (ms).
+// The stages of the ep = 1 layer alone on the same data, each as CUDA-graph replays (ms). The experts
+// stage is what Grouped runs in this program (epx's kernel, or CUTLASS in layer_bench_cutlass).
 struct StageTimes {
   double route = 0, plan_permute = 0, experts = 0, unpermute = 0;
 };
@@ -389,7 +434,8 @@ StageTimes stage_ms(Shape const& shape, LayerWeights const& w, LayerInputs const
   DeviceArray<epx::Status> const status(1);
   BENCH_CHECK(cudaMemsetAsync(status.get(), 0, sizeof(epx::Status), stream.get()));
   DeviceArray<bfloat16> const x_perm(rows_h), expert_out(rows_h);
-  DeviceArray<std::byte> const mlp_ws(epx::cuda_expert_mlp_workspace_bytes<bfloat16>(w.mlp, rows));
+  Experts experts;
+  DeviceArray<std::byte> const mlp_ws(experts.workspace_bytes<bfloat16>(w.mlp, e, rows));
   auto const cfg = router_of(shape);
   MatrixView<std::int32_t> const ids(in.topk_ids.get(), t, k);
   MatrixView<float> const weights(in.topk_weights.get(), t, k);
@@ -410,11 +456,11 @@ StageTimes stage_ms(Shape const& shape, LayerWeights const& w, LayerInputs const
                     1e3;
   ms.experts = graph_us(stream,
                         [&] {
-                          epx::expert_mlp<bfloat16>(s, w.mlp, w.slice(epx::ExpertRange{0, e}),
-                                                    MatrixView<bfloat16 const>(x_perm.get(), rows, h),
-                                                    std::span<std::int32_t const>(plan.expert_offsets),
-                                                    MatrixView<bfloat16>(expert_out.get(), rows, h), mlp_ws.workspace(),
-                                                    epx::ExpertMlpOptions{.rows_hint = rows});
+                          experts.run<bfloat16>(
+                              epx::detail::CudaStream(s, "layer_bench"), w.mlp, w.slice(epx::ExpertRange{0, e}),
+                              MatrixView<bfloat16 const>(x_perm.get(), rows, h),
+                              std::span<std::int32_t const>(plan.expert_offsets),
+                              MatrixView<bfloat16>(expert_out.get(), rows, h), mlp_ws.workspace(), rows);
                         }) /
                1e3;
   ms.unpermute = graph_us(stream,
@@ -426,16 +472,26 @@ StageTimes stage_ms(Shape const& shape, LayerWeights const& w, LayerInputs const
   return ms;
 }
 
+// The kernels of several layers as one label value: "epx", or e.g. "cutlass+epx" when they differ.
+std::string joined_kernels(std::vector<std::string> kernels) {
+  std::sort(kernels.begin(), kernels.end());
+  kernels.erase(std::unique(kernels.begin(), kernels.end()), kernels.end());
+  std::string joined;
+  for (auto const& k : kernels) joined += (joined.empty() ? "" : "+") + k;
+  return joined;
+}
+
 // ms of 8 ranks of CudaLocalGroup on this GPU, AllToAll, each rank on its own thread and stream with
 // tokens [rank * T/8, (rank + 1) * T/8) and its contiguous experts (a slice of the one weight array).
-double ep8_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) {
+Timing ep8_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) {
   bool const quick = quick_mode();  // EPX_BENCH_QUICK: 1 warm-up, median of 3 x 3 forwards
   int const warmup = quick ? 1 : 3, forwards = quick ? 3 : 10, repeats = quick ? 3 : 5;
   int const per_rank = in.tokens / kEpRanks;
   auto const placement = epx::ExpertPlacement::contiguous(shape.num_experts, kEpRanks);
   // Generous: the first collective waits for every rank's workspace allocation (up to 4.5 GB each).
   epx::CudaLocalGroup group(kEpRanks, {.timeout = std::chrono::seconds(300)});
-  std::vector<double> per_forward_ms;  // rank 0's measurements
+  std::vector<double> per_forward_ms;                                    // rank 0's measurements
+  std::vector<std::string> kernels(static_cast<std::size_t>(kEpRanks));  // each rank's, after its forwards
   group.run([&](int rank, epx::Communicator& comm) {
     Stream stream;
     CudaLayer<epx::AllToAll> ep(layer_config(shape, w, placement, rank), comm);
@@ -454,9 +510,10 @@ double ep8_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in) 
         per_forward_ms.push_back(std::chrono::duration<double, std::milli>(stop - start).count() / forwards);
     }
     comm.wait(stream.ref());  // the barrier's event waits, before the stream and workspace go
+    kernels[static_cast<std::size_t>(rank)] = ep.expert_kernel();
   });
   std::sort(per_forward_ms.begin(), per_forward_ms.end());
-  return per_forward_ms[per_forward_ms.size() / 2];
+  return {.ms = per_forward_ms[per_forward_ms.size() / 2], .graph = false, .kernel = joined_kernels(kernels)};
 }
 
 // Rows that leave their rank in the 8-rank layer: slots whose expert another rank owns.
@@ -467,6 +524,91 @@ std::int64_t cross_rank_rows(Shape const& shape, LayerInputs const& in) {
   for (std::size_t s = 0; s < in.host_ids.size(); ++s)
     if (placement.rank_of(in.host_ids[s]) != static_cast<std::int32_t>(s / per_rank)) ++rows;
   return rows;
+}
+
+// Median ms per call of `body`, eager: CUDA events around `calls` calls, median of `timings`, after
+// one warm-up call (bench_common's time_eager_us with the counts given).
+template <class Body>
+double eager_ms(Stream const& stream, int calls, int timings, Body&& body) {
+  body();
+  BENCH_CHECK(cudaStreamSynchronize(stream.get()));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  try {
+    for (int rep = 0; rep < timings; ++rep) {
+      BENCH_CHECK(cudaEventRecord(start, stream.get()));
+      for (int i = 0; i < calls; ++i) body();
+      BENCH_CHECK(cudaEventRecord(stop, stream.get()));
+      BENCH_CHECK(cudaEventSynchronize(stop));
+      float t = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&t, start, stop));
+      ms.push_back(t);
+    }
+  } catch (...) {
+    (void)cudaEventDestroy(start);
+    (void)cudaEventDestroy(stop);
+    throw;
+  }
+  (void)cudaEventDestroy(start);
+  (void)cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2] / calls;
+}
+
+// Flops of one backward of the experts at ep = 1: GEMM 1 recomputed (2 x rows x 2I x H), then for
+// each of the two weights its data gradient and its weight gradient: 16 x rows x H x I in all.
+double backward_flops(Shape const& shape, int t) {
+  return 16.0 * t * shape.top_k * static_cast<double>(shape.hidden) * shape.intermediate;
+}
+
+struct BackwardTiming {
+  double fwd_ms = 0, bwd_ms = 0;
+  std::size_t saved_bytes = 0;
+  std::string kernel;  // the training forwards' expert kernel
+};
+
+// A training forward at ep = 1 (AllToAll) into one SavedState, timed as ep1 (eager), then backwards of
+// that saved state with fp32 dy and fp32 gradients, `calls` per timing. Every buffer, the weight
+// gradients among them (twice the bf16 weights), is freed on return.
+BackwardTiming ep1_backward_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in, int calls) {
+  using Layer = CudaLayer<epx::AllToAll>;
+  static_assert(Layer::kHasBackward, "layer_bench: ExpertParallel<Grouped, AllToAll, Cuda> has no backward here");
+  int const t = in.tokens, e = shape.num_experts, h = shape.hidden;
+  auto const th = static_cast<std::size_t>(t) * static_cast<std::size_t>(h);
+  Stream stream;
+  epx::CudaLocalGroup group(1);
+  Layer ep(layer_config(shape, w, epx::ExpertPlacement::contiguous(e, 1), 0), group.communicator(0));
+  DeviceArray<std::byte> const ws(ep.workspace_bytes(t)), saved(ep.saved_bytes(t)), bws(ep.backward_workspace_bytes(t));
+  epx::SavedState const state(saved.get(), saved.size());
+  std::size_t const experts = static_cast<std::size_t>(e), rows = static_cast<std::size_t>(w.mlp.gate_up_rows());
+  std::size_t const hidden = static_cast<std::size_t>(h), inter = static_cast<std::size_t>(w.mlp.intermediate);
+  DeviceArray<float> const dy = random_array<float>(th, 41, 1.0f);
+  DeviceArray<float> const dx(th), d_logits(static_cast<std::size_t>(t) * experts);
+  DeviceArray<float> const g_gate_up(experts * rows * hidden), g_down(experts * hidden * inter);
+  DeviceArray<float> g_gate_up_bias, g_down_bias;
+  if (w.gate_up_bias.get() != nullptr) g_gate_up_bias = DeviceArray<float>(experts * rows);
+  if (w.down_bias.get() != nullptr) g_down_bias = DeviceArray<float>(experts * hidden);
+  epx::ExpertWeightGrads<float> const grads{.gate_up = {g_gate_up.get(), e, w.mlp.gate_up_rows(), h},
+                                            .down = {g_down.get(), e, h, w.mlp.intermediate},
+                                            .gate_up_bias = g_gate_up_bias.get(),
+                                            .down_bias = g_down_bias.get()};
+  MatrixView<float const> const logits(in.logits.get(), t, e);
+  auto const [forwards, timings] = repetitions();
+  BackwardTiming timing;
+  timing.saved_bytes = saved.size();
+  timing.fwd_ms = eager_ms(stream, forwards, timings, [&] {
+    ep.forward(stream.ref(), logits, MatrixView<bfloat16 const>(in.x.get(), t, h),
+               MatrixView<bfloat16>(in.y.get(), t, h), ws.workspace(), state);
+  });
+  timing.kernel = ep.expert_kernel();
+  // Every backward reads the last forward's saved state and writes the same gradients.
+  timing.bwd_ms = eager_ms(stream, calls, timings, [&] {
+    ep.backward(stream.ref(), logits, MatrixView<float const>(dy.get(), t, h), MatrixView<float>(dx.get(), t, h),
+                MatrixView<float>(d_logits.get(), t, e), grads, state, bws.workspace());
+  });
+  return timing;
 }
 
 std::string case_key(Shape const& shape, int t, bool zipf) {
@@ -494,6 +636,9 @@ void report_ms(benchmark::State& state, double ms) {
   state.counters["ms"] = ms;
 }
 
+// The label of every measured row: the expert kernel its forwards ran.
+void set_kernel(benchmark::State& state, std::string const& kernel) { state.SetLabel("kernel=" + kernel); }
+
 void set_block_counters(benchmark::State& state, Shape const& shape, int t, bool zipf, double ms) {
   BlockFigures const* f = zipf ? nullptr : recorded_figures(shape, t);
   if (f == nullptr) return;
@@ -507,10 +652,12 @@ void bm_ep1(benchmark::State& state, Shape shape, int t, bool zipf) {
   run_case(state, [&] {
     auto const& w = weights_of(shape);
     auto const in = make_inputs(shape, w, t, zipf);
-    double const ms = ep1_alltoall_ms(shape, w, in);
+    Timing const timing = ep1_alltoall_ms(shape, w, in);
+    double const ms = timing.ms;
     ep1_results()[case_key(shape, t, zipf)] = ms;
     StageTimes const st = stage_ms(shape, w, in);
     report_ms(state, ms);
+    set_kernel(state, timing.kernel);
     state.counters["route_ms"] = st.route;
     state.counters["plan_permute_ms"] = st.plan_permute;
     state.counters["experts_ms"] = st.experts;
@@ -528,6 +675,7 @@ void bm_ep1_allgather(benchmark::State& state, Shape shape, int t) {
     auto const in = make_inputs(shape, w, t, false);
     Timing const timing = ep1_allgather_ms(shape, w, in);
     report_ms(state, timing.ms);
+    set_kernel(state, timing.kernel);
     state.counters["graph"] = timing.graph ? 1 : 0;
     state.counters["max_over_mean"] = in.skew;
     set_block_counters(state, shape, t, false, timing.ms);
@@ -541,19 +689,50 @@ void bm_ep8(benchmark::State& state, Shape shape, int t, bool zipf) {
     auto const in = make_inputs(shape, w, t, zipf);
     auto const cached = ep1_results().find(case_key(shape, t, zipf));
     // Filtered runs may skip the ep1 row: then measure it here (its workspace is freed before ep8's).
-    double const ep1 = cached != ep1_results().end() ? cached->second : ep1_alltoall_ms(shape, w, in);
-    double const ms = ep8_ms(shape, w, in);
+    double const ep1 = cached != ep1_results().end() ? cached->second : ep1_alltoall_ms(shape, w, in).ms;
+    Timing const timing = ep8_ms(shape, w, in);
+    double const ms = timing.ms;
     double const copy_bytes =
         2.0 * static_cast<double>(cross_rank_rows(shape, in)) * shape.hidden * sizeof(bfloat16);  // dispatch + combine
     double const copy_ms = 2.0 * copy_bytes / bandwidth * 1e3;  // read + write of each byte copied
     double const target = 1.15 * ep1 + copy_ms;
     report_ms(state, ms);
+    set_kernel(state, timing.kernel);
     state.counters["ep1_ms"] = ep1;
     state.counters["vs_ep1"] = ep1 / ms;
     state.counters["copy_bytes"] = copy_bytes;
     state.counters["copy_ms"] = copy_ms;
     state.counters["ep8_target_ms"] = target;
     state.counters["vs_target"] = target / ms;
+    state.counters["max_over_mean"] = in.skew;
+  });
+}
+
+void bm_ep1_backward(benchmark::State& state, Shape shape, int t) {
+  double const est_s = backward_flops(shape, t) / kBackwardFlopRate;
+  if (est_s > kBackwardSkipSeconds) {
+    char reason[160];
+    std::snprintf(reason, sizeof reason, "skipped: one backward ~%.1f s by its flops at %.0f TFLOP/s (> %.0f s)", est_s,
+                  kBackwardFlopRate / 1e12, kBackwardSkipSeconds);
+    std::fprintf(stderr, "layer_bench: %s/T=%d/ep1_backward %s\n", shape.name, t, reason);
+    for (auto _ : state) state.SetIterationTime(0);
+    state.SetLabel(reason);
+    state.counters["est_bwd_ms"] = est_s * 1e3;
+    return;
+  }
+  run_case(state, [&] {
+    auto const& w = weights_of(shape);
+    auto const in = make_inputs(shape, w, t, false);
+    // One timing of about kBackwardTimingSeconds at most by the estimate, and no more calls than ep1's.
+    int const calls = std::clamp(static_cast<int>(kBackwardTimingSeconds / est_s), 1, repetitions().calls);
+    BackwardTiming const timing = ep1_backward_ms(shape, w, in, calls);
+    report_ms(state, timing.bwd_ms);
+    set_kernel(state, timing.kernel);
+    state.counters["fwd_ms"] = timing.fwd_ms;
+    state.counters["bwd_ms"] = timing.bwd_ms;
+    state.counters["bwd_over_fwd"] = timing.bwd_ms / timing.fwd_ms;
+    state.counters["saved_mb"] = static_cast<double>(timing.saved_bytes) / (1 << 20);
+    state.counters["est_bwd_ms"] = est_s * 1e3;
     state.counters["max_over_mean"] = in.skew;
   });
 }
@@ -568,9 +747,12 @@ int register_all() {
   // Shape by shape, so that each shape's weights are made once (weights_of keeps one shape).
   for (auto const& shape : kShapes)
     for (int t : kTokens) {
-      std::string const base = std::string("layer/") + shape.name + "/T=" + std::to_string(t) + "/";
+      std::string const base = std::string(kFamily) + "/" + shape.name + "/T=" + std::to_string(t) + "/";
       add(base + "ep1", bm_ep1, shape, t, false);
       add(base + "ep1_allgather", bm_ep1_allgather, shape, t);
+      // The backward runs the same kernels with or without CUTLASS: layer_bench's rows only.
+      if (!Experts::kWithCutlass && !(quick_mode() && t > kQuickBackwardMaxTokens))
+        add(base + "ep1_backward", bm_ep1_backward, shape, t);
       add(base + "ep8_localgroup", bm_ep8, shape, t, false);
       if (t == kZipfTokens) {
         add(base + "ep1_zipf1.2", bm_ep1, shape, t, true);
@@ -584,5 +766,6 @@ int const registered = register_all();
 }  // namespace
 
 int main(int argc, char** argv) {
-  return epx::bench::run_benchmarks(argc, argv, "layer_bench", [] { cached_weights().reset(); });
+  return epx::bench::run_benchmarks(argc, argv, Experts::kWithCutlass ? "layer_bench_cutlass" : "layer_bench",
+                                    [] { cached_weights().reset(); });
 }

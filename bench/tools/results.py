@@ -50,6 +50,11 @@ COUNTERS = {
     "vs_ep1": "{:.2f}",
     "glue_fraction": "{:.2f}",
     "max_over_mean": "{:.1f}",
+    "fwd_ms": "{:.3f}",
+    "bwd_ms": "{:.3f}",
+    "bwd_over_fwd": "{:.2f}",
+    "saved_mb": "{:.0f}",
+    "label": "{}",  # Google Benchmark's label: layer rows say their expert kernel ("kernel=epx") or why skipped
 }
 RATIOS = ["tc_ratio", "hbm_ratio", "speedup", "vs_cublas_grouped", "vs_cublas_loop", "vs_target", "vs_torch"]
 # Google Benchmark appends these to a benchmark's name; they are not part of epx's naming.
@@ -84,7 +89,7 @@ def load(paths, required=True):
                 if bench.get("run_type", "iteration") != "iteration":
                     continue
                 family, case, variant = split_name(bench["name"])
-                counters = {k: v for k, v in bench.items() if k in COUNTERS}
+                counters = {k: v for k, v in bench.items() if k in COUNTERS and (k != "label" or v)}
                 if bench.get("error_occurred"):
                     counters["error"] = bench.get("error_message", "error")
                 rows.append((family, case, variant, counters, context))
@@ -103,7 +108,7 @@ def table(rows):
         lines.append("| case | variant | " + " | ".join(columns + (["error"] if errors else [])) + " |")
         lines.append("|---|---|" + "---|" * (len(columns) + errors))
         for _, case, variant, counters, _ in mine:
-            cells = [COUNTERS[c].format(counters[c]) if c in counters else "" for c in columns]
+            cells = [COUNTERS[c].format(counters[c]).replace("|", "\\|") if c in counters else "" for c in columns]
             if errors:
                 cells.append(str(counters.get("error", "")).replace("|", "\\|"))
             lines.append(f"| {case} | {variant} | " + " | ".join(cells) + " |")

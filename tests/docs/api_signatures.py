@@ -214,7 +214,8 @@ def main() -> int:
     doc = doc_path.read_text()
     checked, missing = 0, []
     for line, block in cpp_blocks(doc):
-        if "#include" in block or "epx::" in block or re.search(r"\bint\s+main\s*\(", block):
+        code = strip_comments(block)  # a comment naming epx::something does not make a block an example
+        if "#include" in code or "epx::" in code or re.search(r"\bint\s+main\s*\(", code):
             continue  # an example (epx:: names, or whole programs); doc_snippet.cmake checks programs
         for stmt in statements(strip_comments(block)):
             if "/*PLACEHOLDER*/" in stmt or "..." in stmt:

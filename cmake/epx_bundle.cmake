@@ -99,14 +99,14 @@ endfunction()
 # the top-level directory before CUDA is enabled (epx_setup_cuda).
 macro(epx_bundle_configure)
   if(NOT CMAKE_BUILD_TYPE STREQUAL "Release")
-    message(FATAL_ERROR "EPX_BUNDLE=ON needs CMAKE_BUILD_TYPE=Release (NDEBUG: device asserts serialise the "
-                        "wgmma mainloop), not '${CMAKE_BUILD_TYPE}'; use the bundle preset (scripts/epx bundle)")
+    message(FATAL_ERROR "EPX_BUNDLE=ON needs CMAKE_BUILD_TYPE=Release (optimised, NDEBUG: the bundle's benchmarks "
+                        "measure what users run), not '${CMAKE_BUILD_TYPE}'; use the bundle preset (scripts/epx bundle)")
   endif()
   if(EPX_ENABLE_CUDA STREQUAL "OFF")
     message(FATAL_ERROR "EPX_BUNDLE=ON needs CUDA: EPX_ENABLE_CUDA is OFF")
   endif()
-  # Hopper's own instructions (wgmma) need the arch-specific target; '-real' keeps nvcc 13 from adding
-  # a compute_90 PTX pass that a bundle for one known GPU does not need.
+  # Hopper's own instructions (CUTLASS's wgmma and TMA) need the arch-specific target; '-real' keeps
+  # nvcc 13 from adding a compute_90 PTX pass that a bundle for one known GPU does not need.
   set(_epx_bundle_archs "${EPX_BUNDLE_ARCHS}")
   if(_epx_bundle_archs STREQUAL "")
     set(_epx_bundle_archs "90a-real")

@@ -39,7 +39,7 @@ function(epx_target_options target)
                                            $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-ffp-contract=off>)
   # No kernel of epx may spill or use a local-memory stack (bench/NOTES.md): ptxas fails the build
   # when one does, so the rule holds for every kernel the tests instantiate, in CI, without a GPU.
-  # (-Werror also makes ptxas's performance warnings errors, e.g. C7510: wgmma serialised.)
+  # (-Werror also makes ptxas's performance warnings errors, e.g. C7510: CUTLASS's wgmma serialised.)
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xptxas=-warn-spills,-warn-lmem-usage,-Werror>)
   if(EPX_SANITIZE)
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${EPX_SANITIZE} -fno-omit-frame-pointer

@@ -9,7 +9,7 @@ stores/loads and static shared memory. Exits 1 when any kernel spills or has a s
 rule bench/NOTES.md states: no kernel of epx uses local memory).
 
     bench/tools/ptxas_table.py tests/cuda/expert_parallel_test.cu tests/cuda/router_test.cu
-    bench/tools/ptxas_table.py --arch 90a --define EPX_ENABLE_WGMMA=1 tests/cuda/grouped_gemm_test.cu
+    bench/tools/ptxas_table.py --arch 90a tests/cuda/cutlass_grouped_test.cu
 
 Only kernels whose name mentions `epx::` are listed unless --all is given (CUB's own kernels are
 instantiated too; they are checked for local memory all the same).

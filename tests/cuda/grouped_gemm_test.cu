@@ -3,8 +3,8 @@
 // grouped_gemm and expert_mlp on the GPU (policies Grouped and CublasGrouped) against their Host
 // twins: random inputs, outputs poisoned with NaN bytes first (rows outside the groups and the
 // padding of padded rows must stay poisoned, rows inside must be written), two runs bitwise equal.
-// Every mainloop (each mma.sync tile, wgmma where built, SIMT) is run by name as well as through
-// the tile policy, with every epilogue, so that no kernel waits for a model shape to be exercised.
+// Every mainloop (each mma.sync tile, SIMT) is run by name as well as through the tile policy,
+// with every epilogue, so that no kernel waits for a model shape to be exercised.
 // EPX_TEST_SMALL=1 (compute-sanitizer runs) shrinks the model-sized cases only.
 
 #include "../common/test_util.hpp"
@@ -134,9 +134,9 @@ namespace {
 using detail::EpilogueKind;
 using detail::GemmMainloop;
 
-constexpr GemmMainloop kEveryMainloop[] = {
-    GemmMainloop::kSimt,      GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
-    GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge,  GemmMainloop::kWgmma};
+constexpr GemmMainloop kEveryMainloop[] = {GemmMainloop::kSimt,         GemmMainloop::kMmaDecode,
+                                           GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
+                                           GemmMainloop::kMmaMedium,    GemmMainloop::kMmaLarge};
 
 //! One grouped GEMM: rows per group (after `first_row` rows of no group, `rows_after` rows follow
 //! the last group), K, N product columns, padding of lda and ldc, bias, row scale, gate/up layout.
@@ -196,7 +196,7 @@ std::vector<double> epilogue_reference(GemmCase const& c, std::vector<std::int32
 //! Runs `c` with epilogue kKind through `mainloop` (or the tile policy when nullopt) and checks it
 //! against the Host reference: rows of the groups written and close, every other row and the
 //! padding of every row still poisoned, a second run bitwise equal. Returns false when the mainloop
-//! cannot run here (wgmma outside sm_90a builds, SIMT for 16-bit types and the reverse).
+//! cannot run here (SIMT for 16-bit types and the reverse, mma.sync below sm_80).
 template <EpilogueKind kKind, class T, class TC>
 bool check_epilogue(GemmCase const& c, std::optional<GemmMainloop> mainloop, std::mt19937_64& rng) {
   auto const dev = detail::current_device_traits();

@@ -247,7 +247,6 @@ TEST_CASE(
     "idle") {
   using detail::GemmMainloop;
   using detail::pick_mma_mainloop;
-  detail::GemmTilePolicy const wgmma{.wgmma = true};
   // Decode with every expert local: 128 groups x 12 n-blocks of 128 = 1536 tiles for 132 SMs.
   CHECK(pick_mma_mainloop(1024, 128, 1536, 132, {}) == GemmMainloop::kMmaDecode);
   // 8 groups with rows x 12 n-blocks = 96 tiles < 132 SMs: 64-wide tiles give 192.
@@ -260,19 +259,21 @@ TEST_CASE(
   // The threshold is the SM count itself.
   CHECK(pick_mma_mainloop(16, 1, 128 * 132, 132, {}) == GemmMainloop::kMmaDecode);
   CHECK(pick_mma_mainloop(16, 1, 128 * 131, 132, {}) == GemmMainloop::kMmaDecodeN64);
-  // Medium and large tiles do not narrow; wgmma replaces the large mma.sync tile where allowed.
+  // Medium and large tiles do not narrow; the medium threshold is inclusive.
   CHECK(pick_mma_mainloop(8 * 50, 8, 64, 132, {}) == GemmMainloop::kMmaMedium);
-  CHECK(pick_mma_mainloop(8 * 64, 8, 64, 132, wgmma) == GemmMainloop::kMmaMedium);
+  CHECK(pick_mma_mainloop(8 * 64, 8, 64, 132, {}) == GemmMainloop::kMmaMedium);
   CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, {}) == GemmMainloop::kMmaLarge);
-  CHECK(pick_mma_mainloop(8 * 65, 8, 64, 132, wgmma) == GemmMainloop::kWgmma);
   CHECK(pick_mma_mainloop(5000, 0, 64, 132, {}) == GemmMainloop::kMmaLarge);  // no groups: rows decide
-  // The thresholds are the policy's data, and the policy of a device allows wgmma only where it runs.
+  // The thresholds are the policy's data, the same for every device.
   CHECK(pick_mma_mainloop(8 * 20, 8, 64, 132, {.decode_rows = 32, .medium_rows = 64}) == GemmMainloop::kMmaDecodeN32);
   CHECK(pick_mma_mainloop(8 * 100, 8, 64, 132, {.decode_rows = 16, .medium_rows = 128}) == GemmMainloop::kMmaMedium);
   detail::DeviceTraits const hopper{.device = 0, .sms = 132, .major = 9, .minor = 0};
   detail::DeviceTraits const ampere{.device = 0, .sms = 108, .major = 8, .minor = 0};
-  CHECK(detail::policy_for<detail::GemmTilePolicy>(hopper).wgmma == detail::wgmma_built());
-  CHECK_FALSE(detail::policy_for<detail::GemmTilePolicy>(ampere).wgmma);
+  for (detail::DeviceTraits const& dev : {hopper, ampere}) {
+    detail::GemmTilePolicy const policy = detail::policy_for<detail::GemmTilePolicy>(dev);
+    CHECK(pick_mma_mainloop(8 * 65, 8, 64, dev.sms, policy) == GemmMainloop::kMmaLarge);
+    CHECK(pick_mma_mainloop(8 * 64, 8, 64, dev.sms, policy) == GemmMainloop::kMmaMedium);
+  }
 }
 
 TEST_CASE("GroupedGemm::epilogue_kinds[cuda-host]: one kernel per activation, launch errors name the kernel launched") {
@@ -293,14 +294,13 @@ TEST_CASE("GroupedGemm::epilogue_kinds[cuda-host]: one kernel per activation, la
 
   using detail::GemmMainloop;
   std::vector<std::string> names;
-  for (GemmMainloop m :
-       {GemmMainloop::kSimt, GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64, GemmMainloop::kMmaDecodeN32,
-        GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge, GemmMainloop::kWgmma})
+  for (GemmMainloop m : {GemmMainloop::kSimt, GemmMainloop::kMmaDecode, GemmMainloop::kMmaDecodeN64,
+                         GemmMainloop::kMmaDecodeN32, GemmMainloop::kMmaMedium, GemmMainloop::kMmaLarge})
     names.emplace_back(detail::kernel_name(m));
   CHECK(std::set<std::string>(names.begin(), names.end()).size() == names.size());
   CHECK(contains(names[0], "grouped_gemm_simt_kernel"));
   CHECK(contains(names[3], "grouped_gemm_mma_kernel (16x32"));
-  CHECK(contains(names[6], "grouped_gemm_wgmma_kernel"));
+  CHECK(contains(names[5], "grouped_gemm_mma_kernel (128x128"));
   // Which mainloops a build and device can run.
   detail::DeviceTraits const hopper{.device = 0, .sms = 132, .major = 9, .minor = 0};
   detail::DeviceTraits const volta{.device = 0, .sms = 80, .major = 7, .minor = 0};
@@ -309,5 +309,4 @@ TEST_CASE("GroupedGemm::epilogue_kinds[cuda-host]: one kernel per activation, la
   CHECK_FALSE(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kSimt, hopper));
   CHECK(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kMmaLarge, hopper));
   CHECK_FALSE(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kMmaLarge, volta));
-  CHECK(detail::gemm_mainloop_available<bfloat16>(GemmMainloop::kWgmma, hopper) == detail::wgmma_built());
 }

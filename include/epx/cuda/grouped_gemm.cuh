@@ -5,8 +5,10 @@
 //! grouped_gemm on the GPU (semantics of gemm/grouped_gemm.hpp), with the groups' row ranges in
 //! device memory: no host copy of the counts, no sync, capturable in a CUDA graph.
 //!
-//! bf16 and fp16 run on tensor cores (mma.sync, sm_80+; gemm/mma_sm80.cuh; wgmma on sm_90a builds
-//! with EPX_ENABLE_WGMMA, gemm/wgmma_sm90.cuh); fp32 runs on CUDA cores in k order (gemm/simt.cuh).
+//! bf16 and fp16 run on tensor cores (mma.sync, sm_80+; gemm/mma_sm80.cuh); fp32 runs on CUDA cores
+//! in k order (gemm/simt.cuh). epx has no Hopper mainloop of its own: on sm_90 the expert policy
+//! Grouped runs CUTLASS's grouped GEMM instead of this one at prefill, in builds that have CUTLASS
+//! (grouped_experts.cuh); this kernel is what every other call, device and build runs.
 //! The tile shape is picked from the expected rows per group (pick_mma_mainloop, GemmTilePolicy in
 //! tuning.cuh): decode-like calls (few rows per expert) are bound by reading the weights and use
 //! 16-row tiles, so that each weight tile is read by one CTA; larger calls use 64- or 128-row tiles.
@@ -17,7 +19,6 @@
 #include <epx/cuda/gemm/mma_sm80.cuh>
 #include <epx/cuda/gemm/simt.cuh>
 #include <epx/cuda/gemm/tile_shapes.hpp>
-#include <epx/cuda/gemm/wgmma_sm90.cuh>
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
 #include <epx/cuda/tuning.cuh>
@@ -54,7 +55,6 @@ enum class GemmMainloop : std::uint8_t {
   kMmaDecodeN32,  //!< mma.sync 16 x 32
   kMmaMedium,     //!< mma.sync 64 x 128
   kMmaLarge,      //!< mma.sync 128 x 128
-  kWgmma,         //!< wgmma 128 x 128 (wgmma_sm90.cuh; sm_90a builds with EPX_ENABLE_WGMMA only)
 };
 
 //! The kernel a mainloop launches, as errors name it.
@@ -66,7 +66,6 @@ constexpr std::string_view kernel_name(GemmMainloop mainloop) noexcept {
     case GemmMainloop::kMmaDecodeN32: return "grouped_gemm_mma_kernel (16x32 tiles)";
     case GemmMainloop::kMmaMedium: return "grouped_gemm_mma_kernel (64x128 tiles)";
     case GemmMainloop::kMmaLarge: return "grouped_gemm_mma_kernel (128x128 tiles)";
-    case GemmMainloop::kWgmma: return "grouped_gemm_wgmma_kernel (128x128 tiles)";
   }
   return "grouped_gemm kernel";
 }
@@ -78,8 +77,6 @@ bool gemm_mainloop_available(GemmMainloop mainloop, DeviceTraits const& dev) {
     return mainloop == GemmMainloop::kSimt;
   else if (mainloop == GemmMainloop::kSimt)
     return false;
-  else if (mainloop == GemmMainloop::kWgmma)
-    return wgmma_built() && dev.major == 9;
   else
     return dev.major >= 8;
 }
@@ -87,10 +84,9 @@ bool gemm_mainloop_available(GemmMainloop mainloop, DeviceTraits const& dev) {
 //! The tensor-core mainloop for `rows` rows expected over `groups` groups, n product columns, on a
 //! device with `sms` SMs. The average rows per group decide the tile height (GemmTilePolicy): up to
 //! decode_rows, one 16-row tile reads each weight tile once; up to medium_rows, 64-row tiles;
-//! beyond, 128-row tiles (wgmma where the policy allows it). Decode tiles get narrower (64, then 32
-//! columns) when the 128-wide ones would be fewer than the SMs (few groups with rows, e.g. one
-//! local expert's down projection): the weights are then streamed by all SMs, deterministically
-//! (no split-K reduction).
+//! beyond, 128-row tiles. Decode tiles get narrower (64, then 32 columns) when the 128-wide ones
+//! would be fewer than the SMs (few groups with rows, e.g. one local expert's down projection): the
+//! weights are then streamed by all SMs, deterministically (no split-K reduction).
 inline GemmMainloop pick_mma_mainloop(std::int64_t rows, int groups, int n, int sms, GemmTilePolicy const& policy) {
   std::int64_t const per_group = groups > 0 ? ceil_div<std::int64_t>(rows, groups) : rows;
   if (per_group <= policy.decode_rows) {
@@ -101,7 +97,7 @@ inline GemmMainloop pick_mma_mainloop(std::int64_t rows, int groups, int n, int 
     return GemmMainloop::kMmaDecodeN32;
   }
   if (per_group <= policy.medium_rows) return GemmMainloop::kMmaMedium;
-  return policy.wgmma ? GemmMainloop::kWgmma : GemmMainloop::kMmaLarge;
+  return GemmMainloop::kMmaLarge;
 }
 
 //! Launches one grouped GEMM with epilogue kKind through `mainloop` (which the caller checked with
@@ -133,14 +129,6 @@ void launch_grouped_gemm(GroupedGemmArgs<T, TC> const& args, GemmMainloop mainlo
       case GemmMainloop::kMmaDecodeN32: launch_mma(static_cast<MmaDecodeN32Tile*>(nullptr)); break;
       case GemmMainloop::kMmaMedium: launch_mma(static_cast<MmaMediumTile*>(nullptr)); break;
       case GemmMainloop::kMmaLarge: launch_mma(static_cast<MmaLargeTile*>(nullptr)); break;
-      case GemmMainloop::kWgmma: {
-#if defined(EPX_ENABLE_WGMMA)
-        using W = WgmmaTileShape;
-        launch_persistent(grouped_gemm_wgmma_kernel<T, TC, kKind>, name, args, W::kThreads,
-                          W::kSmemBytes + W::kAlignSlack + prefix_bytes, max_tiles(W::kBM, W::kBN), dev, stream, where);
-#endif
-        break;
-      }
       case GemmMainloop::kSimt: break;  // refused above
     }
   }

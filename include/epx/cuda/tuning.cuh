@@ -60,22 +60,11 @@ struct CublasPolicy {
 };
 
 //! The grouped GEMM's tile height, from the average rows per group: up to decode_rows, 16-row
-//! tiles (each weight tile read by one CTA); up to medium_rows, 64-row tiles; beyond, 128-row tiles
-//! (wgmma ones where `wgmma`: an sm_90a build with EPX_ENABLE_WGMMA on a compute-capability-9 GPU).
+//! tiles (each weight tile read by one CTA); up to medium_rows, 64-row tiles; beyond, 128-row tiles.
 struct GemmTilePolicy {
   std::int64_t decode_rows = 16;
   std::int64_t medium_rows = 64;
-  bool wgmma = false;
 };
-
-//! Whether this build has the wgmma mainloop (EPX_ENABLE_WGMMA, sm_90a code).
-constexpr bool wgmma_built() noexcept {
-#if defined(EPX_ENABLE_WGMMA)
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace epx::detail
 
@@ -129,12 +118,6 @@ constexpr GroupedKernel grouped_kernel_for(GroupedKernelPolicy const& policy, bo
 template <class Policy>
 constexpr Policy policy_for(DeviceTraits const&) noexcept {
   return Policy{};
-}
-
-//! The GEMM's tiles depend on what the device and the build can run: wgmma on sm_90a only.
-template <>
-constexpr GemmTilePolicy policy_for<GemmTilePolicy>(DeviceTraits const& device) noexcept {
-  return {.wgmma = wgmma_built() && device.major == 9};
 }
 
 }  // namespace epx::detail

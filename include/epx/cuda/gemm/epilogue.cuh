@@ -4,9 +4,9 @@
 
 //! What the grouped GEMM does with its fp32 accumulators, shared by every mainloop (tensor-core
 //! and SIMT). Every mainloop hands the epilogue pairs of adjacent product columns (p, p + 1) of one
-//! row, p even: that is how mma.sync (and wgmma) lay out accumulators, one register pair per
-//! thread, so a gated activation needs no data exchange when the gate and up of one channel are
-//! adjacent product columns (paired_columns.hpp).
+//! row, p even: that is how mma.sync lays out accumulators, one register pair per thread, so a
+//! gated activation needs no data exchange when the gate and up of one channel are adjacent product
+//! columns (paired_columns.hpp).
 //!
 //! The epilogue's operation is a template parameter (EpilogueKind), so a kernel carries exactly
 //! one activation inline instead of a run-time switch over five per element pair; the launcher

@@ -95,7 +95,7 @@ struct TileCopies {
   int k;
 
   //! Copies k-tile `kt` of the tile's A rows and weight rows into the stages at shared addresses
-  //! `a_stage` and `b_stage`. Shared by the mma.sync and wgmma mainloops.
+  //! `a_stage` and `b_stage`.
   __device__ __forceinline__ void load(std::uint32_t a_stage, std::uint32_t b_stage, int kt) const {
     int const tid = static_cast<int>(threadIdx.x);
     bool const in_k = CopyA::in_k(tid, kt, k);
@@ -124,8 +124,8 @@ __device__ __forceinline__ TileCopies<StageCopy<BM, kThreads>, StageCopy<BN, kTh
           args.k};
 }
 
-//! The cp.async side of the stage ring (pipeline.hpp), written once for the mma.sync and wgmma
-//! mainloops: the prologue that runs kPrefetch k-tiles ahead, and the top of each k-iteration.
+//! The cp.async side of the stage ring (pipeline.hpp): the prologue that runs kPrefetch k-tiles
+//! ahead, and the top of each k-iteration.
 template <class Ring>
 struct CopyRing {
   //! The copies of the first kPrefetch k-tiles; empty groups past k_tiles keep the wait counts uniform.
@@ -138,13 +138,11 @@ struct CopyRing {
     }
   }
 
-  //! The top of k-iteration `kt`: k-tile kt has landed for this thread, then (after `fence`, e.g. the
-  //! async-proxy fence wgmma reads need, and the barrier) for every thread; the stage no warp reads
-  //! any more is refilled with k-tile refill_tile(kt).
-  template <class LoadStage, class Fence>
-  __device__ __forceinline__ static void advance(int kt, int k_tiles, LoadStage const& load_stage, Fence const& fence) {
+  //! The top of k-iteration `kt`: k-tile kt has landed for this thread, then (after the barrier) for
+  //! every thread; the stage no warp reads any more is refilled with k-tile refill_tile(kt).
+  template <class LoadStage>
+  __device__ __forceinline__ static void advance(int kt, int k_tiles, LoadStage const& load_stage) {
     cp_async_wait<Ring::kCopyGroupsPending>();
-    fence();
     __syncthreads();
     if (Ring::refill_tile(kt) < k_tiles) load_stage(Ring::refill_tile(kt));
     cp_async_commit();
@@ -190,7 +188,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocksPerSm)
 
     mma::CopyRing<Ring>::prefetch(k_tiles, load_stage);
     for (int kt = 0; kt < k_tiles; ++kt) {
-      mma::CopyRing<Ring>::advance(kt, k_tiles, load_stage, [] {});  // ldmatrix reads need no fence
+      mma::CopyRing<Ring>::advance(kt, k_tiles, load_stage);
 
       int const stage = Ring::stage(kt);
       std::uint32_t const sa = a_stages + stage * Shape::kStageBytesA;

@@ -8,9 +8,9 @@
 //!
 //! Why this swizzle: ldmatrix reads eight 16-byte row pieces at one chunk index per 8x8 matrix; with
 //! plain 128-byte rows all eight would sit in the same four banks (8-way conflict). XOR with the row
-//! spreads them over all 32 banks. It is also exactly the PTX ISA's 128-byte swizzle of a K-major
-//! operand (address bits [4, 7) ^= bits [7, 10)) when a stage starts on a 1024-byte boundary, so a
-//! wgmma descriptor can read the same stage (wgmma_layout.hpp). tests/kernel_math checks both.
+//! spreads them over all 32 banks. It is the PTX ISA's 128-byte swizzle of a K-major operand
+//! (address bits [4, 7) ^= bits [7, 10)) when a stage starts on a 1024-byte boundary: an independent
+//! statement of the same layout, which tests/kernel_math checks along with the conflict-free reads.
 
 #include <epx/config.hpp>
 

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: MIT
 #pragma once
 
-//! The CTA tiles of the grouped GEMM's tensor-core mainloops and how their warps split them, as
+//! The CTA tiles of the grouped GEMM's tensor-core (mma.sync) mainloop and how their warps split them, as
 //! plain C++ so that host tests (tests/kernel_math/gemm_*_test.cpp) walk the same tiles as the
 //! kernels. The policy that picks one per call is in grouped_gemm.cuh.
 
@@ -46,20 +46,5 @@ using MmaMediumTile = MmaTileShape<64, 128, 2, 2, 4, 2>;    // 96 KB
 //! thread) made the gated variant spill; with one CTA each warp has up to 255 registers, and the
 //! smem of the second CTA goes to a deeper ring (4 stages, 128 KB) instead.
 using MmaLargeTile = MmaTileShape<128, 128, 2, 4, 4, 1>;
-
-//! The Hopper wgmma tile (wgmma_sm90.cuh): 128 x 128 x 64, two consumer warpgroups of 64 rows each,
-//! one CTA per SM. Five stages: one is held by the wgmma group still in flight, three are being
-//! filled ahead (pipeline.hpp).
-struct WgmmaTileShape {
-  static constexpr int kBM = 128, kBN = 128, kBK = kStageRowElems, kStages = 5;
-  static constexpr int kThreads = 256;
-  static constexpr int kStageBytesA = kBM * kStageRowBytes, kStageBytesB = kBN * kStageRowBytes;
-  static constexpr std::size_t kSmemBytes = static_cast<std::size_t>(kStages) * (kStageBytesA + kStageBytesB);
-  static constexpr std::size_t kAlignSlack = 1024;  // stages start on 1024-byte boundaries (the swizzle's period)
-  static_assert(kStageBytesA % 1024 == 0 && kStageBytesB % 1024 == 0);
-
-  //! Row of the CTA tile where warpgroup `warpgroup`'s 64-row slice starts.
-  EPX_HOST_DEVICE static constexpr int warpgroup_row(int warpgroup) { return warpgroup * 64; }
-};
 
 }  // namespace epx::detail

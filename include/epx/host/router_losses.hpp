@@ -61,11 +61,9 @@ struct TokenProbabilities {
   void backprop_prob(Scoring scoring, std::vector<double>& g) const {
     double dot = 0.0;
     for (std::size_t e = 0; e < g.size(); ++e) dot += g[e] * prob[e];
-    if (scoring == Scoring::kSigmoidTopK) {  // p = s / sum(s), s = sigmoid(logit)
-      for (std::size_t e = 0; e < g.size(); ++e) g[e] = (g[e] - dot) / sigmoid_sum * sigmoid[e] * (1.0 - sigmoid[e]);
-    } else {  // p = softmax(logit)
-      for (std::size_t e = 0; e < g.size(); ++e) g[e] = prob[e] * (g[e] - dot);
-    }
+    bool const sigmoid_scoring = scoring == Scoring::kSigmoidTopK;
+    for (std::size_t e = 0; e < g.size(); ++e)
+      g[e] = router_loss_backprop(sigmoid_scoring, g[e], dot, prob[e], sigmoid[e], sigmoid_sum);
   }
 };
 
@@ -148,7 +146,7 @@ RouterLossValues router_losses(Host, RouterConfig const& config, RouterLossConfi
   auto const balance = [&](double const* c, double const* p, double n) {
     double acc = 0.0;
     for (std::size_t e = 0; e < num_experts; ++e) acc += c[e] * p[e];
-    return experts * acc / (n * n * slots_per_token);
+    return detail::router_balance_value(experts, acc, n, slots_per_token);
   };
   auto const n_all = static_cast<double>(num_tokens);
   values.load_balancing = balance(count.data(), prob_sum.data(), n_all);
@@ -170,12 +168,11 @@ RouterLossValues router_losses(Host, RouterConfig const& config, RouterLossConfi
     for (std::int64_t t = offsets[s]; t < offsets[s + 1]; ++t) {
       token.compute(config.scoring, logits, t);
       for (std::size_t e = 0; e < num_experts; ++e)
-        grad[e] =
-            lb * experts * count[e] / (n_all * n_all * slots_per_token) +
-            seq / static_cast<double>(non_empty) * experts * seq_count[s * num_experts + e] / (n * n * slots_per_token);
+        grad[e] = detail::router_loss_prob_gradient(lb, seq, experts, slots_per_token, count[e], n_all,
+                                                    seq_count[s * num_experts + e], n, static_cast<double>(non_empty));
       token.backprop_prob(config.scoring, grad);
       for (std::size_t e = 0; e < num_experts; ++e) {
-        grad[e] += z * 2.0 * token.logsumexp / n_all * token.softmax[e];
+        grad[e] += detail::router_z_gradient(z, token.logsumexp, n_all, token.softmax[e]);
         d_logits(t, static_cast<std::int64_t>(e)) += static_cast<float>(grad[e]);
       }
     }

@@ -10,9 +10,11 @@
 // and FMA differ from the Host's in the last bits of the double only, so the values agree to 1e-9
 // relative (they agree to ~1e-15), and each d_logits element to 2 float ulp of the result plus 2
 // ulp of the Host's gradient alone (rounded once to float before the add) plus 2^-40 of the row's
-// largest gradient (cancellation in p · (g - dot)). A wrong formula or a wrong sequence is off by
-// far more. Then: a second run bitwise equal, a captured graph bitwise equal, the Status counts of
-// invalid input, and the host-side errors with the Host's messages.
+// largest gradient and of the largest dL/dp (cancellation in p · (g - dot): with balanced counts
+// the true gradient is 0 and both backends return rounding noise of size ~eps · dL/dp). A wrong
+// formula or a wrong sequence is off by far more. Then: a second run bitwise equal, a captured
+// graph bitwise equal, the Status counts of invalid input (and the Host's answer for the rest),
+// and the host-side errors with the Host's messages.
 
 #include "../common/test_util.hpp"
 #include "device_buffer.cuh"
@@ -21,9 +23,12 @@
 #include <epx/cuda/router_losses.cuh>
 #include <epx/host/router_losses.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <sstream>
+#include <string>
 #include <vector>
 
 using namespace epx;
@@ -41,8 +46,10 @@ struct Case {
   RouterConfig config;
   RouterLossConfig losses;
   std::int64_t tokens = 0;
-  bool offsets = true;   // random sequences (with empty ones), or none: one sequence
-  std::int64_t pad = 0;  // extra columns of every matrix
+  bool offsets = true;    // random sequences (with empty ones), or none: one sequence
+  std::int64_t pad = 0;   // extra columns of every matrix
+  bool balanced = false;  // top_k == num_experts, every token routed to every expert: the balance
+                          // losses' gradient is 0 (only rounding noise)
 };
 
 //! Random sequence offsets over t tokens: an empty first sequence, random lengths 0..6 (some
@@ -69,14 +76,83 @@ std::vector<L> random_logits(std::int64_t t, std::int32_t e, std::int64_t ld, st
 }
 
 //! |got - want| within the header's bound; `grad` the Host's gradient alone, `row_max` its row's
-//! largest magnitude.
-bool within(float got, float want, float grad, double row_max) {
+//! largest magnitude, `prob_gradient` the largest dL/dp (gradient_floor).
+bool within(float got, float want, float grad, double row_max, double prob_gradient) {
   if (!std::isfinite(got)) return false;
   auto ulp = [](float v) {
     double const a = std::abs(double{v});
     return std::nextafter(static_cast<float>(a), std::numeric_limits<float>::infinity()) - a;
   };
-  return std::abs(double{got} - double{want}) <= 2.0 * ulp(want) + 2.0 * ulp(grad) + 0x1p-40 * row_max;
+  return std::abs(double{got} - double{want}) <=
+         2.0 * ulp(want) + 2.0 * ulp(grad) + 0x1p-40 * (row_max + prob_gradient);
+}
+
+//! The largest dL/dp any token sees, the size of the terms p · (g - dot) cancels:
+//! lb · E · max_i c_i / (T² k) + seq / S' · E · max_{s,i} c_{s,i} / (n_s² k) (S' the non-empty
+//! sequences), with the counts taken from the ids as the Host takes them.
+double gradient_floor(RouterConfig const& cfg, RouterLossConfig const& losses, MatrixView<std::int32_t const> ids,
+                      std::vector<std::int64_t> const& offsets) {
+  std::int64_t const t = ids.rows;
+  if (t == 0) return 0.0;
+  auto const e = static_cast<std::size_t>(cfg.num_experts);
+  double const experts = cfg.num_experts, k = cfg.top_k;
+  std::vector<std::int64_t> const bounds = offsets.empty() ? std::vector<std::int64_t>{0, t} : offsets;
+  std::vector<double> all(e, 0.0);
+  double seq_max = 0.0, non_empty = 0.0;
+  for (std::size_t s = 0; s + 1 < bounds.size(); ++s) {
+    std::vector<double> c(e, 0.0);
+    for (std::int64_t r = bounds[s]; r < bounds[s + 1]; ++r)
+      for (std::int64_t j = 0; j < ids.cols; ++j) {
+        std::int32_t const id = ids(r, j);
+        if (id >= 0 && id < cfg.num_experts) {
+          c[static_cast<std::size_t>(id)] += 1.0;
+          all[static_cast<std::size_t>(id)] += 1.0;
+        }
+      }
+    double const n = static_cast<double>(bounds[s + 1] - bounds[s]);
+    if (n == 0.0) continue;
+    non_empty += 1.0;
+    seq_max = std::max(seq_max, *std::max_element(c.begin(), c.end()) / (n * n));
+  }
+  double const n_all = static_cast<double>(t);
+  return double{losses.load_balancing} * experts * *std::max_element(all.begin(), all.end()) / (n_all * n_all * k) +
+         double{losses.sequence_aux} / std::max(non_empty, 1.0) * experts * seq_max / k;
+}
+
+//! The device's d_logits [t, ld_d] against the Host's `want` = prefill + its gradient `grad`
+//! [t, e] (rows in `skip` not compared): elements out of bound (the first few described in
+//! `first`), padding columns changed, and elements the device changed (its own gradient flowed).
+struct GradientDiff {
+  int bad = 0, touched = 0, changed = 0;
+  std::string first;
+};
+GradientDiff compare_d_logits(std::vector<float> const& got, std::vector<float> const& prefill,
+                              std::vector<float> const& want, std::vector<float> const& grad, std::int64_t t,
+                              std::int32_t e, std::int64_t ld_d, double prob_gradient,
+                              std::vector<std::int64_t> const& skip = {}) {
+  GradientDiff diff;
+  std::ostringstream first;
+  for (std::int64_t r = 0; r < t; ++r) {
+    for (std::int64_t x = e; x < ld_d; ++x) {
+      auto const i = static_cast<std::size_t>(r * ld_d + x);
+      diff.touched += std::memcmp(&got[i], &prefill[i], 4) == 0 ? 0 : 1;
+    }
+    if (std::find(skip.begin(), skip.end(), r) != skip.end()) continue;
+    double row_max = 0.0;
+    for (std::int32_t x = 0; x < e; ++x) row_max = std::max(row_max, double{std::abs(grad[r * e + x])});
+    for (std::int32_t x = 0; x < e; ++x) {
+      auto const i = static_cast<std::size_t>(r * e + x), d = static_cast<std::size_t>(r * ld_d + x);
+      if (!within(got[d], want[i], grad[i], row_max, prob_gradient)) {
+        if (diff.bad < 5)
+          first << "token " << r << ", expert " << x << ": device " << got[d] << ", host " << want[i]
+                << " (host gradient " << grad[i] << "); ";
+        ++diff.bad;
+      }
+      diff.changed += got[d] != prefill[d] ? 1 : 0;
+    }
+  }
+  diff.first = first.str();
+  return diff;
 }
 
 bool close(double got, double want) {
@@ -86,6 +162,12 @@ bool close(double got, double want) {
 struct DeviceRun {
   std::vector<float> d_logits;
   RouterLossValues values;
+};
+
+//! The Host's values, its gradient alone and its gradient added to a prefill.
+struct HostAnswer {
+  RouterLossValues values;
+  std::vector<float> grad, want;
 };
 
 //! Everything a case needs on the device, and one call of router_losses on it (d_logits reset to
@@ -165,8 +247,12 @@ void check_losses(Case const& c, std::mt19937_64& rng) {
   auto const logits = random_logits<L>(t, e, ld_l, rng);
   std::vector<std::int32_t> ids(static_cast<std::size_t>(std::max<std::int64_t>(t, 1) * ld_k), e + 5);
   std::uniform_int_distribution<std::int32_t> pick(0, e - 1);
+  REQUIRE((!c.balanced || k == e));
   for (std::int64_t r = 0; r < t; ++r)
-    for (std::int32_t j = 0; j < k; ++j) ids[static_cast<std::size_t>(r * ld_k + j)] = rng() % 8 == 0 ? -1 : pick(rng);
+    for (std::int32_t j = 0; j < k; ++j)
+      ids[static_cast<std::size_t>(r * ld_k + j)] = c.balanced       ? static_cast<std::int32_t>((r + j) % e)
+                                                    : rng() % 8 == 0 ? -1
+                                                                     : pick(rng);
   auto const offsets = c.offsets ? random_offsets(t, rng) : std::vector<std::int64_t>{};
   CAPTURE(offsets.size());
 
@@ -197,31 +283,20 @@ void check_losses(Case const& c, std::mt19937_64& rng) {
   CHECK(close(got.values.z_loss, want_values.z_loss));
   CHECK(close(got.values.total, want_values.total));
   if (t > 0) CHECK(want_values.z_loss > 0.0);
-  int bad = 0, touched = 0, nonzero = 0;
-  for (std::int64_t r = 0; r < t; ++r) {
-    double row_max = 0.0;
-    for (std::int32_t x = 0; x < e; ++x) row_max = std::max(row_max, double{std::abs(grad[r * e + x])});
-    for (std::int32_t x = 0; x < e; ++x) {
-      auto const i = static_cast<std::size_t>(r * e + x);
-      float const g = got.d_logits[static_cast<std::size_t>(r * ld_d + x)];
-      if (!within(g, want[i], grad[i], row_max)) {
-        if (bad < 5) INFO("token " << r << ", expert " << x << ": device " << g << ", host " << want[i]);
-        ++bad;
-      }
-      nonzero += grad[i] != 0.0f ? 1 : 0;
-    }
-    for (std::int64_t x = e; x < ld_d; ++x) {
-      auto const i = static_cast<std::size_t>(r * ld_d + x);
-      touched += std::memcmp(&got.d_logits[i], &prefill[i], 4) == 0 ? 0 : 1;
-    }
-  }
-  CHECK(bad == 0);
-  CHECK(touched == 0);
-  // A gradient flowed (softmax over one expert has none but the z-loss's).
-  bool const gradient =
-      c.losses.z_loss > 0.0f || (e > 1 && (c.losses.load_balancing > 0.0f || c.losses.sequence_aux > 0.0f));
-  if (t > 1 && gradient) CHECK(nonzero > 0);
-  if (!gradient) CHECK(got.d_logits == prefill);  // no coefficient: d_logits untouched
+  double const prob_gradient = gradient_floor(cfg, c.losses, host_ids, offsets);
+  CAPTURE(prob_gradient);
+  GradientDiff const diff = compare_d_logits(got.d_logits, prefill, want, grad, t, e, ld_d, prob_gradient);
+  INFO(diff.first);
+  CHECK(diff.bad == 0);
+  CHECK(diff.touched == 0);
+  // The device's gradient flowed (softmax over one expert has none but the z-loss's; balanced
+  // counts none but the z-loss's).
+  bool const gradient = c.losses.z_loss > 0.0f ||
+                        (e > 1 && !c.balanced && (c.losses.load_balancing > 0.0f || c.losses.sequence_aux > 0.0f));
+  if (t > 1 && gradient) CHECK(diff.changed > 0);
+  // No coefficient, or one expert (p · (g - dot) exactly 0): d_logits untouched. Balanced counts
+  // leave rounding noise instead.
+  if (!gradient && !c.balanced) CHECK(got.d_logits == prefill);
   Status const st = dev.status.to_host()[0];
   CHECK(st.invalid_ids == 0);
   CHECK(st.dropped_slots == 0);
@@ -254,7 +329,7 @@ TEST_CASE("router_losses[cuda]: every scoring and coefficient, 1..512 experts, t
       }
 }
 
-TEST_CASE("router_losses[cuda]: top_k past 32, zero and one token, long sequences") {
+TEST_CASE("router_losses[cuda]: top_k past 32, zero and one token, long sequences, many sequences") {
   EPX_TEST_SEEDED_RNG(rng);
   RouterLossConfig const all = kCoefficients[3];
   for (auto scoring : kScorings) {
@@ -274,7 +349,27 @@ TEST_CASE("router_losses[cuda]: top_k past 32, zero and one token, long sequence
                          .tokens = test::pick_size<std::int64_t>(3000, 300),
                          .offsets = false},
                         rng);
+    // About 600 short sequences (lengths 0..6): the values kernel's stride over sequences (256
+    // threads) in every mode.
+    check_losses<float>(
+        {.config = {.num_experts = 33, .top_k = 3, .scoring = scoring}, .losses = all, .tokens = 1800, .pad = 1}, rng);
   }
+}
+
+TEST_CASE("router_losses[cuda]: balanced counts, where the balance losses' true gradient is 0") {
+  // Every token routed to every expert: g_i is the same for every expert, p · (g - dot) cancels to
+  // rounding noise on both backends (different noise); the bound's floor (gradient_floor) covers it.
+  EPX_TEST_SEEDED_RNG(rng);
+  for (std::int32_t e : {2, 8})
+    for (auto scoring : kScorings)
+      for (auto const& losses : kCoefficients)
+        for (bool offsets : {true, false})
+          check_losses<float>({.config = {.num_experts = e, .top_k = e, .scoring = scoring},
+                               .losses = losses,
+                               .tokens = 300,
+                               .offsets = offsets,
+                               .balanced = true},
+                              rng);
 }
 
 TEST_CASE("router_losses[cuda]: a captured graph gives the direct call's bits") {
@@ -311,56 +406,107 @@ TEST_CASE("router_losses[cuda]: a captured graph gives the direct call's bits") 
 TEST_CASE("router_losses[cuda]: a NaN logit, invalid ids and invalid offsets are counted in Status") {
   EPX_TEST_SEEDED_RNG(rng);
   RouterConfig const cfg{.num_experts = 40, .top_k = 3};
+  RouterLossConfig const all = kCoefficients[3];
   std::int64_t const t = 12, e = cfg.num_experts, k = cfg.top_k;
   auto logits = random_logits<float>(t, cfg.num_experts, e, rng);
   std::vector<std::int32_t> ids(static_cast<std::size_t>(t * k));
   for (auto& id : ids) id = static_cast<std::int32_t>(rng() % 40);
   auto const prefill = test::random_vector<float>(static_cast<std::size_t>(t * e), rng, 1e-3f);
-  test::CudaStream stream;
-
-  // Token 3: a NaN logit; token 5: ids e and -3; token 7: +inf logit.
-  logits[static_cast<std::size_t>(3 * e + 11)] = kNaN;
-  logits[static_cast<std::size_t>(7 * e + 0)] = std::numeric_limits<float>::infinity();
-  ids[5 * k + 0] = static_cast<std::int32_t>(e);
-  ids[5 * k + 2] = -3;
   std::vector<std::int64_t> const offsets{0, 4, 4, 12};
+  test::CudaStream stream;
+  auto view = [&](std::vector<float> const& l) { return MatrixView<float const>(l.data(), t, e); };
+  auto id_view = [&](std::vector<std::int32_t> const& i) { return MatrixView<std::int32_t const>(i.data(), t, k); };
+  // The Host's values, its gradient alone and added to the prefill.
+  auto host = [&](std::vector<float> const& l, std::vector<std::int32_t> const& i, std::vector<std::int64_t> const& o) {
+    HostAnswer a;
+    a.grad.assign(static_cast<std::size_t>(t * e), 0.0f);
+    a.want = prefill;
+    a.values = router_losses(Host{}, cfg, all, view(l), id_view(i), o, MatrixView<float>(a.grad.data(), t, e));
+    (void)router_losses(Host{}, cfg, all, view(l), id_view(i), o, MatrixView<float>(a.want.data(), t, e));
+    return a;
+  };
+
+  // Token 5: ids e and -3, counted nowhere: the values and gradient are the Host's with them -1.
+  auto bad_ids = ids;
+  bad_ids[5 * k + 0] = static_cast<std::int32_t>(e);
+  bad_ids[5 * k + 2] = -3;
+  auto minus_one = ids;
+  minus_one[5 * k + 0] = -1;
+  minus_one[5 * k + 2] = -1;
   {
-    DeviceCase<float> dev(cfg, kCoefficients[3], t, 0, logits, ids, offsets, prefill);
+    DeviceCase<float> dev(cfg, all, t, 0, logits, bad_ids, offsets, prefill);
     DeviceRun const got = dev.run(stream);
     Status const st = dev.status.to_host()[0];
     CHECK(st.invalid_ids == 2);
-    CHECK(st.dropped_slots == static_cast<std::uint64_t>(2 * k));  // tokens 3 and 7, every slot
+    CHECK(st.dropped_slots == 2);  // an invalid id is a dropped slot too
+    CHECK_FALSE(st.ok());
+    HostAnswer const want = host(logits, minus_one, offsets);
+    CHECK(close(got.values.load_balancing, want.values.load_balancing));
+    CHECK(close(got.values.sequence_aux, want.values.sequence_aux));
+    CHECK(close(got.values.z_loss, want.values.z_loss));
+    CHECK(close(got.values.total, want.values.total));
+    GradientDiff const diff = compare_d_logits(got.d_logits, prefill, want.want, want.grad, t, cfg.num_experts, e,
+                                               gradient_floor(cfg, all, id_view(minus_one), offsets));
+    INFO(diff.first);
+    CHECK(diff.bad == 0);
+    CHECK(diff.changed > 0);
+    CHECK_THROWS_AS((void)host(logits, bad_ids, offsets), Error);
+  }
+
+  // And token 3: a NaN logit and one -1 id; token 7: +inf logit. Their rows are left as they were,
+  // their slots that named an expert dropped (2 + 3) and counted nowhere: the other tokens'
+  // gradients are the Host's with those ids -1 (and any finite logits in rows 3 and 7).
+  auto bad_logits = logits;
+  bad_logits[static_cast<std::size_t>(3 * e + 11)] = kNaN;
+  bad_logits[static_cast<std::size_t>(7 * e + 0)] = std::numeric_limits<float>::infinity();
+  bad_ids[3 * k + 1] = -1;
+  for (std::int64_t r : {3, 7})
+    for (std::int64_t j = 0; j < k; ++j) minus_one[static_cast<std::size_t>(r * k + j)] = -1;
+  {
+    DeviceCase<float> dev(cfg, all, t, 0, bad_logits, bad_ids, offsets, prefill);
+    DeviceRun const got = dev.run(stream);
+    Status const st = dev.status.to_host()[0];
+    CHECK(st.invalid_ids == 2);
+    CHECK(st.dropped_slots == 2 + 5);
     CHECK_FALSE(st.ok());
     for (std::int64_t r : {3, 7})  // rows with a non-finite logit are left as they were
       CHECK(std::memcmp(&got.d_logits[static_cast<std::size_t>(r * e)], &prefill[static_cast<std::size_t>(r * e)],
                         static_cast<std::size_t>(e) * sizeof(float)) == 0);
-    CHECK(got.d_logits != prefill);  // the other tokens got their gradient
+    HostAnswer const want = host(logits, minus_one, offsets);
+    GradientDiff const diff = compare_d_logits(got.d_logits, prefill, want.want, want.grad, t, cfg.num_experts, e,
+                                               gradient_floor(cfg, all, id_view(minus_one), offsets), {3, 7});
+    INFO(diff.first);
+    CHECK(diff.bad == 0);
+    CHECK(diff.changed > 0);  // the other tokens got their gradient
+    CHECK(std::isfinite(got.values.total));
+    CHECK_THROWS_AS((void)host(bad_logits, ids, offsets), Error);
   }
-  // The Host throws for each of them.
-  auto host = [&](std::vector<float> const& l, std::vector<std::int32_t> const& i, std::vector<std::int64_t> const& o) {
-    auto d = prefill;
-    (void)router_losses(Host{}, cfg, kCoefficients[3], MatrixView<float const>(l.data(), t, e),
-                        MatrixView<std::int32_t const>(i.data(), t, k), o, MatrixView<float>(d.data(), t, e));
-  };
-  CHECK_THROWS_AS(host(logits, ids, offsets), Error);
 
-  // Invalid offsets (non-decreasing broken; last != t; first != 0): num_tokens · top_k dropped each
-  // call, and nothing out of bounds (compute-sanitizer's memcheck in the GPU bundle).
+  // Invalid offsets (non-decreasing broken; last != t; first != 0; no non-empty sequence left):
+  // num_tokens · top_k dropped each call, no gradient at all (d_logits as it was), finite values,
+  // and nothing out of bounds (compute-sanitizer's memcheck in the GPU bundle).
   logits = random_logits<float>(t, cfg.num_experts, e, rng);
   for (auto& id : ids) id = static_cast<std::int32_t>(rng() % 40);
   for (auto const& bad : {std::vector<std::int64_t>{0, 9, 4, 12}, std::vector<std::int64_t>{0, 4, 30},
-                          std::vector<std::int64_t>{-5, 4, 12}, std::vector<std::int64_t>{0, 100, -100, 12}}) {
+                          std::vector<std::int64_t>{-5, 4, 12}, std::vector<std::int64_t>{0, 100, -100, 12},
+                          std::vector<std::int64_t>{7, 7}, std::vector<std::int64_t>{0, -3}}) {
     CAPTURE(bad.size());
+    CAPTURE(bad[0]);
     CAPTURE(bad[1]);
-    DeviceCase<float> dev(cfg, kCoefficients[3], t, 0, logits, ids, bad, prefill);
-    (void)dev.run(stream);
+    DeviceCase<float> dev(cfg, all, t, 0, logits, ids, bad, prefill);
+    DeviceRun const got = dev.run(stream);
     Status const st = dev.status.to_host()[0];
     CHECK(st.invalid_ids == 0);
     CHECK(st.dropped_slots == static_cast<std::uint64_t>(t * k));
-    CHECK_THROWS_AS(host(logits, ids, bad), Error);
+    CHECK(got.d_logits == prefill);
+    CHECK(std::isfinite(got.values.load_balancing));
+    CHECK(std::isfinite(got.values.sequence_aux));
+    CHECK(std::isfinite(got.values.z_loss));
+    CHECK(std::isfinite(got.values.total));
+    CHECK_THROWS_AS((void)host(logits, ids, bad), Error);
   }
   // Valid ones count nothing (the same data).
-  DeviceCase<float> dev(cfg, kCoefficients[3], t, 0, logits, ids, offsets, prefill);
+  DeviceCase<float> dev(cfg, all, t, 0, logits, ids, offsets, prefill);
   (void)dev.run(stream);
   CHECK(dev.status.to_host()[0].ok());
   CHECK(dev.status.to_host()[0].dropped_slots == 0);

@@ -24,14 +24,18 @@
 //! cancellation in p · (g - dot), as for route_backward).
 //!
 //! **Invalid input found on the device** (the Host throws for all three) is counted in the
-//! caller's Status, and the values and the gradient are then unspecified, but nothing is read or
-//! written out of bounds:
-//! - an id outside [0, num_experts) other than -1: counted nowhere (as -1), `invalid_ids` += 1;
-//! - a token with a non-finite logit: its probabilities count as 0 and lse² as 0, its d_logits
-//!   row is left as it was, and `dropped_slots` += top_k (none of its (token, slot) pairs was
-//!   computed);
+//! caller's Status as route_backward and make_plan count (`invalid_ids` also in `dropped_slots`),
+//! and the values are then unspecified but finite; nothing is read or written out of bounds:
+//! - an id outside [0, num_experts) other than -1: counted nowhere (as -1), `invalid_ids` += 1 and
+//!   `dropped_slots` += 1; the rest is computed as the Host computes it with that id -1;
+//! - a token with a non-finite logit: its probabilities and lse² count as 0, its ids are counted
+//!   nowhere (as -1), its d_logits row is left as it was, and `dropped_slots` += its slots that
+//!   named an expert in [0, num_experts) (none of its (token, slot) pairs was computed). The
+//!   other tokens' gradients are the Host's with that token's ids -1 (a token's gradient depends
+//!   on the others' ids only, not on their logits);
 //! - sequence_offsets that check_sequence_offsets would refuse: they are clamped into
-//!   [0, num_tokens] (router_loss_sequence_range) and `dropped_slots` += num_tokens · top_k.
+//!   [0, num_tokens] (router_loss_sequence_range) for the values, `dropped_slots` +=
+//!   num_tokens · top_k, and d_logits is left as it was (no gradient at all).
 //! Status::ok() is false after any of them.
 //!
 //! expert_token_counts: integer atomics only: the counts are exact and the same run to run.
@@ -229,14 +233,10 @@ __global__ void __launch_bounds__(kMaxRouterWarps* kWarpLanes) router_loss_token
     int const e = router_expert(lane, i);
     if (e < num_experts) prob[e] = tok.finite ? tok.prob(p.sigmoid, i) : 0.0;
   }
-  if (lane == 0) {
-    p.ws.z[t] = tok.finite ? tok.lse * tok.lse : 0.0;
-    if (!tok.finite)
-      atomicAdd(reinterpret_cast<unsigned long long*>(&p.status->dropped_slots),
-                static_cast<unsigned long long>(p.top_k));
-  }
+  if (lane == 0) p.ws.z[t] = tok.finite ? tok.lse * tok.lse : 0.0;
 
-  int invalid = 0;
+  // Slots counted per (sequence, expert); a non-finite token's are dropped (counted nowhere).
+  int invalid = 0, dropped = 0;
   unsigned long long* const counts = p.ws.seq_count + s * num_experts;
 #pragma unroll
   for (int r = 0; r < kRouterSlotRegisters; ++r) {
@@ -244,14 +244,25 @@ __global__ void __launch_bounds__(kMaxRouterWarps* kWarpLanes) router_loss_token
     if (j >= p.top_k) continue;
     std::int32_t const id = p.ids[t * p.ld_ids + j];
     BackwardSlot const kind = backward_slot(id, num_experts);
-    if (kind == BackwardSlot::kExpert)
-      atomicAdd(&counts[id], 1ull);
-    else if (kind == BackwardSlot::kOutOfRange)
+    if (kind == BackwardSlot::kExpert) {
+      if (tok.finite)
+        atomicAdd(&counts[id], 1ull);
+      else
+        ++dropped;
+    } else if (kind == BackwardSlot::kOutOfRange) {
       ++invalid;
+    }
   }
   invalid = warp_sum_int(invalid);
-  if (invalid != 0 && lane == 0)
-    atomicAdd(reinterpret_cast<unsigned long long*>(&p.status->invalid_ids), static_cast<unsigned long long>(invalid));
+  dropped = warp_sum_int(dropped) + invalid;  // an invalid id is a dropped slot too
+  if (lane == 0) {
+    if (invalid != 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&p.status->invalid_ids),
+                static_cast<unsigned long long>(invalid));
+    if (dropped != 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&p.status->dropped_slots),
+                static_cast<unsigned long long>(dropped));
+  }
 }
 
 //! Pass 2: block (32, kRouterLossStripes) per (sequence, 32 experts), grid-striding over them;
@@ -347,11 +358,11 @@ __global__ void __launch_bounds__(kRouterLossValueThreads) router_loss_values_ke
   auto const n_all = static_cast<double>(p.num_tokens);
   RouterLossValues v;
   v.load_balancing = router_balance_value(experts, acc, n_all, slots_per_token);
-  v.sequence_aux = seq_sum / static_cast<double>(non_empty);
+  v.sequence_aux = non_empty != 0 ? seq_sum / static_cast<double>(non_empty) : 0.0;  // 0: bad offsets only
   v.z_loss = z_sum / n_all;
   v.total = p.lb * v.load_balancing + p.seq * v.sequence_aux + p.z * v.z_loss;
   *p.values = v;
-  p.ws.non_empty[0] = static_cast<double>(non_empty);
+  p.ws.non_empty[0] = bad_offsets != 0 ? 0.0 : static_cast<double>(non_empty);  // 0: the gradient kernel adds nothing
   if (bad_offsets != 0)
     atomicAdd(reinterpret_cast<unsigned long long*>(&p.status->dropped_slots),
               static_cast<unsigned long long>(p.num_tokens) * static_cast<unsigned long long>(p.top_k));
@@ -359,13 +370,16 @@ __global__ void __launch_bounds__(kRouterLossValueThreads) router_loss_values_ke
 
 //! Pass 4, one warp per token: dL/dp (router_loss_prob_gradient) through p (router_loss_backprop)
 //! plus the z-loss's term (router_z_gradient), rounded once to float and added to d_logits.
-//! Tokens with a non-finite logit are left as they are.
+//! Tokens with a non-finite logit are left as they are, and so is all of d_logits when the offsets
+//! are invalid (the values kernel then wrote non_empty = 0).
 template <class L, int kPerLane>
 __global__ void __launch_bounds__(kMaxRouterWarps* kWarpLanes)
     router_loss_gradient_kernel(RouterLossParams<L> const p) {
   int const warp = static_cast<int>(threadIdx.x) / kWarpLanes, lane = static_cast<int>(threadIdx.x) % kWarpLanes;
   std::int64_t const t = blockIdx.x * std::int64_t{blockDim.x / kWarpLanes} + warp;
   if (t >= p.num_tokens) return;  // whole warps only
+  double const non_empty = p.ws.non_empty[0];
+  if (non_empty == 0.0) return;  // invalid offsets (counted in Status): the same for the whole grid
   int const num_experts = p.num_experts;
   LossToken<kPerLane> tok;
   loss_token<L, kPerLane>(p.logits + t * p.ld, num_experts, lane, p.sigmoid, tok);
@@ -374,7 +388,8 @@ __global__ void __launch_bounds__(kMaxRouterWarps* kWarpLanes)
   RouterLossTokenRange const range = router_loss_sequence_range(p.offsets, p.num_tokens, s);
   auto const n = static_cast<double>(range.end - range.begin), n_all = static_cast<double>(p.num_tokens);
   double const experts = static_cast<double>(num_experts), slots_per_token = static_cast<double>(p.top_k);
-  double const non_empty = p.ws.non_empty[0];
+  // n > 0 for valid offsets (the token is in its sequence); the guard keeps 0/0 out regardless.
+  double const seq = n > 0.0 ? p.seq : 0.0, seq_n = n > 0.0 ? n : 1.0;
   unsigned long long const* const seq_count = p.ws.seq_count + s * num_experts;
   double g[kPerLane];
   double dot = 0.0;
@@ -383,8 +398,8 @@ __global__ void __launch_bounds__(kMaxRouterWarps* kWarpLanes)
     int const e = router_expert(lane, i);
     g[i] = 0.0;
     if (e >= num_experts) continue;
-    g[i] = router_loss_prob_gradient(p.lb, p.seq, experts, slots_per_token, p.ws.count[e], n_all,
-                                     static_cast<double>(seq_count[e]), n, non_empty);
+    g[i] = router_loss_prob_gradient(p.lb, seq, experts, slots_per_token, p.ws.count[e], n_all,
+                                     static_cast<double>(seq_count[e]), seq_n, non_empty);
     dot += g[i] * tok.prob(p.sigmoid, i);
   }
   dot = warp_sum_double(dot);
@@ -459,7 +474,8 @@ inline void expert_token_counts(StreamRef stream, std::int32_t num_experts, Matr
 //! @param[in]    sequence_offsets  [num_sequences + 1] device memory (as the Host's), or empty: one
 //!                                 sequence
 //! @param[in,out] d_logits         [num_tokens, num_experts] device memory, fp32: the gradient is
-//!                                 added (untouched when every coefficient is 0, or num_tokens = 0)
+//!                                 added (untouched when every coefficient is 0, num_tokens = 0, or
+//!                                 the offsets are invalid; a non-finite token's row too)
 //! @param[out]   values            device memory: one RouterLossValues (all 0 for num_tokens = 0)
 //! @param[in]    workspace         device memory, >= cuda_router_losses_workspace_bytes(num_experts,
 //!                                 num_tokens, num_sequences)

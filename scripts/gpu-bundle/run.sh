@@ -13,7 +13,7 @@
 #   1  nvidia-smi facts (GPU, driver, clocks) and the smoke test
 #   2  every CUDA test and example with EPX_REQUIRE_GPU=1 (a skip is a failure), cheapest first
 #   3  compute-sanitizer (memcheck on each, racecheck and synccheck where the manifest says) at
-#      EPX_TEST_SMALL=1 sizes
+#      EPX_TEST_SMALL=1 sizes, with EPX_UNDER_SANITIZER=<tool> set
 #   4  the benchmarks, one process per model shape, EPX_BENCH_QUICK=1, JSON out
 #   5  the PyTorch baseline (bench/torch_moe_block.py) when python3 imports torch and sees the GPU
 # OUT_DIR receives at most 8 files (a GPU session brings back no more): summary.md (one row per
@@ -529,7 +529,7 @@ for ((n = 0; n < ${#san_runs[@]}; n++)); do
   fi
   dir=$(tmp_dir)
   check_command "$i" "$dir"
-  cmd+=(EPX_TEST_SMALL=1)
+  cmd+=(EPX_TEST_SMALL=1 "EPX_UNDER_SANITIZER=$tool")  # tests skip what a tool reports by design (smoke_test)
   run_timed "$limit" "$dir.out" "$dir" "${cmd[@]}" "$sanitizer" --tool "$tool" --error-exitcode 86 --print-limit 50 "${prog[@]}"
   errors=$(grep -m1 -E 'ERROR SUMMARY: [0-9]+ error' "$dir.out" | sed 's/^.*ERROR SUMMARY: //')
   if [ "$run_rc" = 0 ]; then

@@ -41,6 +41,7 @@ if [ -z "${FAKE_GPU:-}" ]; then
 fi
 [ "${EPX_REQUIRE_GPU:-}" = 1 ] || { echo "run.sh did not set EPX_REQUIRE_GPU=1"; exit 3; }
 if [ -n "${FAKE_SANITIZER:-}" ] && [ "${EPX_TEST_SMALL:-}" != 1 ]; then echo "run.sh did not set EPX_TEST_SMALL=1"; exit 3; fi
+if [ -n "${FAKE_SANITIZER:-}" ] && [ -z "${EPX_UNDER_SANITIZER:-}" ]; then echo "run.sh did not set EPX_UNDER_SANITIZER"; exit 3; fi
 case "$name" in
   cuda_smoke_test) echo "epx CUDA tests on NVIDIA FAKE (sm_90)"; echo "[doctest] test cases: 1 | 1 passed | 0 failed" ;;
   cuda_pass_test) echo "[doctest] test cases: 4 | 4 passed | 0 failed" ;;

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -48,6 +49,12 @@ TEST_CASE("Cuda::harness: a kernel on a caller stream matches the host") {
 }
 
 TEST_CASE("Cuda::harness: a launch with an impossible block size is reported, not fatal") {
+  if (std::getenv("EPX_UNDER_SANITIZER") != nullptr) {
+    // compute-sanitizer reports the deliberate invalid launch as an API error (the GPU bundle's step
+    // 3 set this): what this case checks is the error path outside a sanitizer.
+    MESSAGE("skipped under compute-sanitizer (" << std::getenv("EPX_UNDER_SANITIZER") << ")");
+    return;
+  }
   affine<<<1, 4096>>>(nullptr, nullptr, 1.0f, 0.0f, 0);  // more than 1024 threads per block
   CHECK_THROWS_WITH_AS(EPX_CUDA_CHECK_LAUNCH(affine), doctest::Contains("launch of `affine` failed"), epx::Error);
   CHECK(cudaGetLastError() == cudaSuccess);  // the non-sticky error was cleared

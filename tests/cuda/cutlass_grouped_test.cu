@@ -18,7 +18,6 @@
 #include "../common/expert_parallel_scenarios.hpp"
 #include "../common/test_util.hpp"
 #include "device_buffer.cuh"
-#include "layer_backward_cases.cuh"
 
 #include <epx/cuda.cuh>
 
@@ -411,22 +410,4 @@ TEST_CASE(
   EPX_TEST_SEEDED_RNG(rng);
   // 8 experts, top-2: ~170 rows per local expert, so every rank's Grouped runs CUTLASS (on sm_90).
   check_rank_counts<CudaGroupedAllToAll, bfloat16>({.tokens_per_rank = {700, 650}, .bias = true}, rng);
-}
-
-TEST_CASE("ExpertParallel<CutlassGrouped | Grouped>::backward[cuda]: the CUTLASS layers' gradients equal the Host's") {
-  // The backward (h recomputed with epx's kernel, the gradient GEMMs of cuda/grouped_gemm_backward.cuh)
-  // after a CUTLASS forward; Grouped with prefill-sized inputs, where its forward runs CUTLASS.
-  using namespace epx::test::backward;
-  EPX_TEST_SEEDED_RNG(rng);
-  if (!cutlass_grouped_gemm_available()) return;
-  auto const all = cases();
-  for (std::size_t i = 0; i < all.size(); i += 2) {
-    CAPTURE(i);
-    check_case<CutlassGrouped, AllToAll, bfloat16>(all[i], rng);
-    check_case<CutlassGrouped, AllGather, bfloat16>(all[i], rng);
-  }
-  epx::test::backward::Case prefill = all[0];
-  prefill.experts_per_rank = {3, 5};
-  prefill.tokens_per_rank = {700, 560};
-  check_case<Grouped, AllToAll, bfloat16>(prefill, rng);
 }

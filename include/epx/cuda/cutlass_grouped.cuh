@@ -16,9 +16,9 @@
 
 #include <epx/cuda/gemm/cutlass_grouped.cuh>
 // CUTLASS's headers first (read under NDEBUG), then epx's
+#include <epx/cuda/cutlass_expert_mlp_backward.cuh>
 #include <epx/cuda/element.cuh>
 #include <epx/cuda/error.hpp>
-#include <epx/cuda/expert_mlp_backward.cuh>
 #include <epx/cuda/group_rows.cuh>
 #include <epx/cuda/launch.cuh>
 #include <epx/cuda/nvtx.hpp>
@@ -118,8 +118,8 @@ void cutlass_expert_mlp(StreamRef stream_ref, ExpertMlpConfig const& mlp, Expert
 
 namespace detail {
 
-//! CutlassGrouped on Cuda: cutlass_expert_mlp, no sync. Backward: CudaRecomputingBackward.
-struct CudaCutlassGroupedExperts : CudaRecomputingBackward {
+//! CutlassGrouped on Cuda: cutlass_expert_mlp, no sync. Backward: cutlass_expert_mlp_backward.
+struct CudaCutlassGroupedExperts : CutlassBackward {
   //! What CUTLASS's TMA needs of the shapes, and bf16/fp16, said at construction.
   static void check(MoeConfig const& config) {
     constexpr std::string_view where = "ExpertParallel<CutlassGrouped, ..., Cuda>";

@@ -100,12 +100,14 @@ void expert_mlp_backward(StreamRef stream, ExpertMlpConfig const& config, Expert
 
 namespace detail {
 
-//! The backward of the Cuda expert parts (Grouped, CutlassGrouped): h recomputed with epx's grouped
+//! The SIMT backward of the Cuda expert parts (Grouped without CUTLASS; CutlassGrouped and Grouped for
+//! fp16 weights with fp32 gradients; see cutlass_expert_mlp_backward.cuh): h recomputed with epx's grouped
 //! GEMM from forward's input rows (one GEMM: a third of the experts' forward flops; keeping h
 //! instead would cost rows * gate_up_rows * 4 bytes of saved memory), then expert_mlp_backward.
 struct CudaRecomputingBackward {
   template <class T>
-  [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
+  [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
+                                                     std::int64_t max_rows) const {
     return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows); });
   }
 

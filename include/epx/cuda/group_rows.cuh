@@ -131,14 +131,16 @@ void launch_group_activation(ExpertMlpConfig const& mlp, T const* bias, std::spa
   EPX_CUDA_CHECK_LAUNCH(group_activation_kernel);
 }
 
-//! group_activation_backward_kernel's arguments (H: h's type; fp32 from expert_mlp_gate_up).
-template <class H>
+//! group_activation_backward_kernel's arguments (H: h's type, fp32; D: d_h's, fp32 for the SIMT
+//! gradient GEMMs, T for CUTLASS's; B: the gate_up bias's, T).
+template <class H, class D, class B>
 struct GroupActivationBackwardParams {
-  H const* h;  // [rows, gate_up_rows] forward's gate_up product (bias included), ldh apart
+  H const* h;  // [rows, gate_up_rows] forward's gate_up product, ldh apart
   std::int64_t ldh;
+  B const* bias;     // [groups, gate_up_rows] added to h (CUTLASS's h is without it), or nullptr
   float const* d_a;  // [rows, intermediate] the gradient of the activation's output, ld_da apart
   std::int64_t ld_da;
-  float* d_h;  // [rows, gate_up_rows] written: the gradient of h, ld_dh apart
+  D* d_h;  // [rows, gate_up_rows] written: the gradient of h, ld_dh apart
   std::int64_t ld_dh;
   std::int32_t const* offsets;  // [groups + 1] device
   int groups;
@@ -151,48 +153,89 @@ struct GroupActivationBackwardParams {
 };
 
 //! d_h[r, gate] = d_a[r, i] * d(activation)/d(gate), d_h[r, up] = d_a[r, i] * d(activation)/d(up)
-//! (activation_grad: the Host's derivatives, kinks included) for the rows of [offsets[0],
-//! offsets[groups]); each element one product, as the Host reference computes it.
-template <class H>
-__global__ void group_activation_backward_kernel(GroupActivationBackwardParams<H> const p) {
+//! (activation_grad: the Host's derivatives, kinks included, at h + bias) for the rows of
+//! [offsets[0], offsets[groups]); each element one product, as the Host reference computes it,
+//! rounded once to D.
+template <class H, class D, class B>
+__global__ void group_activation_backward_kernel(GroupActivationBackwardParams<H, D, B> const p) {
   GroupRows const range = grouped_row_range(p.offsets, p.groups, p.num_rows);
   for (std::int64_t row = range.begin + blockIdx.x; row < range.end; row += gridDim.x) {
     int const inter = p.intermediate;
+    int const width = p.gated ? 2 * inter : inter;
+    B const* const bias = p.bias == nullptr
+                              ? nullptr
+                              : p.bias + static_cast<std::int64_t>(group_of_row(p.offsets, p.groups, row)) * width;
     for (int i = static_cast<int>(threadIdx.x); i < inter; i += static_cast<int>(blockDim.x)) {
       int const gate_col = p.gated ? gate_column(i, inter, !p.interleaved) : i;
       int const up_col = up_column(i, inter, !p.interleaved);  // read only when gated
-      float const gate = device_to_float(p.h[row * p.ldh + gate_col]);
-      float const up = p.gated ? device_to_float(p.h[row * p.ldh + up_col]) : 0.0f;
+      float gate = device_to_float(p.h[row * p.ldh + gate_col]);
+      float up = p.gated ? device_to_float(p.h[row * p.ldh + up_col]) : 0.0f;
+      if (bias != nullptr) {
+        gate += device_to_float(bias[gate_col]);
+        if (p.gated) up += device_to_float(bias[up_col]);
+      }
       float const d_a = p.d_a[row * p.ld_da + i];
       ActivationGrad const g = activation_grad(p.activation, gate, up, p.clamped);
-      p.d_h[row * p.ld_dh + gate_col] = __fmul_rn(d_a, g.d_gate);
-      if (p.gated) p.d_h[row * p.ld_dh + up_col] = __fmul_rn(d_a, g.d_up);
+      p.d_h[row * p.ld_dh + gate_col] = device_from_float<D>(__fmul_rn(d_a, g.d_gate));
+      if (p.gated) p.d_h[row * p.ld_dh + up_col] = device_from_float<D>(__fmul_rn(d_a, g.d_up));
     }
   }
 }
 
 //! Launches group_activation_backward_kernel over at most `max_rows` rows (the grid strides beyond).
-inline void launch_group_activation_backward(ExpertMlpConfig const& mlp, std::span<std::int32_t const> device_offsets,
-                                             int groups, std::int64_t max_rows, MatrixView<float const> h,
-                                             MatrixView<float const> d_a, MatrixView<float> d_h, cudaStream_t s) {
+//! `bias`: the gate_up bias to add to h first (when h is the GEMM's product without it), or nullptr.
+template <class D, class B = D>
+void launch_group_activation_backward(ExpertMlpConfig const& mlp, std::span<std::int32_t const> device_offsets,
+                                      int groups, std::int64_t max_rows, MatrixView<float const> h,
+                                      MatrixView<float const> d_a, MatrixView<D> d_h, cudaStream_t s,
+                                      B const* bias = nullptr) {
   if (max_rows == 0 || groups == 0) return;
-  GroupActivationBackwardParams<float> const params{.h = h.data,
-                                                    .ldh = h.ld,
-                                                    .d_a = d_a.data,
-                                                    .ld_da = d_a.ld,
-                                                    .d_h = d_h.data,
-                                                    .ld_dh = d_h.ld,
-                                                    .offsets = device_offsets.data(),
-                                                    .groups = groups,
-                                                    .num_rows = std::min({h.rows, d_a.rows, d_h.rows}),
-                                                    .intermediate = mlp.intermediate,
-                                                    .gated = is_gated(mlp.activation),
-                                                    .interleaved = mlp.gate_up_layout == GateUpLayout::kInterleaved,
-                                                    .activation = mlp.activation,
-                                                    .clamped = mlp.clamped_swiglu};
+  GroupActivationBackwardParams<float, D, B> const params{
+      .h = h.data,
+      .ldh = h.ld,
+      .bias = bias,
+      .d_a = d_a.data,
+      .ld_da = d_a.ld,
+      .d_h = d_h.data,
+      .ld_dh = d_h.ld,
+      .offsets = device_offsets.data(),
+      .groups = groups,
+      .num_rows = std::min({h.rows, d_a.rows, d_h.rows}),
+      .intermediate = mlp.intermediate,
+      .gated = is_gated(mlp.activation),
+      .interleaved = mlp.gate_up_layout == GateUpLayout::kInterleaved,
+      .activation = mlp.activation,
+      .clamped = mlp.clamped_swiglu};
   auto const blocks = static_cast<unsigned>(std::min<std::int64_t>(max_rows, kMaxGridStrideBlocks));
-  group_activation_backward_kernel<float><<<blocks, group_row_threads(mlp.intermediate), 0, s>>>(params);
+  group_activation_backward_kernel<float, D, B><<<blocks, group_row_threads(mlp.intermediate), 0, s>>>(params);
   EPX_CUDA_CHECK_LAUNCH(group_activation_backward_kernel);
+}
+
+//! out[g, c] = the sum over the rows r of group g of in[r, c], in fp32 in row order, rounded once
+//! to TOut (0 for a group without rows): a bias gradient. Block (x, g): one column per thread;
+//! rows clamped as group_rows does. No atomics: the same bits every run.
+template <class TIn, class TOut>
+__global__ void group_column_sums_kernel(TIn const* in, std::int64_t ld, std::int32_t const* offsets,
+                                         std::int64_t num_rows, int cols, TOut* out) {
+  int const g = static_cast<int>(blockIdx.y);
+  int const c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= cols) return;
+  GroupRows const r = group_rows(offsets, g, num_rows);
+  float acc = 0.0f;
+  for (std::int64_t row = r.begin; row < r.end; ++row) acc = __fadd_rn(acc, device_to_float(in[row * ld + c]));
+  out[static_cast<std::int64_t>(g) * cols + c] = device_from_float<TOut>(acc);
+}
+
+//! Launches group_column_sums_kernel for `groups` groups (each group written).
+template <class TIn, class TOut>
+void launch_group_column_sums(MatrixView<TIn const> in, std::span<std::int32_t const> device_offsets, int groups,
+                              TOut* out, cudaStream_t s) {
+  if (groups == 0 || in.cols == 0) return;
+  constexpr int kThreads = 256;
+  dim3 const grid(static_cast<unsigned>((in.cols + kThreads - 1) / kThreads), static_cast<unsigned>(groups));
+  group_column_sums_kernel<TIn, TOut>
+      <<<grid, kThreads, 0, s>>>(in.data, in.ld, device_offsets.data(), in.rows, static_cast<int>(in.cols), out);
+  EPX_CUDA_CHECK_LAUNCH(group_column_sums_kernel);
 }
 
 }  // namespace epx::detail

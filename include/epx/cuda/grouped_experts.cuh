@@ -7,8 +7,9 @@
 //! an sm_90 device, with 16-bit weights and prefill-sized calls (GroupedKernelPolicy in tuning.cuh:
 //! rows per local expert on average), it runs CUTLASS's Hopper grouped GEMM (cuda/cutlass_grouped.cuh);
 //! otherwise epx's own kernel (cuda/expert_mlp.cuh), which is also the faster one for decode.
-//! `ExpertParallel::expert_kernel()` says which one the last forward ran. CutlassGrouped forces
-//! CUTLASS; the own kernel alone is what a build without CUTLASS runs.
+//! `ExpertParallel::expert_kernel()` says which one the last forward ran. The backward runs CUTLASS's
+//! gradients wherever CUTLASS runs (16-bit weights), at every size. CutlassGrouped forces CUTLASS;
+//! the own kernel alone is what a build without CUTLASS runs.
 
 #include <epx/cuda/expert_mlp.cuh>
 #include <epx/cuda/expert_mlp_backward.cuh>
@@ -90,6 +91,35 @@ struct CudaGroupedExperts : CudaRecomputingBackward {
     }
 #endif
     expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
+  }
+
+  //! The backward: CUTLASS's tensor-core gradients wherever CUTLASS runs (CutlassBackward: bf16
+  //! weights, or fp16 with fp16 gradients), at every size (its weight gradients beat the SIMT ones
+  //! everywhere: those reduce over all of an expert's rows per output element); else
+  //! CudaRecomputingBackward (the Host's results bit for bit in its GEMMs).
+  template <class T>
+  [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t num_groups,
+                                                     std::int64_t max_rows) const {
+    std::size_t bytes = CudaRecomputingBackward::backward_workspace_bytes<T>(mlp, num_groups, max_rows);
+#if defined(EPX_HAVE_CUTLASS)
+    bytes = std::max(bytes, CutlassBackward{}.backward_workspace_bytes<T>(mlp, num_groups, max_rows));
+#endif
+    return bytes;
+  }
+
+  template <class T, class G>
+  void backward(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> device_offsets, MatrixView<G const> dy, MatrixView<G> dx,
+                ExpertWeightGrads<G> const& grads, Workspace ws) const {
+#if defined(EPX_HAVE_CUTLASS)
+    if constexpr (!std::is_same_v<T, float>) {
+      if (cutlass_grouped_gemm_available()) {
+        CutlassBackward{}.backward<T, G>(stream, mlp, weights, x, device_offsets, dy, dx, grads, ws);
+        return;
+      }
+    }
+#endif
+    CudaRecomputingBackward::backward<T, G>(stream, mlp, weights, x, device_offsets, dy, dx, grads, ws);
   }
 
   //! The kernel of the last forward: "epx" or "cutlass" ("none" before the first).

@@ -51,7 +51,8 @@ struct HostGroupedExperts {
   //! The backward's scratch: GEMM 1's output h (fp32, recomputed from the saved input rows), then
   //! expert_mlp_backward's own.
   template <class T>
-  [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int64_t max_rows) const {
+  [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
+                                                     std::int64_t max_rows) const {
     return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows); });
   }
 

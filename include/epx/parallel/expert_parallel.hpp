@@ -54,7 +54,7 @@ concept expert_part_backward = requires(Part const& part, Stream stream, ExpertM
                                         ExpertWeights const& weights, MatrixView<float const> x,
                                         std::span<std::int32_t const> offsets, MatrixView<float> dx,
                                         ExpertWeightGrads<float> const& grads, Workspace ws, std::int64_t rows) {
-  { part.template backward_workspace_bytes<float>(mlp, rows) } -> std::same_as<std::size_t>;
+  { part.template backward_workspace_bytes<float>(mlp, 1, rows) } -> std::same_as<std::size_t>;
   part.template backward<float, float>(stream, mlp, weights, x, offsets, MatrixView<float const>(dx), dx, grads, ws);
 };
 
@@ -521,8 +521,9 @@ class ExpertParallel {
     p.d_topk_weights = c.template take<float>(slots);
     p.d_perm = c.template take<G>(slots * static_cast<std::size_t>(config_.mlp.hidden));
     p.dispatch = DispatchPart::template carve_backward<G>(c, shape(max_tokens));
-    p.experts = detail::take_workspace(c, experts_.template backward_workspace_bytes<T>(
-                                              config_.mlp, static_cast<std::int64_t>(expert_rows(max_tokens))));
+    p.experts = detail::take_workspace(
+        c, experts_.template backward_workspace_bytes<T>(config_.mlp, config_.weights.num_local_experts,
+                                                         static_cast<std::int64_t>(expert_rows(max_tokens))));
     return p;
   }
 

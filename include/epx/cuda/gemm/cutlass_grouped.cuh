@@ -109,8 +109,12 @@ struct TileConfig<CutlassTile::kCooperative128x256> {
 
 using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per group
 
-//! The CUTLASS kernel of one (input, output, tile) choice: d = a · bᵀ, no source operand.
-template <class T, class TOut, CutlassTile kTile>
+//! The CUTLASS kernel of one (input, output, tile, operand layouts) choice: d = a · bᵀ in CUTLASS's
+//! modes (a [M, K], b [N, K], d [M, N] row-major), no source operand. The forward reads a K-major
+//! (RowMajor A) and b K-major (ColumnMajor B); the gradients read b or a N-major (RowMajor B) and
+//! dc M-major (ColumnMajor A): group_problem.hpp says which problem uses which.
+template <class T, class TOut, CutlassTile kTile, class LayoutA = cutlass::layout::RowMajor,
+          class LayoutB = cutlass::layout::ColumnMajor>
 struct GroupedKernel {
   using ElementA = typename Element<T>::type;
   using ElementD = typename Element<TOut>::type;
@@ -125,8 +129,8 @@ struct GroupedKernel {
       cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cutlass::layout::RowMajor*, kAlignmentAB, ElementA,
-      cutlass::layout::ColumnMajor*, kAlignmentAB, float, typename Config::Tile, typename Config::Cluster,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA*, kAlignmentAB, ElementA, LayoutB*,
+      kAlignmentAB, float, typename Config::Tile, typename Config::Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Config::Kernel>::CollectiveOp;
@@ -138,13 +142,25 @@ struct GroupedKernel {
   using StrideD = typename Kernel::InternalStrideD;
 };
 
-//! Row-major (or K-major) strides with leading dimension `ld`: mode 0 steps rows, mode 1 is the
-//! unit stride, the batch mode is unused (one matrix per group).
+//! CUTLASS's stride of one operand from its element strides in CUTLASS's modes: the kernel's layout
+//! fixes one mode at unit stride (a cute::Int<1>), the other is the leading dimension. Throws (an
+//! internal error: a problem read with the wrong layout) where `s` disagrees with the layout.
 template <class Stride>
-EPX_HOST_DEVICE Stride leading_stride(std::int64_t ld) {
-  Stride s{};
-  cute::get<0>(s) = ld;
-  return s;
+Stride cute_stride(OperandStrides s, std::string_view where) {
+  Stride out{};
+  auto set = [&]<int kMode>(std::int64_t value) {
+    using Mode = cute::remove_cvref_t<decltype(cute::get<kMode>(out))>;
+    if constexpr (cute::is_static<Mode>::value) {
+      if (value != Mode::value)
+        throw_error(Errc::kUnsupported, fmt::format("{}: operand stride {} in mode {}, the kernel's layout has {}",
+                                                    where, value, kMode, Mode::value));
+    } else {
+      cute::get<kMode>(out) = value;
+    }
+  };
+  set.template operator()<0>(s.mode0);
+  set.template operator()<1>(s.mode1);
+  return out;
 }
 
 //! What the per-group argument kernel writes, in the caller's Workspace.
@@ -159,22 +175,38 @@ struct GroupArgs {
   typename K::StrideD* stride_d;                          // [groups]
 };
 
-//! Group g's problem: its rows of a and d, its weight matrix. A group without rows is an (0, n, k)
-//! problem, which the scheduler gives no tile.
+//! The operands' strides, the same for every group of a call.
 template <class K>
-__global__ void group_args_kernel(GroupArgs<K> const out, typename K::ElementA const* a, std::int64_t lda,
-                                  typename K::ElementA const* b, typename K::ElementD* d, std::int64_t ldd,
-                                  std::int32_t const* offsets, int groups, int n, int k) {
+struct CallStrides {
+  typename K::StrideA a;
+  typename K::StrideB b;
+  typename K::StrideD d;
+};
+
+template <class K, class Problem>
+CallStrides<K> call_strides(Problem const& problem, std::string_view where) {
+  GroupStrides const s = problem.strides();
+  return {cute_stride<typename K::StrideA>(s.a, where), cute_stride<typename K::StrideB>(s.b, where),
+          cute_stride<typename K::StrideD>(s.d, where)};
+}
+
+//! Group g's problem (`problem(g)`: group_problem.hpp's ForwardProblem, DataGradientProblem or
+//! WeightGradientProblem): its shape and where its operands start. A group without rows is a
+//! problem with M = 0, which the scheduler gives no tile.
+template <class K, class Problem>
+__global__ void group_args_kernel(GroupArgs<K> const out, Problem const problem, typename K::ElementA const* a,
+                                  typename K::ElementA const* b, typename K::ElementD* d, CallStrides<K> const strides,
+                                  int groups) {
   for (int g = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); g < groups;
        g += static_cast<int>(gridDim.x * blockDim.x)) {
-    GroupProblem const p = group_problem(offsets, g, lda, ldd, n, k);
+    GroupProblem const p = problem(g);
     out.shapes[g] = cute::make_shape(p.m, p.n, p.k);
     out.a[g] = a + p.a_offset;
     out.b[g] = b + p.b_offset;
     out.d[g] = d + p.d_offset;
-    out.stride_a[g] = leading_stride<typename K::StrideA>(lda);
-    out.stride_b[g] = leading_stride<typename K::StrideB>(k);
-    out.stride_d[g] = leading_stride<typename K::StrideD>(ldd);
+    out.stride_a[g] = strides.a;
+    out.stride_b[g] = strides.b;
+    out.stride_d[g] = strides.d;
   }
 }
 
@@ -275,13 +307,13 @@ template <float_element T, float_element TOut>
 
 namespace detail::cutlass_path {
 
-template <class T, class TOut, CutlassTile kTile>
-void run(detail::CudaStream stream, MatrixView<T const> a, BatchedMatrixView<T const> b,
-         std::span<std::int32_t const> offsets, MatrixView<TOut> c, Workspace workspace, std::string_view where) {
-  using K = GroupedKernel<T, TOut, kTile>;
+//! One grouped GEMM of kernel K over `groups` problems: the argument kernel, then CUTLASS's.
+template <class K, class Problem>
+void run_problem(detail::CudaStream stream, Problem const& problem, void const* a, void const* b, void* d, int groups,
+                 Workspace workspace, std::string_view where) {
   auto const dev = current_device_traits();
-  auto const groups = static_cast<int>(b.batch);
   if (groups == 0) return;
+  auto const strides = call_strides<K>(problem, where);
   auto const parts = carve_layout(workspace, where, [&](auto& carver) {
     auto const args = carve_group_args<K>(carver, static_cast<std::size_t>(groups));
     auto const scratch = carver.template take<std::byte>(cutlass_workspace_bytes<K>(groups, dev));
@@ -289,15 +321,27 @@ void run(detail::CudaStream stream, MatrixView<T const> a, BatchedMatrixView<T c
   });
   cudaStream_t const s = stream.get();
   int const threads = 128, blocks = (groups + threads - 1) / threads;
-  group_args_kernel<K><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
-      parts.first, reinterpret_cast<typename K::ElementA const*>(a.data), a.ld,
-      reinterpret_cast<typename K::ElementA const*>(b.data), reinterpret_cast<typename K::ElementD*>(c.data), c.ld,
-      offsets.data(), groups, static_cast<int>(b.rows), static_cast<int>(b.cols));
+  group_args_kernel<K, Problem><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
+      parts.first, problem, static_cast<typename K::ElementA const*>(a), static_cast<typename K::ElementA const*>(b),
+      static_cast<typename K::ElementD*>(d), strides, groups);
   EPX_CUDA_CHECK_LAUNCH(group_args_kernel);
   typename K::Gemm gemm;
   auto const args = make_arguments<K>(parts.first, groups, dev);
   check_cutlass(gemm.initialize(args, parts.second.data(), s), where, "initialize");
   check_cutlass(gemm.run(s), where, "run");
+}
+
+template <class T, class TOut, CutlassTile kTile>
+void run(detail::CudaStream stream, MatrixView<T const> a, BatchedMatrixView<T const> b,
+         std::span<std::int32_t const> offsets, MatrixView<TOut> c, Workspace workspace, std::string_view where) {
+  ForwardProblem const problem{.offsets = offsets.data(),
+                               .num_rows = a.rows,
+                               .lda = a.ld,
+                               .ldd = c.ld,
+                               .n = static_cast<std::int32_t>(b.rows),
+                               .k = static_cast<std::int32_t>(b.cols)};
+  run_problem<GroupedKernel<T, TOut, kTile>>(stream, problem, a.data, b.data, c.data, static_cast<int>(b.batch),
+                                             workspace, where);
 }
 
 }  // namespace detail::cutlass_path

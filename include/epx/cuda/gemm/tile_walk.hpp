@@ -24,7 +24,7 @@ struct GroupRows {
   std::int64_t end;
 };
 
-EPX_HOST_DEVICE inline GroupRows group_rows(std::int32_t const* offsets, int group, std::int64_t num_rows) {
+EPX_HOST_DEVICE constexpr GroupRows group_rows(std::int32_t const* offsets, int group, std::int64_t num_rows) {
   std::int64_t begin = offsets[group], end = offsets[group + 1];
   begin = begin < 0 ? 0 : (begin > num_rows ? num_rows : begin);
   end = end < begin ? begin : (end > num_rows ? num_rows : end);
@@ -33,7 +33,7 @@ EPX_HOST_DEVICE inline GroupRows group_rows(std::int32_t const* offsets, int gro
 
 //! Rows [offsets[0], offsets[groups]) clamped into [0, num_rows] the same way: the rows a row
 //! kernel over every group visits (group_rows.cuh).
-EPX_HOST_DEVICE inline GroupRows grouped_row_range(std::int32_t const* offsets, int groups, std::int64_t num_rows) {
+EPX_HOST_DEVICE constexpr GroupRows grouped_row_range(std::int32_t const* offsets, int groups, std::int64_t num_rows) {
   std::int32_t const ends[2] = {offsets[0], offsets[groups]};
   return group_rows(ends, 0, num_rows);
 }

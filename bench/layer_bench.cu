@@ -16,19 +16,22 @@
 //   layer/<shape>/T=<t>/ep1_backward    training at ep = 1 (AllToAll, 1-rank CudaLocalGroup, uniform
 //                                       routing): forward(..., SavedState), then backward with fp32 dy
 //                                       and fp32 gradients (dx, d_logits, the experts' weights and, for
-//                                       gpt-oss, biases) from that one saved state. layer_bench only (the
-//                                       backward runs the same kernels in both programs). EPX_BENCH_QUICK:
-//                                       T = 128 and 4096 only. A case whose one backward would take more
-//                                       than 2 s at 10 TFLOP/s (16 x rows x H x I flops: GEMM 1 recomputed,
-//                                       two GEMMs per weight) is reported as skipped, with the estimate,
-//                                       in its label (not an error).
+//                                       gpt-oss, biases) from that one saved state. Both programs: in
+//                                       layer_bench the gradient GEMMs are the SIMT correctness path, in
+//                                       layer_bench_cutlass CUTLASS's (whatever kernel the forward picked:
+//                                       the label names the forward's). EPX_BENCH_QUICK: T = 128 and 4096
+//                                       only. A case whose one backward would take more than 2 s by its
+//                                       flops (16 x rows x H x I: GEMM 1 recomputed, two GEMMs per weight)
+//                                       at kBackwardFlopRate (10 TFLOP/s SIMT, 200 on CUTLASS) is reported
+//                                       as skipped, with the estimate, in its label (not an error).
 //
 // Two programs from this file (bench/CMakeLists.txt):
 //   layer_bench           epx::cuda: Grouped runs epx's own grouped GEMM. Rows layer/...
 //   layer_bench_cutlass   epx::cutlass (EPX_HAVE_CUTLASS), sm_90a only: Grouped picks CUTLASS's Hopper
 //                         grouped GEMM at prefill (>= 128 rows per local expert; tuning.cuh). Its rows are
 //                         named layer_cutlass/... (the family follows EPX_HAVE_CUTLASS), so that both
-//                         programs' rows sit side by side in one bundle run's RESULTS. No backward rows.
+//                         programs' rows sit side by side in one bundle run's RESULTS. Its backward
+//                         rows run CUTLASS's gradient GEMMs (cuda/cutlass_expert_mlp_backward.cuh).
 // Every row's label says which expert kernel its forwards ran: "kernel=epx" or "kernel=cutlass"
 // (ExpertParallel::expert_kernel() after the timed forwards; ep8: each rank's, "+"-joined when they
 // differ); a skipped backward case says "skipped: ..." instead.
@@ -112,10 +115,12 @@ constexpr int kZipfTokens = 4096;  // the one T with a skewed-routing row
 using Experts = epx::detail::CudaGroupedExperts;  // what Grouped runs on Cuda in this translation unit
 constexpr std::string_view kFamily = Experts::kWithCutlass ? "layer_cutlass" : "layer";
 
-// The backward rows' flop estimate: the rate of today's gradient GEMMs (CUDA cores, a correctness path:
-// cuda/grouped_gemm_backward.cuh; raise it when they run on tensor cores), the longest backward a case
-// may take, and about how long one timing of N backwards should last.
-constexpr double kBackwardFlopRate = 10e12;
+// The backward rows' flop estimate: the rate of the gradient GEMMs this program runs (layer_bench: CUDA
+// cores, the correctness path of cuda/grouped_gemm_backward.cuh; layer_bench_cutlass: CUTLASS's tensor
+// cores, cuda/cutlass_expert_mlp_backward.cuh, whatever kernel its forward picked — a low guess of
+// their rate), the longest backward a case may take, and about how long one timing of N backwards
+// should last.
+constexpr double kBackwardFlopRate = Experts::kWithCutlass ? 200e12 : 10e12;
 constexpr double kBackwardSkipSeconds = 2.0;
 constexpr double kBackwardTimingSeconds = 0.5;
 constexpr int kQuickBackwardMaxTokens = 4096;  // EPX_BENCH_QUICK: backward rows at T = 128 and 4096 only
@@ -751,8 +756,7 @@ int register_all() {
       add(base + "ep1", bm_ep1, shape, t, false);
       add(base + "ep1_allgather", bm_ep1_allgather, shape, t);
       // The backward runs the same kernels with or without CUTLASS: layer_bench's rows only.
-      if (!Experts::kWithCutlass && !(quick_mode() && t > kQuickBackwardMaxTokens))
-        add(base + "ep1_backward", bm_ep1_backward, shape, t);
+      if (!(quick_mode() && t > kQuickBackwardMaxTokens)) add(base + "ep1_backward", bm_ep1_backward, shape, t);
       add(base + "ep8_localgroup", bm_ep8, shape, t, false);
       if (t == kZipfTokens) {
         add(base + "ep1_zipf1.2", bm_ep1, shape, t, true);

@@ -10,8 +10,17 @@ the same session, on the four shapes of ../shared/PERFORMANCE.md, bf16, random d
 
 Router (per the model's semantics) -> stable argsort of the expert ids -> gather ->
 torch._grouped_mm (gate_up) -> activation -> torch._grouped_mm (down) -> weighted index_add.
-Output: Google Benchmark-style JSON ("torch_block/<shape>/T=<tokens>", counter "ms"), so
-bench/tools/results.py reads it like the C++ benchmarks. The file is rewritten after every case, so a
+Rows (Google Benchmark-style JSON, counter "ms", so bench/tools/results.py reads them like the C++
+benchmarks):
+  torch_block/<shape>/T=<t>             the block's forward
+  torch_grouped_mm/<shape>/T=<t>/expert_mlp   the expert MLP alone on the block's sorted rows: two
+                                        torch._grouped_mm and the activation (what cutlass_bench's
+                                        cutlass_expert_mlp rows and layer_bench's experts stage run)
+  torch_block_backward/<shape>/T=<t>    autograd's backward of the block (dx, the logits' gradient,
+                                        the expert weights' and biases'), timed from the end of the
+                                        forward; counters fwd_ms, bwd_ms, bwd_over_fwd — the baseline
+                                        of layer_bench's ep1_backward rows. --quick: T = 128 and 4096.
+                                        A torch without _grouped_mm's backward gives an error row. The file is rewritten after every case, so a
 run stopped from outside (the GPU check bundle's timeout) keeps the cases it finished.
 """
 
@@ -63,18 +72,49 @@ def block(x, logits, gate_up, down, k, kind, bias, gate_up_bias, down_bias):
     offs = torch.cumsum(counts, 0).to(torch.int32)
     token = order // k
     xs = x.index_select(0, token)
+    # gpt-oss: interleaved gate/up, biases, clamped SwiGLU; the others: SwiGLU, gate then up
+    o = expert_mlp(xs, offs, gate_up, down, kind, gate_up_bias, down_bias, counts)
+    o = o.float() * w.flatten().index_select(0, order).unsqueeze(1)
+    return torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, token, o).to(x.dtype)
+
+
+def expert_mlp(xs, offs, gate_up, down, kind, gate_up_bias, down_bias, counts):
+    """The block's expert part on sorted rows: grouped_mm, activation, grouped_mm (biases for gpt-oss)."""
+    i = gate_up.shape[1] // 2
     hmid = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
-    if kind == "gpt-oss":  # interleaved gate/up, biases, clamped SwiGLU
+    if kind == "gpt-oss":
         hmid = hmid + gate_up_bias.repeat_interleave(counts, dim=0)
         gate, up = hmid[:, 0::2].clamp(max=7.0), hmid[:, 1::2].clamp(-7.0, 7.0)
         a = (up + 1) * gate * torch.sigmoid(1.702 * gate)
     else:
         a = F.silu(hmid[:, :i]) * hmid[:, i:]
-    o = torch._grouped_mm(a.to(x.dtype), down.transpose(1, 2), offs=offs)
+    o = torch._grouped_mm(a.to(xs.dtype), down.transpose(1, 2), offs=offs)
     if kind == "gpt-oss":
         o = o + down_bias.repeat_interleave(counts, dim=0)
-    o = o.float() * w.flatten().index_select(0, order).unsqueeze(1)
-    return torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, token, o).to(x.dtype)
+    return o
+
+
+def backward_ms(x, logits, gate_up, down, k, kind, bias, gate_up_bias, down_bias, reps, warmup):
+    """(forward ms, backward ms) of the block under autograd: every input but the correction bias
+    requires a gradient; the backward is timed from the end of its forward, gradients reset between."""
+    leaves = [t.detach().requires_grad_() for t in (x, logits, gate_up, down, gate_up_bias, down_bias)]
+    xg, lg, gu, dn, gub, dnb = leaves
+    dy = torch.randn_like(x)
+    fwd, bwd = [], []
+    for rep in range(warmup + reps):
+        for leaf in leaves:
+            leaf.grad = None
+        start, mid, stop = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        y = block(xg, lg, gu, dn, k, kind, bias, gub, dnb)
+        mid.record()
+        y.backward(dy)
+        stop.record()
+        stop.synchronize()
+        if rep >= warmup:
+            fwd.append(start.elapsed_time(mid))
+            bwd.append(mid.elapsed_time(stop))
+    return statistics.median(fwd), statistics.median(bwd)
 
 
 def time_ms(fn, reps=20, warmup=3):
@@ -125,6 +165,30 @@ def main():
             rows.append({"name": f"torch_block/{name}/T={t}", "run_type": "iteration", "ms": ms})
             print(f"{name} T={t}: {ms:.3f} ms", flush=True)
             write()
+            # The expert MLP alone, on the rows the block's router sorted (torch._grouped_mm's own time).
+            ids, _ = route(logits, kind, k, bias)
+            flat = ids.flatten()
+            counts = torch.bincount(flat, minlength=e)
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            xs = x.index_select(0, torch.argsort(flat, stable=True) // k)
+            ms = time_ms(lambda: expert_mlp(xs, offs, gate_up, down, kind, gate_up_bias, down_bias, counts), reps, warmup)
+            rows.append({"name": f"torch_grouped_mm/{name}/T={t}/expert_mlp", "run_type": "iteration", "ms": ms})
+            print(f"{name} T={t} grouped_mm expert MLP: {ms:.3f} ms", flush=True)
+            write()
+            del xs
+            if args.quick and t > 4096:
+                continue
+            row = {"name": f"torch_block_backward/{name}/T={t}", "run_type": "iteration"}
+            try:
+                fwd, bwd = backward_ms(x, logits, gate_up, down, k, kind, bias, gate_up_bias, down_bias, reps, warmup)
+                row.update(ms=bwd, fwd_ms=fwd, bwd_ms=bwd, bwd_over_fwd=bwd / fwd)
+                print(f"{name} T={t} backward: {bwd:.3f} ms (forward {fwd:.3f} ms)", flush=True)
+            except (RuntimeError, NotImplementedError) as err:  # e.g. a torch without _grouped_mm's backward
+                row.update(error_occurred=True, error_message=str(err).splitlines()[0][:200])
+                print(f"{name} T={t} backward: {row['error_message']}", flush=True)
+            rows.append(row)
+            write()
+            torch.cuda.empty_cache()
         del gate_up, down
         torch.cuda.empty_cache()
 

@@ -117,22 +117,28 @@ def table(rows):
 
 
 def torch_comparison(rows):
-    """The whole layer at ep = 1 against the PyTorch block of the same run: (markdown, plot rows)."""
-    torch = {r[1]: r[3]["ms"] for r in rows if r[0] == "torch_block" and "ms" in r[3]}
+    """The whole layer at ep = 1 (layer_bench and layer_bench_cutlass rows) against the PyTorch block of
+    the same run, forward (ep1 rows against torch_block) and backward (ep1_backward rows against
+    torch_block_backward): (markdown, plot rows)."""
+    baselines = {"ep1": "torch_block", "ep1_backward": "torch_block_backward"}
+    torch = {(r[0], r[1]): r[3]["ms"] for r in rows if r[0] in baselines.values() and "ms" in r[3]}
     lines, plot_rows = [], []
     for family, case, variant, counters, context in rows:
-        if family != "layer" or variant != "ep1" or case not in torch or "ms" not in counters:
+        if family not in ("layer", "layer_cutlass") or variant not in baselines or "ms" not in counters:
             continue
-        ratio = torch[case] / counters["ms"]
-        target = counters.get("target_ms")
-        lines.append(f"| {case} | {counters['ms']:.3f} | {torch[case]:.3f} | {ratio:.2f} | "
+        base = torch.get((baselines[variant], case))
+        if base is None:
+            continue
+        ratio = base / counters["ms"]
+        target = counters.get("target_ms") if variant == "ep1" else None
+        lines.append(f"| {family} | {case} | {variant} | {counters['ms']:.3f} | {base:.3f} | {ratio:.2f} | "
                      + (f"{target:.2f}" if target is not None else "") + " |")
-        plot_rows.append(("layer_vs_torch", case, "", {"vs_torch": ratio}, context))
+        plot_rows.append((f"{family}_vs_torch", case, variant, {"vs_torch": ratio}, context))
     if not lines:
         return "", plot_rows
     head = ["### layer ep1 against the PyTorch block of the same run\n",
-            "| case | epx ms | PyTorch ms | PyTorch / epx | target ms (PERFORMANCE.md, H100) |",
-            "|---|---|---|---|---|"]
+            "| program | case | pass | epx ms | PyTorch ms | PyTorch / epx | target ms (PERFORMANCE.md, H100) |",
+            "|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines) + "\n", plot_rows
 
 

@@ -95,7 +95,7 @@ class ResultsPyTest(unittest.TestCase):
                 "- Checks: 2 passed, 1 failed, 0 timed out, 0 skipped; result: FAILED (cuda.grouped_gemm_test)",
                 "| 2 | cuda.grouped_gemm_test | failed | 3.1 |",
                 # the layer against the PyTorch block measured in the same run: 2.5 / 1.25
-                "| qwen3-30b-a3b/T=4096 | 1.250 | 2.500 | 2.00 | 1.09 |",
+                "| layer | qwen3-30b-a3b/T=4096 | ep1 | 1.250 | 2.500 | 2.00 | 1.09 |",
                 "| qwen3-30b-a3b/T=4096 | ep1 | 1.250 |",
                 "| qwen3-30b-a3b/T=4096 | ep8_localgroup | 1.500 |",
                 "launch failed \\| bad"):
@@ -120,7 +120,7 @@ class ResultsPyTest(unittest.TestCase):
             text = self.results("table", source)
             self.assertIn("### layer", text)
             self.assertIn("### torch_block", text)
-            self.assertIn("| qwen3-30b-a3b/T=4096 | 1.250 | 2.500 | 2.00 |", text)
+            self.assertIn("| layer | qwen3-30b-a3b/T=4096 | ep1 | 1.250 | 2.500 | 2.00 |", text)
 
 
 if __name__ == "__main__":

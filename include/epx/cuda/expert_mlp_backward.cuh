@@ -13,7 +13,8 @@
 //!   dx = dh · gate_up                    grouped_gemm_backward_data
 //! The gradient GEMMs are the correctness path (cuda/grouped_gemm_backward.cuh: each element in
 //! the Host's order, no tensor cores); the activation uses the device's exp/tanh, so results agree
-//! with the Host to a few ulps of fp32, not bitwise. Deterministic: no atomics.
+//! with the Host to a few ulps of fp32, not bitwise. Deterministic: no atomics. The tensor-core
+//! twin, on CUTLASS, is cuda/cutlass_expert_mlp_backward.cuh.
 
 #include <epx/core/space.hpp>
 #include <epx/core/workspace.hpp>

@@ -9,7 +9,8 @@
 //!   weight gradient:  db[g][n, k] = sum over the rows r of g of dc[r, n] * a[r, k]
 //!                     dbias[g][n] = sum over the rows r of g of dc[r, n]
 //!
-//! **This is the correctness path**, not the fast one (that will be CUTLASS). Every output element
+//! **This is the correctness path**, not the fast one (that is CUTLASS's: cuda/gemm/
+//! cutlass_grouped_backward.cuh, where CUTLASS is built and runs). Every output element
 //! is accumulated by one thread, in the Host's order (n ascending for da; rows ascending for db and
 //! dbias), each step `acc = __fadd_rn(acc, __fmul_rn(x, y))` (multiply, round, add, round: no fused
 //! multiply-add, as the Host built with -ffp-contract=off), from the same element conversions

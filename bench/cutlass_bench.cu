@@ -6,6 +6,8 @@
 // in-process baselines, and against epx's own kernel in the same process:
 //   cutlass_gemm2       down, [rows, I] -> [rows, H], cutlass_grouped_gemm with the tile the policy picks
 //   cutlass_expert_mlp  GEMM 1 (fp32 h) + activation + GEMM 2 (cutlass_expert_mlp)
+//   cutlass_switch/<shape>/rows_per_expert=<r>   the expert MLP at r rows per expert on epx's kernel and
+//                       on CUTLASS with each tile (where Grouped should switch; Pingpong or Cooperative)
 // Counters as gemm_bench's, plus vs_epx_grouped: epx's own kernel's time / CUTLASS's (expert_mlp:
 // expert_mlp(StreamRef, ...) with Grouped; gemm2: grouped_gemm), and tile (0 Pingpong, 1 Cooperative).
 // Built for sm_90a with epx::cutlass; on other devices every case is skipped with a message.
@@ -104,7 +106,56 @@ void bm_cutlass_expert_mlp(benchmark::State& state, Shape shape, int t, bool zip
   state.counters["vs_epx_grouped"] = epx_us / us;
 }
 
+// Where Grouped should switch kernels, and CUTLASS tiles (tuning.cuh: GroupedKernelPolicy's
+// cutlass_min_rows_per_expert = 128 and CutlassTilePolicy's pingpong_rows = 128 are guesses between
+// measured points 32 and 128): the expert MLP at r rows per expert on average (T = r * E / k, uniform
+// routing) on epx's own kernel and on CUTLASS with each tile, in one process. ms-free counters:
+// epx_us, pingpong_us, cooperative_us; us = the faster CUTLASS tile; vs_epx_grouped = epx_us / us.
+void bm_cutlass_switch(benchmark::State& state, Shape shape, int rows_per_expert) {
+  if (skip_unless_available(state)) return;
+  int const t = rows_per_expert * shape.num_experts / shape.top_k;
+  GemmCase c(shape, t, false);
+  int const h = shape.hidden, i = shape.intermediate;
+  std::size_t const ws_bytes =
+      epx::cutlass_expert_mlp_workspace_bytes<bfloat16>(c.mlp(), shape.num_experts, c.rows, false);
+  auto* ws = device_alloc<std::byte>(ws_bytes);
+  epx::MatrixView<bfloat16 const> const x(c.x, c.rows, h);
+  epx::MatrixView<bfloat16> const out(c.out, c.rows, h);
+  double const epx_us = time_us(c.s, [&] {
+    epx::expert_mlp<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(), x, c.device_offsets(), out,
+                              epx::Workspace(c.ws, c.ws_bytes));
+  });
+  // cutlass_expert_mlp picks the tile from its rows_hint: 1 row gives Pingpong, "all rows many times
+  // over" Cooperative (cutlass_tile_for).
+  auto cutlass_us = [&](std::int64_t rows_hint) {
+    return time_us(c.s, [&] {
+      epx::cutlass_expert_mlp<bfloat16>(epx::StreamRef(c.s), c.mlp(), c.weights(), x, c.device_offsets(), out,
+                                        epx::Workspace(ws, ws_bytes), rows_hint);
+    });
+  };
+  double const pingpong_us = cutlass_us(1);
+  double const cooperative_us = cutlass_us(std::int64_t{1} << 40);
+  double const us = std::min(pingpong_us, cooperative_us);
+  for (auto _ : state) state.SetIterationTime(us * 1e-6);
+  (void)cudaFree(ws);
+  double const m = static_cast<double>(c.rows);
+  state.counters["us"] = us;
+  state.counters["tflops"] = (2.0 * m * (2.0 * i) * h + 2.0 * m * h * i) / (us * 1e-6) / 1e12;
+  state.counters["rows_per_expert"] = m / shape.num_experts;
+  state.counters["epx_us"] = epx_us;
+  state.counters["pingpong_us"] = pingpong_us;
+  state.counters["cooperative_us"] = cooperative_us;
+  state.counters["vs_epx_grouped"] = epx_us / us;
+}
+
 int register_all() {
+  for (auto const& shape : kShapes)
+    for (int r : {16, 32, 48, 64, 96, 128, 192, 256, 384})
+      benchmark::RegisterBenchmark(
+          ("cutlass_switch/" + std::string(shape.name) + "/rows_per_expert=" + std::to_string(r)).c_str(),
+          bm_cutlass_switch, shape, r)
+          ->UseManualTime()
+          ->Iterations(1);
   for (auto const& shape : kShapes)
     for (int t : kTokens)
       for (bool zipf : {false, true}) {

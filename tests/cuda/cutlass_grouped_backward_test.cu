@@ -18,6 +18,7 @@
 
 #include "../common/test_util.hpp"
 #include "device_buffer.cuh"
+#include "poisoned_rows.cuh"
 #include "layer_backward_cases.cuh"
 
 #include <epx/cuda.cuh>
@@ -31,11 +32,7 @@ using test::DeviceBuffer;
 
 namespace {
 
-template <class T>
-bool all_bytes(T const& v, unsigned char byte) {
-  auto const* b = reinterpret_cast<unsigned char const*>(&v);
-  return std::all_of(b, b + sizeof(T), [&](unsigned char x) { return x == byte; });
-}
+using test::all_bytes;
 
 struct GradCase {
   std::vector<std::int32_t> counts;
@@ -44,11 +41,7 @@ struct GradCase {
   std::int64_t rows_after = 5;
 };
 
-std::vector<std::int32_t> offsets_of(GradCase const& c) {
-  std::vector<std::int32_t> offsets(c.counts.size() + 1, c.first_row);
-  for (std::size_t g = 0; g < c.counts.size(); ++g) offsets[g + 1] = offsets[g] + c.counts[g];
-  return offsets;
-}
+std::vector<std::int32_t> offsets_of(GradCase const& c) { return test::offsets_from(c.counts, c.first_row); }
 
 // fp32 output: only the accumulation order differs from the Host's; 16-bit: one rounding more.
 template <class TOut>
@@ -91,22 +84,8 @@ bool check_data(GradCase const& c, std::mt19937_64& rng) {
       break;
     }
     first = got;
-    std::vector<float> got_in;
-    std::vector<double> ref_in;
-    std::int64_t unwritten = 0, overwritten = 0;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      bool const inside = r >= offsets.front() && r < offsets.back();
-      for (std::int64_t col = 0; col < ldda; ++col) {
-        TOut const v = got[static_cast<std::size_t>(r * ldda + col)];
-        if (inside && col < c.k) {
-          got_in.push_back(to_float(v));
-          ref_in.push_back(ref[static_cast<std::size_t>(r * c.k + col)]);
-          unwritten += all_bytes(v, 0xff);
-        } else {
-          overwritten += !all_bytes(v, 0xff);
-        }
-      }
-    }
+    auto const [got_in, ref_in, unwritten, overwritten] =
+        test::split_poisoned(got, ref, rows, ldda, c.k, offsets.front(), offsets.back());
     CHECK(unwritten == 0);
     CHECK(overwritten == 0);
     if (!ref_in.empty()) CHECK(test::rel_error(got_in, ref_in) <= kTolerance<TOut>);
@@ -316,8 +295,7 @@ void check_expert_backward(ExpertMlpConfig const& config, std::vector<std::int32
                      << ", hidden " << config.hidden << ", intermediate " << config.intermediate << ", groups "
                      << counts.size());
   auto const groups = static_cast<std::int32_t>(counts.size());
-  std::vector<std::int32_t> offsets(counts.size() + 1, 2);
-  for (std::size_t g = 0; g < counts.size(); ++g) offsets[g + 1] = offsets[g] + counts[g];
+  auto const offsets = test::offsets_from(counts, 2);
   std::int64_t const rows = offsets.back() + 3, h = config.hidden, gu = config.gate_up_rows(),
                      inter = config.intermediate;
   auto const x = test::random_vector<T>(static_cast<std::size_t>(rows * h), rng);

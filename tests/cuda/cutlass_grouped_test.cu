@@ -18,6 +18,7 @@
 #include "../common/expert_parallel_scenarios.hpp"
 #include "../common/test_util.hpp"
 #include "device_buffer.cuh"
+#include "poisoned_rows.cuh"
 
 #include <epx/cuda.cuh>
 
@@ -33,18 +34,8 @@ namespace {
 
 constexpr std::array kTiles = {CutlassTile::kPingpong64x128, CutlassTile::kCooperative128x256};
 
-std::vector<std::int32_t> offsets_from(std::vector<std::int32_t> const& counts, std::int32_t first_row) {
-  std::vector<std::int32_t> offsets(counts.size() + 1, first_row);
-  std::partial_sum(counts.begin(), counts.end(), offsets.begin() + 1, std::plus<>{});
-  for (std::size_t g = 1; g < offsets.size(); ++g) offsets[g] += first_row;
-  return offsets;
-}
-
-template <class T>
-bool all_bytes(T const& v, unsigned char byte) {
-  auto const* b = reinterpret_cast<unsigned char const*>(&v);
-  return std::all_of(b, b + sizeof(T), [&](unsigned char x) { return x == byte; });
-}
+using test::all_bytes;
+using test::offsets_from;
 
 struct Case {
   std::vector<std::int32_t> counts;
@@ -91,22 +82,8 @@ bool check(Case const& c, CutlassTile tile, std::mt19937_64& rng) {
       break;
     }
     first = got;
-    std::vector<float> got_in;
-    std::vector<double> ref_in;
-    std::int64_t unwritten = 0, overwritten = 0;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      bool const inside = r >= offsets.front() && r < offsets.back();
-      for (std::int64_t col = 0; col < ldc; ++col) {
-        TOut const v = got[static_cast<std::size_t>(r * ldc + col)];
-        if (inside && col < c.n) {
-          got_in.push_back(to_float(v));
-          ref_in.push_back(ref[static_cast<std::size_t>(r * c.n + col)]);
-          unwritten += all_bytes(v, 0xff);
-        } else {
-          overwritten += !all_bytes(v, 0xff);
-        }
-      }
-    }
+    auto const [got_in, ref_in, unwritten, overwritten] =
+        test::split_poisoned(got, ref, rows, ldc, c.n, offsets.front(), offsets.back());
     CHECK(unwritten == 0);
     CHECK(overwritten == 0);
     // fp32 output: only the accumulation order differs; T output: one rounding more.

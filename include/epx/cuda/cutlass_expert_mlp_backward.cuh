@@ -113,9 +113,7 @@ void cutlass_expert_mlp_backward(StreamRef stream_ref, ExpertMlpConfig const& co
   detail::require(expert_offsets.data() != nullptr, Errc::kInvalidArgument, where, "expert_offsets.data()", "nullptr",
                   "device memory holding num_local_experts + 1 offsets");
   // What the GEMMs below would refuse, refused here, before any gradient is written.
-  detail::require(cutlass_grouped_gemm_available(), Errc::kInvalidArgument, where, "device",
-                  fmt::format("sm_{}{}", detail::current_device_traits().major, detail::current_device_traits().minor),
-                  "an sm_90 device and code compiled for sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+  detail::cutlass_path::require_runs_here(where);
   detail::require(groups <= detail::cutlass_path::kMaxBackwardGroups, Errc::kUnsupported, where,
                   "weights.num_local_experts", groups,
                   fmt::format("at most {}", detail::cutlass_path::kMaxBackwardGroups));

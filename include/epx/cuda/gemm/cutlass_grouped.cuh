@@ -307,6 +307,21 @@ template <float_element T, float_element TOut>
 
 namespace detail::cutlass_path {
 
+//! What every CUTLASS grouped GEMM requires of its element types (a compile error otherwise).
+template <class T, class TOut>
+constexpr void check_element_types() {
+  static_assert(!std::is_same_v<T, float>, "epx: the CUTLASS grouped GEMM takes bf16 or fp16 inputs");
+  static_assert(std::is_same_v<TOut, T> || std::is_same_v<TOut, float>,
+                "epx: the CUTLASS grouped GEMM writes the input type or fp32");
+}
+
+//! Throws, naming `where`, unless the CUTLASS path runs on the current device.
+inline void require_runs_here(std::string_view where) {
+  require(cutlass_grouped_gemm_available(), Errc::kInvalidArgument, where, "device",
+          fmt::format("sm_{}{}", current_device_traits().major, current_device_traits().minor),
+          "an sm_90 device and code compiled for sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+}
+
 //! One grouped GEMM of kernel K over `groups` problems: the argument kernel, then CUTLASS's.
 template <class K, class Problem>
 void run_problem(detail::CudaStream stream, Problem const& problem, void const* a, void const* b, void* d, int groups,
@@ -364,12 +379,8 @@ void cutlass_grouped_gemm(StreamRef stream_ref, MatrixView<T const> a, BatchedMa
                           CutlassTile tile) {
   constexpr std::string_view where = "cutlass_grouped_gemm";
   detail::CudaStream const stream(stream_ref, where);
-  static_assert(!std::is_same_v<T, float>, "epx: the CUTLASS grouped GEMM takes bf16 or fp16 inputs");
-  static_assert(std::is_same_v<TOut, T> || std::is_same_v<TOut, float>,
-                "epx: the CUTLASS grouped GEMM writes the input type or fp32");
-  detail::require(cutlass_grouped_gemm_available(), Errc::kInvalidArgument, where, "device",
-                  fmt::format("sm_{}{}", detail::current_device_traits().major, detail::current_device_traits().minor),
-                  "an sm_90 device and code compiled for sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+  detail::cutlass_path::check_element_types<T, TOut>();
+  detail::cutlass_path::require_runs_here(where);
   detail::check_matrix(where, "a", a, -1, b.cols);
   detail::check_matrix(where, "c", MatrixView<TOut const>(c), a.rows, b.rows);
   detail::require(offsets.size() == static_cast<std::size_t>(b.batch) + 1, Errc::kShapeMismatch, where,

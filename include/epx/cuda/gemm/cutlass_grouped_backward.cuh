@@ -103,12 +103,8 @@ void cutlass_grouped_gemm_backward_data(StreamRef stream_ref, MatrixView<T const
                                         Workspace workspace) {
   constexpr std::string_view where = "cutlass_grouped_gemm_backward_data";
   detail::CudaStream const stream(stream_ref, where);
-  static_assert(!std::is_same_v<T, float>, "epx: the CUTLASS grouped GEMM takes bf16 or fp16 inputs");
-  static_assert(std::is_same_v<TOut, T> || std::is_same_v<TOut, float>,
-                "epx: the CUTLASS grouped GEMM writes the input type or fp32");
-  detail::require(cutlass_grouped_gemm_available(), Errc::kInvalidArgument, where, "device",
-                  fmt::format("sm_{}{}", detail::current_device_traits().major, detail::current_device_traits().minor),
-                  "an sm_90 device and code compiled for sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+  detail::cutlass_path::check_element_types<T, TOut>();
+  detail::cutlass_path::require_runs_here(where);
   detail::check_matrix(where, "dc", dc, -1, -1);
   detail::check_batched(where, "b", b, -1, dc.cols, -1);
   detail::check_matrix(where, "da", MatrixView<TOut const>(da), dc.rows, b.cols);
@@ -150,12 +146,8 @@ void cutlass_grouped_gemm_backward_weight(StreamRef stream_ref, MatrixView<T con
                                           std::type_identity_t<TOut*> d_bias, Workspace workspace) {
   constexpr std::string_view where = "cutlass_grouped_gemm_backward_weight";
   detail::CudaStream const stream(stream_ref, where);
-  static_assert(!std::is_same_v<T, float>, "epx: the CUTLASS grouped GEMM takes bf16 or fp16 inputs");
-  static_assert(std::is_same_v<TOut, T> || std::is_same_v<TOut, float>,
-                "epx: the CUTLASS grouped GEMM writes the input type or fp32");
-  detail::require(cutlass_grouped_gemm_available(), Errc::kInvalidArgument, where, "device",
-                  fmt::format("sm_{}{}", detail::current_device_traits().major, detail::current_device_traits().minor),
-                  "an sm_90 device and code compiled for sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+  detail::cutlass_path::check_element_types<T, TOut>();
+  detail::cutlass_path::require_runs_here(where);
   detail::check_matrix(where, "a", a, -1, -1);
   detail::check_matrix(where, "dc", dc, a.rows, -1);
   detail::check_batched(where, "db", db, -1, dc.cols, a.cols);

@@ -265,6 +265,68 @@ TEST_CASE_TEMPLATE("ExpertParallel::forward: a rank with more tokens than anothe
   }
 }
 
+// A bound on the received rows (MoeConfig::received_rows_factor) that the routing exceeds: every
+// rank throws the same Error at the count exchange, naming the rank and the factor it would need;
+// the group is healthy after it, and a routing within the bound runs on the same objects.
+TEST_CASE_TEMPLATE(
+    "ExpertParallel::forward: more received rows than received_rows_factor holds fails on every rank, then recovers", P,
+    EPX_EP_ALL_TO_ALL_POLICIES) {
+  using namespace epx;
+  using namespace epx::test;
+  using B = typename P::Backend;
+  constexpr int kRanks = 4;
+  constexpr std::int64_t t = 6;
+  SmallLayer layer;
+  typename B::Group group(kRanks, {.timeout = std::chrono::seconds(30)});
+  std::vector<std::string> errors(kRanks);
+  std::vector<std::vector<float>> ys(kRanks), xs(kRanks);
+  std::vector<std::int32_t> even(static_cast<std::size_t>(t * SmallLayer::kTopK));
+  for (std::size_t i = 0; i < even.size(); ++i) even[i] = static_cast<std::int32_t>(i % SmallLayer::kExperts);
+  std::vector<float> const weights = random_weights(even.size(), layer.rng);
+  for (auto& x : xs) x = random_vector<float>(static_cast<std::size_t>(t * SmallLayer::kHidden), layer.rng);
+  group.run([&](int rank, Communicator& comm) {
+    auto const r = static_cast<std::size_t>(rank);
+    typename B::Rank on;
+    auto const placement = ExpertPlacement::contiguous(SmallLayer::kExperts, kRanks);  // rank 0: experts 0 and 1
+    typename B::template Experts<float> const experts(layer.gw, placement.local_range(rank));
+    MoeConfig config = layer.config(experts.weights());
+    config.received_rows_factor = 1.5;  // 18 of the 48 rows the dropless worst case holds
+    ExpertParallel<typename P::Experts, AllToAll, typename B::Space> ep(config, comm);
+    typename B::template Buffer<float> x(xs[r]), y(xs[r].size()), w(weights);
+    std::vector<std::int32_t> hot(even.size());
+    for (std::size_t i = 0; i < hot.size(); ++i) hot[i] = static_cast<std::int32_t>(i % 2);  // all to rank 0
+    typename B::template Buffer<std::int32_t> hot_ids(hot), even_ids(even);
+    typename B::template Buffer<std::byte> ws(ep.workspace_bytes(t));
+    auto forward = [&](std::int32_t const* ids) {
+      ep.forward(on.context(), MatrixView<std::int32_t const>(ids, t, SmallLayer::kTopK),
+                 MatrixView<float const>(w.data(), t, SmallLayer::kTopK),
+                 MatrixView<float const>(x.data(), t, SmallLayer::kHidden),
+                 MatrixView<float>(y.data(), t, SmallLayer::kHidden), Workspace(ws.data(), ws.size()));
+    };
+    try {
+      forward(hot_ids.data());
+    } catch (Error const& e) {
+      if (e.code() != Errc::kWorkspaceTooSmall) throw;
+      errors[r] = e.what();
+    }
+    on.sync();
+    y.poison(0xff);
+    forward(even_ids.data());  // rank 0 receives 16 rows: within the bound
+    on.sync();
+    ys[r] = y.to_host();
+  });
+  for (int r = 0; r < kRanks; ++r) {
+    CAPTURE(r);
+    auto const& e = errors[static_cast<std::size_t>(r)];
+    CHECK(e.find("rank 0 would receive 48 rows") != std::string::npos);
+    CHECK(e.find("MoeConfig::received_rows_factor = 1.5 shares") != std::string::npos);
+    CHECK(e.find("nothing was dropped: set received_rows_factor >=") != std::string::npos);
+    CHECK(e == errors[0]);
+    auto const dense = dense_moe(layer.gw, xs[static_cast<std::size_t>(r)], even, weights, t, SmallLayer::kTopK);
+    CHECK(rel_error(ys[static_cast<std::size_t>(r)], dense) <= P::template tolerance<float>());
+  }
+}
+
 TEST_CASE_TEMPLATE("ExpertParallel::forward: bad shapes, element types and workspace are named", P, EPX_EP_POLICIES) {
   using namespace epx;
   using namespace epx::test;

@@ -26,6 +26,10 @@ struct Case {
   std::vector<std::int32_t> experts_per_rank;
   std::vector<std::int64_t> tokens_per_rank;  // AllGather: every rank takes the first rank's count
   bool given_routing = false;                 // forward from ids + weights, backward to d_topk_weights
+  // AllToAll: MoeConfig::received_rows_factor; tight_received_rows sets it (check_case) to the
+  // busiest rank's rows over max_tokens * top_k, the smallest bound the routing fits.
+  double received_rows_factor = 0;
+  bool tight_received_rows = false;
 };
 
 //! What one rank's layer gave, on the host.
@@ -102,8 +106,12 @@ std::vector<RankOut<T>> run_layer(Case const& c, GlobalWeights<T> const& gw, Inp
     typename Backend::Rank on;
     ExpertRange const local = placement.local_range(rank);
     typename Backend::template Experts<T> const experts_here(gw, local);
-    ExpertParallel<E, D, Space> ep(
-        MoeConfig{.router = c.router, .mlp = c.mlp, .weights = experts_here.weights(), .placement = placement}, comm);
+    ExpertParallel<E, D, Space> ep(MoeConfig{.router = c.router,
+                                             .mlp = c.mlp,
+                                             .weights = experts_here.weights(),
+                                             .placement = placement,
+                                             .received_rows_factor = c.received_rows_factor},
+                                   comm);
     Bytes ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
         bws(ep.backward_workspace_bytes(max_tokens));
     std::int64_t const t = in.count[ur], f = in.first[ur];
@@ -175,9 +183,32 @@ double error_vs_host(std::vector<A> const& got, std::vector<A> const& want) {
   return rel_error(got, ref);
 }
 
+//! The factor whose bound is the busiest rank's rows: received_rows_factor's tightest fit.
+template <class T>
+double tight_received_rows_factor(Case const& c, Inputs<T> const& in) {
+  std::int64_t const total = std::accumulate(in.count.begin(), in.count.end(), std::int64_t{0});
+  std::vector<std::int32_t> ids = in.ids;
+  if (!c.given_routing) {  // the router's choice, as the layer's forward makes it
+    std::vector<float> weights(ids.size());
+    route(Host{}, c.router, MatrixView<float const>(in.logits.data(), total, c.router.num_experts), {},
+          MatrixView<std::int32_t>(ids.data(), total, c.router.top_k),
+          MatrixView<float>(weights.data(), total, c.router.top_k));
+  }
+  auto const placement = ExpertPlacement::from_counts(c.experts_per_rank);
+  std::int64_t most = 0;
+  for (std::int32_t q = 0; q < placement.num_ranks(); ++q) {
+    ExpertRange const local = placement.local_range(q);
+    most = std::max<std::int64_t>(most, std::count_if(ids.begin(), ids.end(), [&](std::int32_t id) {
+                                    return id >= local.first && id < local.first + local.count;
+                                  }));
+  }
+  std::int64_t const max_tokens = std::max<std::int64_t>(1, *std::max_element(in.count.begin(), in.count.end()));
+  return std::max(1.0, static_cast<double>(most)) / static_cast<double>(max_tokens * c.router.top_k);
+}
+
 //! Runs `c` with ExpertParallel<E, D, Cuda> and the Host layer (Grouped) and compares every rank's outputs.
 template <class E, class D, class T>
-void check_case(Case const& c, std::mt19937_64& rng) {
+void check_case(Case c, std::mt19937_64& rng) {
   auto gw = GlobalWeights<T>::random(c.router.num_experts, c.mlp, true, rng);
   if (c.mlp.activation == Activation::kReLU) {
     // ReLU's derivative jumps at 0: an h within rounding of 0 (the GPU's GEMM sums in another order)
@@ -195,6 +226,8 @@ void check_case(Case const& c, std::mt19937_64& rng) {
   in.dy = random_vector<float>(static_cast<std::size_t>(total * c.mlp.hidden), rng);
   in.logits = separated_logits(total, c.router.num_experts, rng);
   given_routing(c, total, rng, in.ids, in.weights);
+  if (c.tight_received_rows && !gather) c.received_rows_factor = tight_received_rows_factor(c, in);
+  CAPTURE(c.received_rows_factor);
   auto const want = run_layer<HostBackend, Grouped, D, T>(c, gw, in);
   auto const got = run_layer<CudaBackend, E, D, T>(c, gw, in);
   // fp32: the GPU's GEMMs fuse multiply-adds and its exp/tanh differ by ulps; 16-bit: one rounding

@@ -5,8 +5,8 @@
 // placement (the Host layer's backward is checked against finite differences and the chained
 // stages in tests/host/layer_backward_test.cpp). Uneven placement, a rank without experts, a rank
 // without tokens; every scoring mode family and activation; bf16 and fp32; from logits and from
-// given routing; gradients poisoned before, a second backward bitwise equal; the errors of a
-// backward with no forward behind it.
+// given routing; gradients poisoned before, a second backward bitwise equal; AllToAll with its
+// memory sized by the tightest received_rows_factor; the errors of a backward with no forward behind it.
 
 #include "layer_backward_cases.cuh"
 
@@ -29,6 +29,20 @@ TEST_CASE_TEMPLATE("ExpertParallel<Grouped, AllGather, Cuda>::backward equals th
   for (std::size_t i = 0; i < all.size(); ++i) {
     CAPTURE(i);
     check_case<Grouped, AllGather, T>(all[i], rng);
+  }
+}
+
+TEST_CASE(
+    "ExpertParallel<Grouped, AllToAll, Cuda>::backward sized by the tightest received_rows_factor equals the "
+    "Host layer's") {
+  EPX_TEST_SEEDED_RNG(rng);
+  auto const all = cases();
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    if (all[i].experts_per_rank.size() < 2) continue;  // one rank receives only its own rows
+    CAPTURE(i);
+    auto c = all[i];
+    c.tight_received_rows = true;
+    check_case<Grouped, AllToAll, bfloat16>(c, rng);
   }
 }
 

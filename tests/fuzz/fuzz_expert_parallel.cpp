@@ -6,12 +6,16 @@
 // kThrow), never anything else, and the backward still runs; every row of y, dx, d_topk_weights
 // and every weight gradient is written; y, dx and d_topk_weights match plain per-token loops in
 // double within fp32 tolerance when the inputs are finite; a second backward gives the same bits.
+// AllToAll also takes a received_rows_factor (0 to 4 in halves; 0, the dropless worst case, when
+// the input ends first): a forward whose routing fits that bound for max_tokens never throws
+// kWorkspaceTooSmall, and when one does it throws on every rank and its backward finds no forward.
 
 #include "fuzz_input.hpp"
 
 #include <cmath>
 #include <cstring>
 #include <span>
+#include <string_view>
 #include <random>
 
 namespace {
@@ -91,7 +95,20 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
       for (float e : *v) small_inputs = small_inputs && std::abs(e) < 1e3f;
   std::int64_t const max_tokens = *std::max_element(tokens.begin(), tokens.end());
   auto const placement = ExpertPlacement::contiguous(layer.num_experts, num_ranks);
-  std::vector<int> invalid_errors(tokens.size()), other_errors(tokens.size());
+  double const factor = kAllToAll ? static_cast<double>(in.in_range(0, 8)) / 2.0 : 0.0;
+  // The most rows a rank's experts receive, and the bound the factor sets for max_tokens (a
+  // workspace may hold a few more tokens than asked for: the bound is at least this).
+  std::int64_t most_received = 0;
+  for (int q = 0; q < num_ranks; ++q) {
+    auto const local = placement.local_range(q);
+    std::int64_t received = 0;
+    for (auto const& rank_ids : ids)
+      for (auto id : rank_ids) received += id >= local.first && id < local.first + local.count;
+    most_received = std::max(most_received, received);
+  }
+  bool const fits =
+      !kAllToAll || most_received <= detail::recv_capacity_rows(max_tokens, num_ranks, layer.top_k, factor);
+  std::vector<int> invalid_errors(tokens.size()), other_errors(tokens.size()), too_many_rows(tokens.size());
   LocalGroup group(num_ranks, {.timeout = std::chrono::seconds(20)});
   group.run([&](int rank, Communicator& comm) {
     auto const r = static_cast<std::size_t>(rank);
@@ -102,7 +119,8 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
             .router = {.num_experts = layer.num_experts, .top_k = layer.top_k},
             .mlp = {.hidden = layer.hidden, .intermediate = layer.inter},
             .weights = expert_weights(local.count, layer.gate_up.data() + static_cast<std::size_t>(local.first) * gu,
-                                      layer.down.data() + static_cast<std::size_t>(local.first) * dn)},
+                                      layer.down.data() + static_cast<std::size_t>(local.first) * dn),
+            .received_rows_factor = factor},
         comm);
     std::vector<std::byte> ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
         bws(ep.backward_workspace_bytes(max_tokens));
@@ -114,7 +132,9 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
                  SavedState(saved.data(), saved.size()));
       (void)ep.status(Host{});  // where AllGather raises invalid ids (AllToAll's forward has)
     } catch (Error const& e) {
-      (e.code() == Errc::kInvalidExpertId ? invalid_errors : other_errors)[r] = 1;
+      bool const rows = e.code() == Errc::kWorkspaceTooSmall &&
+                        std::string_view(e.what()).find("received_rows_factor") != std::string_view::npos;
+      (e.code() == Errc::kInvalidExpertId ? invalid_errors : rows ? too_many_rows : other_errors)[r] = 1;
     }
     // The backward, twice: invalid ids were raised after the forward had completed.
     auto const gu_rows = static_cast<std::size_t>(local.count) * gu,
@@ -142,9 +162,17 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
     }
   });
   for (std::size_t r = 0; r < tokens.size(); ++r) {
+    EPX_FUZZ_CHECK(other_errors[r] == 0);
+    // Too many rows for the factor: on every rank alike, never when the routing fits; the forward
+    // did not complete, so its backward must refuse.
+    EPX_FUZZ_CHECK(too_many_rows[r] == too_many_rows[0]);
+    if (fits) EPX_FUZZ_CHECK(too_many_rows[r] == 0);
+    if (too_many_rows[r] != 0) {
+      EPX_FUZZ_CHECK(backward_errors[r] == 1);
+      continue;
+    }
     bool has_invalid = false;
     for (auto id : ids[r]) has_invalid = has_invalid || (id != -1 && (id < 0 || id >= layer.num_experts));
-    EPX_FUZZ_CHECK(other_errors[r] == 0);
     EPX_FUZZ_CHECK(invalid_errors[r] == (has_invalid ? 1 : 0));
     EPX_FUZZ_CHECK(backward_errors[r] == 0);
     EPX_FUZZ_CHECK(backward_differs[r] == 0);

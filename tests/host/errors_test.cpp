@@ -684,6 +684,26 @@ TEST_CASE("ExpertParallel::ExpertParallel: a correction bias of another length o
                   "ExpertParallel: correction_bias.data() = nullptr, expected a pointer to 8 floats", EP(c, comm));
 }
 
+TEST_CASE("ExpertParallel::ExpertParallel: a negative or non-finite received_rows_factor is named") {
+  Layer const layer;
+  LocalGroup group(2, {.timeout = 10s});
+  auto& comm = group.communicator(0);
+  auto c = layer.config(comm);
+  for (double ok : {0.0, 0.25, 1.0, 2.0, 64.0}) {
+    c.received_rows_factor = ok;
+    CHECK_NOTHROW(ExpertParallel<Grouped, AllToAll, Host>(c, comm));
+  }
+  std::string const expected =
+      ", expected a finite value >= 0 (0: the dropless worst case; f > 0: f even shares of max_tokens * top_k rows)";
+  for (auto [bad, text] : {std::pair{-0.5, "-0.5"}, std::pair{std::numeric_limits<double>::quiet_NaN(), "nan"},
+                           std::pair{std::numeric_limits<double>::infinity(), "inf"}}) {
+    c.received_rows_factor = bad;
+    std::string const message = std::string("ExpertParallel: received_rows_factor = ") + text + expected;
+    CHECK_EPX_ERROR(Errc::kInvalidArgument, message.c_str(), (ExpertParallel<Grouped, AllToAll, Host>(c, comm)));
+    CHECK_EPX_ERROR(Errc::kInvalidArgument, message.c_str(), (ExpertParallel<Grouped, AllGather, Host>(c, comm)));
+  }
+}
+
 TEST_CASE("ExpertParallel::forward: AllGather names the rank, its token and the slot of an invalid id on every rank") {
   Layer const layer;
   LocalGroup group(2, {.timeout = 10s});

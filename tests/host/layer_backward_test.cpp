@@ -160,12 +160,13 @@ struct RankOut {
 };
 
 //! Forward with SavedState and backward of ExpertParallel<Grouped, D, Host> on every rank;
-//! rank r's tokens are [first[r], first[r] + count[r]) of x / logits / dy.
+//! rank r's tokens are [first[r], first[r] + count[r]) of x / logits / dy. Each rank's memory is
+//! sized for the most tokens of any rank, with `received_rows_factor` (MoeConfig's).
 template <class D>
 std::vector<RankOut> run_layer(test::GlobalWeights<float> const& gw, ExpertPlacement const& placement,
                                std::vector<std::int64_t> const& first, std::vector<std::int64_t> const& count,
                                std::vector<float> const& x, std::vector<float> const& logits,
-                               std::vector<float> const& dy) {
+                               std::vector<float> const& dy, double received_rows_factor = 0) {
   int const ranks = placement.num_ranks();
   std::vector<RankOut> outs(static_cast<std::size_t>(ranks));
   LocalGroup group(ranks, {.timeout = std::chrono::seconds(30)});
@@ -173,9 +174,12 @@ std::vector<RankOut> run_layer(test::GlobalWeights<float> const& gw, ExpertPlace
   group.run([&](int rank, Communicator& comm) {
     auto const ur = static_cast<std::size_t>(rank);
     ExpertRange const local = placement.local_range(rank);
-    ExpertParallel<Grouped, D, Host> ep(
-        MoeConfig{.router = router_config(), .mlp = mlp_config(), .weights = gw.local(local), .placement = placement},
-        comm);
+    ExpertParallel<Grouped, D, Host> ep(MoeConfig{.router = router_config(),
+                                                  .mlp = mlp_config(),
+                                                  .weights = gw.local(local),
+                                                  .placement = placement,
+                                                  .received_rows_factor = received_rows_factor},
+                                        comm);
     std::vector<std::byte> ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
         bws(ep.backward_workspace_bytes(max_tokens));
     std::int64_t const t = count[ur], f = first[ur];
@@ -213,6 +217,18 @@ struct Split {
   std::vector<std::int32_t> experts_per_rank;
   std::vector<std::int64_t> tokens_per_rank;
 };
+
+//! The most rows any rank's experts receive from `ids` (every rank's slots, in one table).
+std::int64_t most_received_rows(std::vector<std::int32_t> const& ids, ExpertPlacement const& placement) {
+  std::int64_t most = 0;
+  for (std::int32_t q = 0; q < placement.num_ranks(); ++q) {
+    ExpertRange const local = placement.local_range(q);
+    most = std::max(most, static_cast<std::int64_t>(std::count_if(ids.begin(), ids.end(), [&](std::int32_t id) {
+                      return id >= local.first && id < local.first + local.count;
+                    })));
+  }
+  return most;
+}
 
 }  // namespace
 
@@ -480,4 +496,93 @@ TEST_CASE("ExpertParallel::backward: a backward with no forward to go back throu
                SavedState(saved.data(), saved.size()));
   });
   test::check_throws(Errc::kInvalidArgument, "saved holds no completed forward", [&] { backward(ep, tokens); });
+}
+
+TEST_CASE(
+    "ExpertParallel::backward: AllToAll sized by received_rows_factor, at the tightest factor the routing allows, "
+    "gives the chain's bits") {
+  EPX_TEST_SEEDED_RNG(rng);
+  std::vector<Split> const splits = {
+      {{4, 4}, {5, 7}}, {{3, 0, 5}, {6, 4, 9}}, {{2, 3, 3}, {7, 0, 5}}, {{2, 2, 2, 2}, {9, 9, 9, 9}}};
+  for (Split const& s : splits) {
+    CAPTURE(s.experts_per_rank.size());
+    auto const placement = ExpertPlacement::from_counts(s.experts_per_rank);
+    auto const gw = test::GlobalWeights<float>::random(kExperts, mlp_config(), true, rng);
+    std::int64_t const total = std::accumulate(s.tokens_per_rank.begin(), s.tokens_per_rank.end(), std::int64_t{0});
+    std::int64_t const max_tokens = *std::max_element(s.tokens_per_rank.begin(), s.tokens_per_rank.end());
+    std::vector<std::int64_t> first(s.tokens_per_rank.size(), 0);
+    std::partial_sum(s.tokens_per_rank.begin(), s.tokens_per_rank.end() - 1, first.begin() + 1);
+    auto const x = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
+    auto const dy = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
+    auto const logits = separated_logits(total, rng);
+    Chain const ref = chain(gw, x, logits, dy);
+    // The factor whose rows are exactly the busiest rank's: below the dropless worst case (ranks).
+    double const factor =
+        static_cast<double>(most_received_rows(ref.ids, placement)) / static_cast<double>(max_tokens * kTopK);
+    CAPTURE(factor);
+    REQUIRE(factor < placement.num_ranks());
+    auto const outs = run_layer<AllToAll>(gw, placement, first, s.tokens_per_rank, x, logits, dy, factor);
+    for (int r = 0; r < placement.num_ranks(); ++r) {
+      CAPTURE(r);
+      auto const& o = outs[static_cast<std::size_t>(r)];
+      auto const f = first[static_cast<std::size_t>(r)], t = s.tokens_per_rank[static_cast<std::size_t>(r)];
+      CHECK(same_bits(o.y, rows_of(ref.y, kHidden, f, t)));
+      CHECK(same_bits(o.dx, rows_of(ref.dx, kHidden, f, t)));
+      CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
+      ExpertRange const local = placement.local_range(r);
+      Grads const want = ref.grads.slice(local.first, local.count);
+      CHECK(same_bits(o.grads.gate_up, want.gate_up));
+      CHECK(same_bits(o.grads.down, want.down));
+      CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
+      CHECK(same_bits(o.grads.down_bias, want.down_bias));
+    }
+  }
+}
+
+TEST_CASE("ExpertParallel: received_rows_factor shrinks exactly the rows AllToAll holds for its experts") {
+  EPX_TEST_SEEDED_RNG(rng);
+  constexpr int kRanks = 4;
+  auto const gw = test::GlobalWeights<bfloat16>::random(kExperts, mlp_config(), false, rng);
+  LocalGroup group(kRanks);
+  group.run([&](int rank, Communicator& comm) {
+    auto const placement = ExpertPlacement::contiguous(kExperts, kRanks);
+    auto layer = [&](double factor) {
+      return ExpertParallel<Grouped, AllToAll, Host>(MoeConfig{.router = router_config(),
+                                                               .mlp = mlp_config(),
+                                                               .weights = gw.local(placement.local_range(rank)),
+                                                               .received_rows_factor = factor},
+                                                     comm);
+    };
+    auto const dropless = layer(0), shares = layer(1.3), ranks = layer(kRanks), more = layer(11.5);
+    auto const all_gather =
+        ExpertParallel<Grouped, AllGather, Host>(MoeConfig{.router = router_config(),
+                                                           .mlp = mlp_config(),
+                                                           .weights = gw.local(placement.local_range(rank)),
+                                                           .received_rows_factor = 1.3},
+                                                 comm);
+    auto const aligned = [](std::size_t bytes) { return align_up<std::size_t>(bytes, Workspace::kAlignment); };
+    for (std::int64_t m : {0, 1, 7, 50, 333}) {
+      CAPTURE(m);
+      // SavedState: only the experts' input rows depend on the factor, kHidden bf16 each.
+      auto const rows_bytes = [&](std::int64_t rows) { return aligned(static_cast<std::size_t>(rows) * kHidden * 2); };
+      std::int64_t const worst = m * kRanks * kTopK;
+      auto const ceil_shares = static_cast<std::int64_t>(std::ceil(1.3 * static_cast<double>(m * kTopK)));
+      CHECK(dropless.saved_bytes(m) - shares.saved_bytes(m) == rows_bytes(worst) - rows_bytes(ceil_shares));
+      // Factors of num_ranks and above are the dropless worst case.
+      CHECK(ranks.saved_bytes(m) == dropless.saved_bytes(m));
+      CHECK(more.saved_bytes(m) == dropless.saved_bytes(m));
+      CHECK(ranks.workspace_bytes(m) == dropless.workspace_bytes(m));
+      CHECK(more.backward_workspace_bytes(m) == dropless.backward_workspace_bytes(m));
+      if (m > 0) {
+        CHECK(shares.workspace_bytes(m) < dropless.workspace_bytes(m));
+        CHECK(shares.backward_workspace_bytes(m) < dropless.backward_workspace_bytes(m));
+      }
+    }
+    // AllGather's experts run on each rank's own slots: the factor changes nothing.
+    auto const all_gather_default = ExpertParallel<Grouped, AllGather, Host>(
+        MoeConfig{.router = router_config(), .mlp = mlp_config(), .weights = gw.local(placement.local_range(rank))},
+        comm);
+    CHECK(all_gather.saved_bytes(50) == all_gather_default.saved_bytes(50));
+    CHECK(all_gather.workspace_bytes(50) == all_gather_default.workspace_bytes(50));
+  });
 }

@@ -154,3 +154,110 @@ TEST_CASE("RowBlocks::segment_of_row: the regroup sends every received row where
     CHECK(dst == want);
   }
 }
+
+TEST_CASE("check_count_table: every rank's rows against the capacity_rows its row carries, the same verdict on all") {
+  EPX_TEST_SEEDED_RNG(rng);
+  // recv_capacity_rows: the worst case at factor 0 and from num_ranks on, else ceil(f * c * k),
+  // never above the worst case, monotone in the capacity.
+  for (std::int32_t ranks : {1, 3, 8})
+    for (std::int32_t k : {1, 2, 8})
+      for (double f : {0.0, 0.3, 1.0, 1.7, 2.5, 7.99, 8.0, 40.0}) {
+        std::int64_t last = 0;
+        for (std::int64_t c = 0; c < 300; c += 7) {
+          std::int64_t const rows = detail::recv_capacity_rows(c, ranks, k, f);
+          std::int64_t const worst = c * ranks * k;
+          if (f == 0.0 || f >= ranks)
+            CHECK(rows == worst);
+          else
+            CHECK(rows == std::min(worst, static_cast<std::int64_t>(std::ceil(f * static_cast<double>(c * k)))));
+          CHECK(rows <= worst);
+          CHECK(rows >= last);
+          last = rows;
+        }
+      }
+  for (int trial = 0; trial < 400; ++trial) {
+    std::int32_t const num_ranks = std::uniform_int_distribution<std::int32_t>(1, 6)(rng);
+    std::int32_t const num_experts = std::uniform_int_distribution<std::int32_t>(num_ranks, 20)(rng);
+    std::int32_t const top_k = std::uniform_int_distribution<std::int32_t>(1, std::min(num_experts, 4))(rng);
+    std::vector<std::int32_t> per_rank(static_cast<std::size_t>(num_ranks), 0);
+    for (std::int32_t e = 0; e < num_experts; ++e)
+      ++per_rank[static_cast<std::size_t>(std::uniform_int_distribution<std::int32_t>(0, num_ranks - 1)(rng))];
+    ExpertPlacement const placement = ExpertPlacement::from_counts(per_rank);
+    CAPTURE(trial);
+    // Each rank's row as its forward writes it (count_table_entry), with its own factor and capacity.
+    auto const width = detail::kCountTableHeader + static_cast<std::size_t>(num_experts);
+    std::vector<std::int64_t> table(static_cast<std::size_t>(num_ranks) * width);
+    std::vector<std::int64_t> capacity_rows(static_cast<std::size_t>(num_ranks)),
+        tokens(static_cast<std::size_t>(num_ranks)), capacity(static_cast<std::size_t>(num_ranks));
+    std::vector<std::int32_t> counts(static_cast<std::size_t>(num_experts));
+    std::vector<std::int64_t> received(static_cast<std::size_t>(num_ranks), 0);
+    for (std::int32_t q = 0; q < num_ranks; ++q) {
+      auto const uq = static_cast<std::size_t>(q);
+      tokens[uq] = std::uniform_int_distribution<std::int64_t>(0, 12)(rng);
+      capacity[uq] = tokens[uq] + std::uniform_int_distribution<std::int64_t>(rng() % 9 == 0 ? -2 : 0, 3)(rng);
+      capacity[uq] = std::max<std::int64_t>(capacity[uq], 0);
+      double const factor = rng() % 3 == 0 ? 0.0 : std::uniform_real_distribution<double>(0.2, num_ranks + 1.0)(rng);
+      capacity_rows[uq] = detail::recv_capacity_rows(capacity[uq], num_ranks, top_k, factor);
+      // tokens * top_k slots spread over the experts (some -1: fewer rows).
+      std::fill(counts.begin(), counts.end(), 0);
+      for (std::int64_t s = 0; s < tokens[uq] * top_k; ++s)
+        if (rng() % 5 != 0) ++counts[static_cast<std::size_t>(rng() % static_cast<std::uint64_t>(num_experts))];
+      detail::CountRowHead const head{
+          .num_tokens = tokens[uq], .capacity = capacity[uq], .capacity_rows = capacity_rows[uq]};
+      for (std::size_t i = 0; i < width; ++i)
+        table[uq * width + i] =
+            detail::count_table_entry(static_cast<std::int64_t>(i), counts.data(), num_experts, head);
+      CHECK(table[uq * width] == tokens[uq]);
+      CHECK(table[uq * width + 1] == capacity[uq]);
+      CHECK(table[uq * width + 2] == capacity_rows[uq]);
+      for (std::int32_t p = 0; p < num_ranks; ++p) {
+        ExpertRange const local = placement.local_range(p);
+        for (std::int32_t e = local.first; e < local.first + local.count; ++e)
+          received[static_cast<std::size_t>(p)] += counts[static_cast<std::size_t>(e)];
+      }
+    }
+    // The verdict, independently: the first rank whose tokens or received rows do not fit.
+    std::int32_t failing = -1;
+    bool rows_failed = false;
+    for (std::int32_t q = 0; q < num_ranks && failing < 0; ++q) {
+      auto const uq = static_cast<std::size_t>(q);
+      if (tokens[uq] > capacity[uq] || received[uq] > capacity_rows[uq]) {
+        failing = q;
+        rows_failed = tokens[uq] <= capacity[uq];
+      }
+    }
+    CAPTURE(failing);
+    if (failing < 0) {
+      CHECK_NOTHROW(detail::check_count_table(table, placement, top_k));
+      continue;
+    }
+    auto const uf = static_cast<std::size_t>(failing);
+    std::string const named =
+        rows_failed
+            ? fmt::format("rank {} would receive {} rows, expected <= {}", failing, received[uf], capacity_rows[uf])
+            : fmt::format("rank {}: num_tokens = {}, expected <= {}", failing, tokens[uf], capacity[uf]);
+    test::check_throws(Errc::kWorkspaceTooSmall, named, [&] { detail::check_count_table(table, placement, top_k); });
+    // Below a worst case that would hold the rows, the message names the factor the rank would
+    // need, and that factor fits; beyond the worst case only more tokens of memory do.
+    std::int64_t const worst = capacity[uf] * num_ranks * top_k;
+    if (rows_failed && capacity_rows[uf] < worst && received[uf] <= worst) {
+      std::string message;
+      try {
+        detail::check_count_table(table, placement, top_k);
+      } catch (Error const& e) {
+        CHECK(e.code() == Errc::kWorkspaceTooSmall);
+        message = e.what();
+      }
+      CAPTURE(message);
+      std::string const prefix = "nothing was dropped: set received_rows_factor >= ";
+      auto const at = message.find(prefix);
+      REQUIRE(at != std::string::npos);
+      double const needed = std::stod(message.substr(at + prefix.size()));
+      CHECK(detail::recv_capacity_rows(capacity[uf], num_ranks, top_k, needed) >= received[uf]);
+      CHECK(needed < static_cast<double>(received[uf]) / static_cast<double>(capacity[uf] * top_k) + 0.0011);
+    } else if (rows_failed) {
+      test::check_throws(Errc::kWorkspaceTooSmall, "size every rank's workspace with workspace_bytes(max_tokens)",
+                         [&] { detail::check_count_table(table, placement, top_k); });
+    }
+  }
+}

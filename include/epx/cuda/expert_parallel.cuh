@@ -83,11 +83,10 @@ __global__ void first_invalid_id_kernel(Id const* __restrict__ ids, std::int64_t
 //! This rank's row of the count table (count_table_entry). A template over the count type for the
 //! same reason as first_invalid_id_kernel.
 template <class Count>
-__global__ void count_table_row_kernel(Count const* __restrict__ counts, std::int32_t num_counts,
-                                       std::int64_t num_tokens, std::int64_t capacity, std::int64_t* __restrict__ row,
-                                       std::int64_t width) {
+__global__ void count_table_row_kernel(Count const* __restrict__ counts, std::int32_t num_counts, CountRowHead head,
+                                       std::int64_t* __restrict__ row, std::int64_t width) {
   for (std::int64_t i = grid_thread<std::int64_t>(); i < width; i += grid_threads<std::int64_t>())
-    row[i] = count_table_entry(i, counts, num_counts, num_tokens, capacity);
+    row[i] = count_table_entry(i, counts, num_counts, head);
 }
 
 //! Moves the received rows between rank-major (`rank_major`) and expert-major (`expert_major`)
@@ -201,13 +200,13 @@ class LayerExecution<Cuda> {
   }
 
   static void write_count_row(Stream stream, std::int32_t const* counts, std::int32_t num_counts,
-                              std::int64_t num_tokens, std::int64_t capacity, std::span<std::int64_t> row) {
+                              CountRowHead const& head, std::span<std::int64_t> row) {
     if (row.empty()) return;
     auto const policy = policy_for<LayerPolicy>(current_device_traits());
     auto const width = static_cast<std::int64_t>(row.size());
     count_table_row_kernel<std::int32_t>
         <<<grid_blocks(width, policy.threads_per_block, policy.max_blocks), policy.threads_per_block, 0,
-           stream.get()>>>(counts, num_counts, num_tokens, capacity, row.data(), width);
+           stream.get()>>>(counts, num_counts, head, row.data(), width);
     EPX_CUDA_CHECK_LAUNCH(count_table_row_kernel);
   }
 

@@ -133,10 +133,10 @@ class LayerExecution<Host> {
           *key = std::min(*key, invalid_id_key(static_cast<std::uint32_t>(t * ids.cols + j), ids(t, j)));
   }
 
-  static void write_count_row(Stream, std::int32_t const* counts, std::int32_t num_counts, std::int64_t num_tokens,
-                              std::int64_t capacity, std::span<std::int64_t> row) noexcept {
+  static void write_count_row(Stream, std::int32_t const* counts, std::int32_t num_counts, CountRowHead const& head,
+                              std::span<std::int64_t> row) noexcept {
     for (std::size_t i = 0; i < row.size(); ++i)
-      row[i] = count_table_entry(static_cast<std::int64_t>(i), counts, num_counts, num_tokens, capacity);
+      row[i] = count_table_entry(static_cast<std::int64_t>(i), counts, num_counts, head);
   }
 
   //! The words themselves: a Host forward has finished before anything reads them.

@@ -36,7 +36,8 @@ struct LayerShape {
   std::size_t num_ranks = 0;
   std::int32_t num_experts = 0;
   std::int32_t num_local_experts = 0;
-  bool synchronous = false;  //!< the execution space's kSynchronous
+  std::size_t expert_rows = 0;  //!< the rows held for the experts (the dispatch part's expert_rows)
+  bool synchronous = false;     //!< the execution space's kSynchronous
 };
 
 //! The rows the experts run on: input rows grouped by local expert, their offsets (in the
@@ -61,6 +62,7 @@ struct ForwardStep {
   MoeConfig const& config;
   std::int64_t num_tokens = 0;
   std::int64_t capacity = 0;        //!< the tokens this rank's workspace holds
+  std::int64_t capacity_rows = 0;   //!< the rows it holds for the experts (AllToAll: what it may receive)
   std::span<std::int64_t> control;  //!< ForwardControl, then the gathered count table
   Buffers const& buffers;           //!< the dispatch part's own parts of the workspace
   MatrixView<T> x_perm;             //!< [num_tokens * top_k, hidden] this rank's rows in plan order
@@ -103,10 +105,17 @@ struct AllToAllPart {
   //! What max_tokens is multiplied by in messages about the row limit.
   static constexpr std::string_view kRowsPerTokenText = "ranks * top_k";
 
-  //! Rows one rank's buffers hold per token they are sized for: the dropless worst case receives
-  //! every rank's slots.
+  //! Rows per token of the dropless worst case (every rank's slots on this rank's experts): what
+  //! bounds max_tokens, whatever received_rows_factor is.
   static constexpr std::int64_t rows_per_token(std::int32_t num_ranks, std::int32_t top_k) noexcept {
     return std::int64_t{num_ranks} * top_k;
+  }
+
+  //! Rows a rank sized for `max_tokens` tokens holds for its experts: the worst case, or
+  //! MoeConfig::received_rows_factor balanced shares (a forward that would receive more throws
+  //! on every rank at the count exchange).
+  static std::int64_t expert_rows(MoeConfig const& config, std::int32_t num_ranks, std::int64_t max_tokens) {
+    return recv_capacity_rows(max_tokens, num_ranks, config.router.top_k, config.received_rows_factor);
   }
 
   //! The plan sorts onto every expert: placement ranges are contiguous and in rank order, so rows
@@ -115,7 +124,7 @@ struct AllToAllPart {
     return {0, config.router.num_experts};
   }
 
-  //! One count-table row: (num_tokens, capacity, tokens_per_expert[E]).
+  //! One count-table row: CountRowHead, then tokens_per_expert[E].
   static std::size_t table_width(std::int32_t num_experts, bool) noexcept {
     return kCountTableHeader + static_cast<std::size_t>(num_experts);
   }
@@ -134,9 +143,9 @@ struct AllToAllPart {
 
   template <class T>
   struct Buffers {
-    std::span<std::int64_t> table_send;  // [E + 2] this rank's row of the count table
+    std::span<std::int64_t> table_send;  // [E + 3] this rank's row of the count table
     std::span<std::byte> upload;         // local offsets + regroup segments
-    std::span<T> recv;                   // [R * M * k, H] rows received rank-major; then the experts' output
+    std::span<T> recv;                   // [expert rows, H] rows received rank-major; then the experts' output
   };
 
   template <class T, class Carver>
@@ -144,7 +153,7 @@ struct AllToAllPart {
     Buffers<T> b;
     b.table_send = c.template take<std::int64_t>(table_width(s.num_experts, s.synchronous));
     b.upload = c.template take<std::byte>(upload_bytes(s.num_local_experts, static_cast<std::int32_t>(s.num_ranks)));
-    b.recv = c.template take<T>(s.num_ranks * s.max_tokens * s.top_k * s.hidden);
+    b.recv = c.template take<T>(s.expert_rows * s.hidden);
     return b;
   }
 
@@ -200,8 +209,9 @@ struct AllToAllPart {
     typename Exec::template Range<LayerStage::kDispatch> range;
     // 1. This rank's row of the count table (no counts when it made no plan), then every rank's.
     auto const& send = step.buffers.table_send;
-    Exec::write_count_row(step.stream, fits ? plan.tokens_per_expert.data() : nullptr, config.router.num_experts,
-                          step.num_tokens, step.capacity, send);
+    Exec::write_count_row(
+        step.stream, fits ? plan.tokens_per_expert.data() : nullptr, config.router.num_experts,
+        {.num_tokens = step.num_tokens, .capacity = step.capacity, .capacity_rows = step.capacity_rows}, send);
     step.comm.all_gather(send.data(), step.table().data(), send.size_bytes(), step.comm_stream());
     // 2. The control block and the table on the host, in one read: all_to_all_v takes its sizes on
     //    the host. Every rank checks every rank's capacity, so all throw alike or none does.
@@ -251,13 +261,13 @@ struct AllToAllPart {
   template <class G>
   struct BackwardBuffers {
     std::span<std::byte> upload;  // local offsets + regroup segments, as forward's
-    std::span<G> recv;            // [R * M * k, H] gradient rows received rank-major; then the experts' dx
-    std::span<G> rows;            // [R * M * k, H] the same rows expert-major; then dx rank-major
+    std::span<G> recv;            // [expert rows, H] gradient rows received rank-major; then the experts' dx
+    std::span<G> rows;            // [expert rows, H] the same rows expert-major; then dx rank-major
   };
 
   template <class G, class Carver>
   static BackwardBuffers<G> carve_backward(Carver& c, LayerShape const& s) {
-    std::size_t const rows = s.num_ranks * s.max_tokens * s.top_k * s.hidden;
+    std::size_t const rows = s.expert_rows * s.hidden;
     BackwardBuffers<G> b;
     b.upload = c.template take<std::byte>(upload_bytes(s.num_local_experts, static_cast<std::int32_t>(s.num_ranks)));
     b.recv = c.template take<G>(rows);
@@ -315,10 +325,15 @@ struct AllGatherPart {
   //! Each rank routes only its own (the group's) tokens' slots.
   static constexpr std::int64_t rows_per_token(std::int32_t, std::int32_t top_k) noexcept { return top_k; }
 
+  //! Its experts run on this rank's own slots: max_tokens * top_k rows (received_rows_factor is AllToAll's).
+  static std::int64_t expert_rows(MoeConfig const& config, std::int32_t, std::int64_t max_tokens) {
+    return max_tokens * config.router.top_k;
+  }
+
   //! The plan sorts onto this rank's experts; slots of other ranks' experts get no row here.
   static ExpertRange plan_experts(MoeConfig const&, ExpertRange local) noexcept { return local; }
 
-  //! (num_tokens, capacity) per rank where reading them back is free (a synchronous space), so
+  //! A CountRowHead per rank where reading them back is free (a synchronous space), so
   //! that every rank can check every rank; none where it would cost a host synchronisation.
   static std::size_t table_width(std::int32_t, bool synchronous) noexcept {
     return synchronous ? kCountTableHeader : 0;
@@ -356,7 +371,9 @@ struct AllGatherPart {
     using Exec = typename Step::Exec;
     if constexpr (Exec::kSynchronous) {
       auto const& send = step.buffers.table_send;
-      Exec::write_count_row(step.stream, nullptr, 0, step.num_tokens, step.capacity, send);
+      Exec::write_count_row(
+          step.stream, nullptr, 0,
+          {.num_tokens = step.num_tokens, .capacity = step.capacity, .capacity_rows = step.capacity_rows}, send);
       step.comm.all_gather(send.data(), step.table().data(), send.size_bytes(), step.comm_stream());
       auto const table = step.exec.read_to_host(step.stream, step.comm, std::span<std::int64_t const>(step.table()));
       for (int q = 0; q < step.comm.size(); ++q) {

@@ -6,28 +6,39 @@
 //! rank gathers, how many rows go where, and how received rows regroup from rank-major to
 //! expert-major order.
 //!
-//! The count table has one row per rank q: (num_tokens_q, capacity_q, tokens_per_expert_q[E]).
+//! The count table has one row per rank q: (num_tokens_q, capacity_q, capacity_rows_q,
+//! tokens_per_expert_q[E]): the tokens q passes, the tokens its memory holds, the rows its memory
+//! holds for its experts, and how many of its slots go to each expert.
 //! Every rank sees the whole table, so every rank reaches the same verdict on capacity errors
 //! and throws the same Error: no rank is left waiting in a collective.
 
 #include <epx/config.hpp>
 #include <epx/core/placement.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <vector>
 
 namespace epx::detail {
 
-inline constexpr std::size_t kCountTableHeader = 2;  // num_tokens, capacity (tokens)
+//! The head of a rank's count-table row: what the rank passes and what its memory holds.
+struct CountRowHead {
+  std::int64_t num_tokens = 0;
+  std::int64_t capacity = 0;       //!< tokens its workspace (and SavedState) hold
+  std::int64_t capacity_rows = 0;  //!< rows they hold for its experts (recv_capacity_rows)
+};
 
-//! Entry `i` of one rank's count-table row: num_tokens, capacity, then `counts` (zeros when the
-//! rank made no plan: `counts == nullptr`). One definition for the host loop and the device kernel.
+inline constexpr std::size_t kCountTableHeader = 3;  // CountRowHead's words
+
+//! Entry `i` of one rank's count-table row: its CountRowHead, then `counts` (zeros when the rank
+//! made no plan: `counts == nullptr`). One definition for the host loop and the device kernel.
 EPX_HOST_DEVICE constexpr std::int64_t count_table_entry(std::int64_t i, std::int32_t const* counts,
-                                                         std::int32_t num_counts, std::int64_t num_tokens,
-                                                         std::int64_t capacity) {
-  if (i == 0) return num_tokens;
-  if (i == 1) return capacity;
+                                                         std::int32_t num_counts, CountRowHead const& head) {
+  if (i == 0) return head.num_tokens;
+  if (i == 1) return head.capacity;
+  if (i == 2) return head.capacity_rows;
   std::int64_t const e = i - static_cast<std::int64_t>(kCountTableHeader);
   return counts != nullptr && e < num_counts ? counts[e] : 0;
 }
@@ -71,9 +82,16 @@ struct AllToAllLayout {
   std::uint32_t max_rows_per_local_expert = 0;
 };
 
-//! Rows a rank with `capacity` tokens can receive: every token of every rank on its experts.
-constexpr std::int64_t recv_capacity_rows(std::int64_t capacity, std::int32_t num_ranks, std::int32_t top_k) {
-  return capacity * num_ranks * top_k;
+//! Rows a rank sized for `capacity` tokens holds for its experts: the dropless worst case, every
+//! token of every rank (capacity * num_ranks * top_k), or with 0 < `factor` < num_ranks that many
+//! balanced shares, ceil(factor * capacity * top_k) (MoeConfig::received_rows_factor). Monotone
+//! in `capacity`, so the tokens a memory holds can be found by bisection.
+inline std::int64_t recv_capacity_rows(std::int64_t capacity, std::int32_t num_ranks, std::int32_t top_k,
+                                       double factor = 0) {
+  std::int64_t const worst = capacity * num_ranks * top_k;
+  if (!(factor > 0) || factor >= static_cast<double>(num_ranks)) return worst;
+  auto const rows = static_cast<std::int64_t>(std::ceil(factor * static_cast<double>(capacity * top_k)));
+  return std::min(rows, worst);
 }
 
 inline std::span<std::int64_t const> table_row(std::span<std::int64_t const> table, std::int32_t num_experts,
@@ -82,8 +100,13 @@ inline std::span<std::int64_t const> table_row(std::span<std::int64_t const> tab
   return table.subspan(static_cast<std::size_t>(rank) * width, width);
 }
 
+//! rows / share rounded up to 3 decimals: a received_rows_factor that holds `rows` (printed as is).
+inline double factor_at_least(std::int64_t rows, std::int64_t share) {
+  return std::ceil(static_cast<double>(rows) * 1000.0 / static_cast<double>(share)) / 1000.0;
+}
+
 //! Throws Errc::kWorkspaceTooSmall, identically on every rank, when some rank's tokens or
-//! received rows exceed what its workspace holds.
+//! received rows exceed what its memory holds (every rank reads the same table).
 inline void check_count_table(std::span<std::int64_t const> table, ExpertPlacement const& placement,
                               std::int32_t top_k) {
   std::int32_t const num_ranks = placement.num_ranks(), num_experts = placement.num_experts();
@@ -102,13 +125,24 @@ inline void check_count_table(std::span<std::int64_t const> table, ExpertPlaceme
            ++e)
         received += counts[static_cast<std::size_t>(e)];
     }
-    std::int64_t const capacity = recv_capacity_rows(row[1], num_ranks, top_k);
-    if (received > capacity)
+    std::int64_t const capacity = row[2];
+    if (received <= capacity) continue;
+    std::int64_t const share = row[1] * top_k;  // a balanced share of q's capacity: capacity * top_k rows
+    // A factor below the worst case, and one that would hold these rows: name the factor needed.
+    std::int64_t const worst = recv_capacity_rows(row[1], num_ranks, top_k);
+    if (capacity < worst && received <= worst)
       throw_error(Errc::kWorkspaceTooSmall,
-                  fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its workspace for {} "
-                              "tokens holds); size every rank's workspace with workspace_bytes(max_tokens) for the "
-                              "largest num_tokens any rank passes",
-                              q, received, capacity, row[1]));
+                  fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its memory for {} tokens "
+                              "holds for its experts: MoeConfig::received_rows_factor = {:.4g} shares of {} rows); "
+                              "nothing was dropped: set received_rows_factor >= {} on every rank (0: the "
+                              "dropless worst case), or size its memory for more tokens",
+                              q, received, capacity, row[1], static_cast<double>(capacity) / static_cast<double>(share),
+                              share, factor_at_least(received, share)));
+    throw_error(Errc::kWorkspaceTooSmall,
+                fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its workspace for {} "
+                            "tokens holds); size every rank's workspace with workspace_bytes(max_tokens) for the "
+                            "largest num_tokens any rank passes",
+                            q, received, capacity, row[1]));
   }
 }
 

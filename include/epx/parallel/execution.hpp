@@ -85,7 +85,7 @@ concept layer_execution = std::constructible_from<E, std::size_t, std::size_t> &
   { E::make_plan(stream, ids, std::int32_t{}, range, ws, status) } -> std::same_as<RoutingPlan>;
   E::reset_control(stream, control);
   E::record_first_invalid(stream, ids, std::int32_t{}, key);
-  E::write_count_row(stream, ids.data, std::int32_t{}, std::int64_t{}, std::int64_t{}, words);
+  E::write_count_row(stream, ids.data, std::int32_t{}, CountRowHead{}, words);
   {
     exec.read_to_host(stream, comm, std::span<std::int64_t const>(words))
     } -> std::same_as<std::span<std::int64_t const>>;

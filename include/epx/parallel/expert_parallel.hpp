@@ -178,7 +178,8 @@ class ExpertParallel {
 
   //! Workspace bytes (the space's memory) for forward calls of up to `max_tokens` tokens on every
   //! rank of the group: routing, plan, control block, permuted rows, the dispatch part's buffers
-  //! (AllToAll: for the dropless worst case, every token of every rank on this rank's experts) and
+  //! (AllToAll: for the dropless worst case, every token of every rank on this rank's experts, or
+  //! MoeConfig::received_rows_factor even shares of max_tokens * top_k rows) and
   //! the experts' scratch. Host arithmetic, no allocation, no synchronisation; on Cuda it includes
   //! CUB's size query, which reads the current device's properties: call it with the device of
   //! forward current. With AllToAll, `max_tokens` must bound every rank's num_tokens.
@@ -241,8 +242,8 @@ class ExpertParallel {
   //! Bytes of SavedState for training forwards of up to `max_tokens` tokens on every rank: the
   //! routing (8 * top_k per token), the control block and count table, this rank's slot rows
   //! (top_k * hidden elements per token: each slot's expert result) and the experts' input rows
-  //! (AllToAll: ranks * top_k * hidden elements per token, forward's dropless worst case; AllGather:
-  //! top_k * hidden). GEMM 1's output is not kept: backward recomputes it (one GEMM, a third of
+  //! (AllToAll: ranks * top_k * hidden elements per token, forward's dropless worst case, or
+  //! received_rows_factor * top_k * hidden; AllGather: top_k * hidden). GEMM 1's output is not kept: backward recomputes it (one GEMM, a third of
   //! the experts' forward flops). Host arithmetic.
   [[nodiscard]] std::size_t saved_bytes(std::int64_t max_tokens) const {
     check_max_tokens("saved_bytes", max_tokens);
@@ -253,7 +254,7 @@ class ExpertParallel {
 
   //! Workspace bytes of backward for up to `max_tokens` tokens on every rank (sized for fp32
   //! gradients, so that either gradient type fits): the plan, the gradient rows of the slots and
-  //! of the dispatch (AllToAll: two sets of the dropless worst case), the experts' backward scratch
+  //! of the dispatch (AllToAll: two sets of forward's received rows), the experts' backward scratch
   //! (GEMM 1's output recomputed, fp32). Host arithmetic.
   [[nodiscard]] std::size_t backward_workspace_bytes(std::int64_t max_tokens) const requires kHasBackward {
     check_max_tokens("backward_workspace_bytes", max_tokens);
@@ -474,11 +475,13 @@ class ExpertParallel {
             .num_ranks = static_cast<std::size_t>(comm_->size()),
             .num_experts = config_.router.num_experts,
             .num_local_experts = local_experts().count,
+            .expert_rows = expert_rows(max_tokens),
             .synchronous = Exec::kSynchronous};
   }
 
+  // The rows a capacity of max_tokens holds for the experts (AllToAll: received_rows_factor's).
   [[nodiscard]] std::size_t expert_rows(std::int64_t max_tokens) const {
-    return static_cast<std::size_t>(max_tokens) * static_cast<std::size_t>(rows_per_token());
+    return static_cast<std::size_t>(DispatchPart::expert_rows(config_, comm_->size(), max_tokens));
   }
 
   template <class T, class Carver>
@@ -616,6 +619,7 @@ class ExpertParallel {
         .config = config_,
         .num_tokens = num_tokens,
         .capacity = capacity,
+        .capacity_rows = static_cast<std::int64_t>(expert_rows(capacity)),
         .control = parts.kept.control,
         .buffers = parts.dispatch,
         .x_perm =

@@ -11,6 +11,7 @@
 #include <epx/core/status.hpp>
 #include <epx/gemm/expert_mlp.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <string_view>
@@ -29,6 +30,15 @@ struct MoeConfig {
   std::span<float const> correction_bias = {};
   ExpertPlacement placement = {};  //!< empty: contiguous, as even as possible over the group
   InvalidIds on_invalid_ids = InvalidIds::kThrow;
+  //! AllToAll: the rows each rank's memory (workspace, SavedState, backward's workspace) holds for
+  //! its experts, in balanced shares (max_tokens * top_k rows, what each rank receives when the
+  //! routing is even). 0, the default, sizes for the dropless worst case, num_ranks shares (every
+  //! token of every rank on this rank's experts); 2.0 holds twice an even share, num_ranks / 2
+  //! times less memory for those rows. Nothing is ever dropped: a forward whose routing would give
+  //! some rank more rows throws Errc::kWorkspaceTooSmall on every rank alike, at the count
+  //! exchange, naming the rank, its rows and the factor it would need. Values >= num_ranks act as
+  //! 0. AllGather ignores it (its experts run on each rank's own max_tokens * top_k slots).
+  double received_rows_factor = 0;
 };
 
 namespace detail {
@@ -68,6 +78,9 @@ inline MoeConfig resolve(MoeConfig config, Communicator const& comm) {
       fmt::format("0 (no bias) or router.num_experts = {} (one selection bias per expert)", config.router.num_experts));
   require(config.correction_bias.empty() || config.correction_bias.data() != nullptr, Errc::kInvalidArgument, where,
           "correction_bias.data()", "nullptr", fmt::format("a pointer to {} floats", config.correction_bias.size()));
+  require(std::isfinite(config.received_rows_factor) && config.received_rows_factor >= 0, Errc::kInvalidArgument, where,
+          "received_rows_factor", config.received_rows_factor,
+          "a finite value >= 0 (0: the dropless worst case; f > 0: f even shares of max_tokens * top_k rows)");
   return config;
 }
 

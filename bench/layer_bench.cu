@@ -74,6 +74,10 @@
 //                            flop estimate; at least 1), median of 7 (quick: 3), after a warm-up backward
 //             bwd_over_fwd   bwd_ms / fwd_ms (issue 15's goal: <= 2.2)
 //             saved_mb       saved_bytes(T) / 2^20: the SavedState one forward keeps for its backward
+//   layer_cutlass/<shape>/T=4096/ep1_backward_keep_h   the same with MoeConfig::save_gate_up_output:
+//             the forward keeps GEMM 1's output h in saved, the backward skips GEMM 1 (its counters
+//             as ep1_backward's, plus vs_recompute = the ep1_backward row's bwd_ms of this run / bwd_ms:
+//             predicted ~1.25-1.3 at large shapes, the GEMM share of the backward dropping from 8/3 to 2)
 //             est_bwd_ms     the flop estimate of one backward at 10 TFLOP/s (also on skipped rows)
 // Memory: only one shape's weights live at a time (DeepSeek-V3: 22.5 GB); every workspace belongs to
 // its case. The largest case, DeepSeek-V3 ep8 at T = 16384, needs about 22.5 + 8 x 4.5 GB. A backward
@@ -577,14 +581,17 @@ struct BackwardTiming {
 // A training forward at ep = 1 (AllToAll) into one SavedState, timed as ep1 (eager), then backwards of
 // that saved state with fp32 dy and fp32 gradients, `calls` per timing. Every buffer, the weight
 // gradients among them (twice the bf16 weights), is freed on return.
-BackwardTiming ep1_backward_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in, int calls) {
+BackwardTiming ep1_backward_ms(Shape const& shape, LayerWeights const& w, LayerInputs const& in, int calls,
+                               bool keep_h) {
   using Layer = CudaLayer<epx::AllToAll>;
   static_assert(Layer::kHasBackward, "layer_bench: ExpertParallel<Grouped, AllToAll, Cuda> has no backward here");
   int const t = in.tokens, e = shape.num_experts, h = shape.hidden;
   auto const th = static_cast<std::size_t>(t) * static_cast<std::size_t>(h);
   Stream stream;
   epx::CudaLocalGroup group(1);
-  Layer ep(layer_config(shape, w, epx::ExpertPlacement::contiguous(e, 1), 0), group.communicator(0));
+  epx::MoeConfig config = layer_config(shape, w, epx::ExpertPlacement::contiguous(e, 1), 0);
+  config.save_gate_up_output = keep_h;
+  Layer ep(config, group.communicator(0));
   DeviceArray<std::byte> const ws(ep.workspace_bytes(t)), saved(ep.saved_bytes(t)), bws(ep.backward_workspace_bytes(t));
   epx::SavedState const state(saved.get(), saved.size());
   std::size_t const experts = static_cast<std::size_t>(e), rows = static_cast<std::size_t>(w.mlp.gate_up_rows());
@@ -713,13 +720,19 @@ void bm_ep8(benchmark::State& state, Shape shape, int t, bool zipf) {
   });
 }
 
-void bm_ep1_backward(benchmark::State& state, Shape shape, int t) {
+// bwd_ms of this run's ep1_backward rows, per case, for the keep_h rows' ratio.
+std::map<std::string, double>& backward_results() {
+  static std::map<std::string, double> results;
+  return results;
+}
+
+void bm_ep1_backward(benchmark::State& state, Shape shape, int t, bool keep_h) {
   double const est_s = backward_flops(shape, t) / kBackwardFlopRate;
   if (est_s > kBackwardSkipSeconds) {
     char reason[160];
     std::snprintf(reason, sizeof reason, "skipped: one backward ~%.1f s by its flops at %.0f TFLOP/s (> %.0f s)", est_s,
                   kBackwardFlopRate / 1e12, kBackwardSkipSeconds);
-    std::fprintf(stderr, "layer_bench: %s/T=%d/ep1_backward %s\n", shape.name, t, reason);
+    std::fprintf(stderr, "layer_bench: %s/T=%d/ep1_backward%s %s\n", shape.name, t, keep_h ? "_keep_h" : "", reason);
     for (auto _ : state) state.SetIterationTime(0);
     state.SetLabel(reason);
     state.counters["est_bwd_ms"] = est_s * 1e3;
@@ -730,7 +743,11 @@ void bm_ep1_backward(benchmark::State& state, Shape shape, int t) {
     auto const in = make_inputs(shape, w, t, false);
     // One timing of about kBackwardTimingSeconds at most by the estimate, and no more calls than ep1's.
     int const calls = std::clamp(static_cast<int>(kBackwardTimingSeconds / est_s), 1, repetitions().calls);
-    BackwardTiming const timing = ep1_backward_ms(shape, w, in, calls);
+    BackwardTiming const timing = ep1_backward_ms(shape, w, in, calls, keep_h);
+    std::string const key = case_key(shape, t, false);
+    if (!keep_h) backward_results()[key] = timing.bwd_ms;
+    if (keep_h && backward_results().count(key) != 0)
+      state.counters["vs_recompute"] = backward_results()[key] / timing.bwd_ms;
     report_ms(state, timing.bwd_ms);
     set_kernel(state, timing.kernel);
     state.counters["fwd_ms"] = timing.fwd_ms;
@@ -756,7 +773,9 @@ int register_all() {
       add(base + "ep1", bm_ep1, shape, t, false);
       add(base + "ep1_allgather", bm_ep1_allgather, shape, t);
       // The backward runs the same kernels with or without CUTLASS: layer_bench's rows only.
-      if (!(quick_mode() && t > kQuickBackwardMaxTokens)) add(base + "ep1_backward", bm_ep1_backward, shape, t);
+      if (!(quick_mode() && t > kQuickBackwardMaxTokens)) add(base + "ep1_backward", bm_ep1_backward, shape, t, false);
+      // Keeping h pays where the forward materialises it: CUTLASS's path, at a training size.
+      if (Experts::kWithCutlass && t == 4096) add(base + "ep1_backward_keep_h", bm_ep1_backward, shape, t, true);
       add(base + "ep8_localgroup", bm_ep8, shape, t, false);
       if (t == kZipfTokens) {
         add(base + "ep1_zipf1.2", bm_ep1, shape, t, true);

@@ -54,6 +54,7 @@ COUNTERS = {
     "bwd_ms": "{:.3f}",
     "bwd_over_fwd": "{:.2f}",
     "saved_mb": "{:.0f}",
+    "vs_recompute": "{:.2f}",
     "vs_epx_grouped": "{:.2f}",
     "tile": "{:.0f}",
     "rows_per_expert": "{:.0f}",
@@ -63,7 +64,7 @@ COUNTERS = {
     "label": "{}",  # Google Benchmark's label: layer rows say their expert kernel ("kernel=epx") or why skipped
 }
 RATIOS = ["tc_ratio", "hbm_ratio", "speedup", "vs_cublas_grouped", "vs_cublas_loop", "vs_target", "vs_torch",
-          "vs_epx_grouped"]
+          "vs_epx_grouped", "vs_recompute"]
 # Google Benchmark appends these to a benchmark's name; they are not part of epx's naming.
 GBENCH_SUFFIX = re.compile(r"^(iterations|repeats|threads|min_time|min_warmup_time):|^(manual_time|real_time|process_time)$")
 

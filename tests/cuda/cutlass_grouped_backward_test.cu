@@ -440,3 +440,25 @@ TEST_CASE("ExpertParallel<CutlassGrouped | Grouped>::backward[cuda]: CUTLASS's g
   prefill.tokens_per_rank = {700, 560};
   check_case<Grouped, AllToAll, bfloat16>(prefill, rng);
 }
+
+TEST_CASE(
+    "ExpertParallel<CutlassGrouped | Grouped>::backward[cuda]: from the h a CUTLASS forward kept "
+    "(save_gate_up_output), the Host's gradients") {
+  // The forward writes GEMM 1's output into saved with its bias added by the activation kernel;
+  // the backward skips GEMM 1 and reads it (every activation and layout of cases(), biases on).
+  using namespace epx::test::backward;
+  EPX_TEST_SEEDED_RNG(rng);
+  if (!cutlass_grouped_gemm_available()) return;
+  auto const all = cases();
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    CAPTURE(i);
+    auto c = all[i];
+    c.save_gate_up_output = true;
+    check_case<CutlassGrouped, AllToAll, bfloat16>(c, rng);
+  }
+  epx::test::backward::Case prefill = all[0];
+  prefill.experts_per_rank = {3, 5};
+  prefill.tokens_per_rank = {700, 560};
+  prefill.save_gate_up_output = true;
+  check_case<Grouped, AllToAll, bfloat16>(prefill, rng);  // Grouped's forward on CUTLASS at this size
+}

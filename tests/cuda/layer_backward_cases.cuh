@@ -30,6 +30,7 @@ struct Case {
   // busiest rank's rows over max_tokens * top_k, the smallest bound the routing fits.
   double received_rows_factor = 0;
   bool tight_received_rows = false;
+  bool save_gate_up_output = false;  // MoeConfig's: forward keeps h in saved, backward reads it
 };
 
 //! What one rank's layer gave, on the host.
@@ -110,7 +111,8 @@ std::vector<RankOut<T>> run_layer(Case const& c, GlobalWeights<T> const& gw, Inp
                                              .mlp = c.mlp,
                                              .weights = experts_here.weights(),
                                              .placement = placement,
-                                             .received_rows_factor = c.received_rows_factor},
+                                             .received_rows_factor = c.received_rows_factor,
+                                             .save_gate_up_output = c.save_gate_up_output},
                                    comm);
     Bytes ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
         bws(ep.backward_workspace_bytes(max_tokens));

@@ -6,7 +6,8 @@
 // stages in tests/host/layer_backward_test.cpp). Uneven placement, a rank without experts, a rank
 // without tokens; every scoring mode family and activation; bf16 and fp32; from logits and from
 // given routing; gradients poisoned before, a second backward bitwise equal; AllToAll with its
-// memory sized by the tightest received_rows_factor; the errors of a backward with no forward behind it.
+// memory sized by the tightest received_rows_factor; GEMM 1's output kept by the forward
+// (save_gate_up_output); the errors of a backward with no forward behind it.
 
 #include "layer_backward_cases.cuh"
 
@@ -43,6 +44,21 @@ TEST_CASE(
     auto c = all[i];
     c.tight_received_rows = true;
     check_case<Grouped, AllToAll, bfloat16>(c, rng);
+  }
+}
+
+TEST_CASE_TEMPLATE(
+    "ExpertParallel<Grouped, AllToAll | AllGather, Cuda>::backward from the h its forward kept "
+    "(save_gate_up_output) equals the Host layer's",
+    T, bfloat16, float) {
+  EPX_TEST_SEEDED_RNG(rng);
+  auto const all = cases();
+  for (std::size_t i = 0; i < all.size(); i += 2) {
+    CAPTURE(i);
+    auto c = all[i];
+    c.save_gate_up_output = true;
+    check_case<Grouped, AllToAll, T>(c, rng);
+    check_case<Grouped, AllGather, T>(c, rng);
   }
 }
 

@@ -9,6 +9,7 @@
 // AllToAll also takes a received_rows_factor (0 to 4 in halves; 0, the dropless worst case, when
 // the input ends first): a forward whose routing fits that bound for max_tokens never throws
 // kWorkspaceTooSmall, and when one does it throws on every rank and its backward finds no forward.
+// Either dispatch may keep GEMM 1's output for the backward (save_gate_up_output): the same checks.
 
 #include "fuzz_input.hpp"
 
@@ -96,6 +97,7 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
   std::int64_t const max_tokens = *std::max_element(tokens.begin(), tokens.end());
   auto const placement = ExpertPlacement::contiguous(layer.num_experts, num_ranks);
   double const factor = kAllToAll ? static_cast<double>(in.in_range(0, 8)) / 2.0 : 0.0;
+  bool const keep_h = in.flag();  // save_gate_up_output: the backward reads the h its forward kept
   // The most rows a rank's experts receive, and the bound the factor sets for max_tokens (a
   // workspace may hold a few more tokens than asked for: the bound is at least this).
   std::int64_t most_received = 0;
@@ -120,7 +122,8 @@ void run(fuzz::ByteReader& in, Layer const& layer, int num_ranks) {
             .mlp = {.hidden = layer.hidden, .intermediate = layer.inter},
             .weights = expert_weights(local.count, layer.gate_up.data() + static_cast<std::size_t>(local.first) * gu,
                                       layer.down.data() + static_cast<std::size_t>(local.first) * dn),
-            .received_rows_factor = factor},
+            .received_rows_factor = factor,
+            .save_gate_up_output = keep_h},
         comm);
     std::vector<std::byte> ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
         bws(ep.backward_workspace_bytes(max_tokens));

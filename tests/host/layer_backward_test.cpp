@@ -161,12 +161,17 @@ struct RankOut {
 
 //! Forward with SavedState and backward of ExpertParallel<Grouped, D, Host> on every rank;
 //! rank r's tokens are [first[r], first[r] + count[r]) of x / logits / dy. Each rank's memory is
-//! sized for the most tokens of any rank, with `received_rows_factor` (MoeConfig's).
+//! sized for the most tokens of any rank, with MoeConfig's training options as `options` sets them.
+struct TrainingOptions {
+  double received_rows_factor = 0;
+  bool save_gate_up_output = false;
+};
+
 template <class D>
 std::vector<RankOut> run_layer(test::GlobalWeights<float> const& gw, ExpertPlacement const& placement,
                                std::vector<std::int64_t> const& first, std::vector<std::int64_t> const& count,
                                std::vector<float> const& x, std::vector<float> const& logits,
-                               std::vector<float> const& dy, double received_rows_factor = 0) {
+                               std::vector<float> const& dy, TrainingOptions const& options = {}) {
   int const ranks = placement.num_ranks();
   std::vector<RankOut> outs(static_cast<std::size_t>(ranks));
   LocalGroup group(ranks, {.timeout = std::chrono::seconds(30)});
@@ -178,7 +183,8 @@ std::vector<RankOut> run_layer(test::GlobalWeights<float> const& gw, ExpertPlace
                                                   .mlp = mlp_config(),
                                                   .weights = gw.local(local),
                                                   .placement = placement,
-                                                  .received_rows_factor = received_rows_factor},
+                                                  .received_rows_factor = options.received_rows_factor,
+                                                  .save_gate_up_output = options.save_gate_up_output},
                                         comm);
     std::vector<std::byte> ws(ep.workspace_bytes(max_tokens)), saved(ep.saved_bytes(max_tokens)),
         bws(ep.backward_workspace_bytes(max_tokens));
@@ -521,7 +527,8 @@ TEST_CASE(
         static_cast<double>(most_received_rows(ref.ids, placement)) / static_cast<double>(max_tokens * kTopK);
     CAPTURE(factor);
     REQUIRE(factor < placement.num_ranks());
-    auto const outs = run_layer<AllToAll>(gw, placement, first, s.tokens_per_rank, x, logits, dy, factor);
+    auto const outs =
+        run_layer<AllToAll>(gw, placement, first, s.tokens_per_rank, x, logits, dy, {.received_rows_factor = factor});
     for (int r = 0; r < placement.num_ranks(); ++r) {
       CAPTURE(r);
       auto const& o = outs[static_cast<std::size_t>(r)];
@@ -584,5 +591,91 @@ TEST_CASE("ExpertParallel: received_rows_factor shrinks exactly the rows AllToAl
         comm);
     CHECK(all_gather.saved_bytes(50) == all_gather_default.saved_bytes(50));
     CHECK(all_gather.workspace_bytes(50) == all_gather_default.workspace_bytes(50));
+  });
+}
+
+TEST_CASE(
+    "ExpertParallel::backward: save_gate_up_output keeps GEMM 1's output in saved, and the gradients are the "
+    "chain's bits") {
+  EPX_TEST_SEEDED_RNG(rng);
+  // AllToAll (uneven, a rank without experts, a rank without tokens; with a received-rows bound
+  // too) and AllGather, two activations and both layouts: h kept equals h recomputed, bit for bit.
+  std::vector<Split> const splits = {{{4, 4}, {5, 7}}, {{3, 0, 5}, {6, 4, 9}}, {{2, 3, 3}, {7, 0, 5}}};
+  for (Activation a : {Activation::kSwiGLU, Activation::kClampedSwiGLU})
+    for (GateUpLayout layout : {GateUpLayout::kConcatenated, GateUpLayout::kInterleaved})
+      for (Split const& s : splits)
+        for (bool all_gather : {false, true}) {
+          Variant::Scope const scope(
+              {.mlp = {.hidden = kHidden, .intermediate = kInter, .activation = a, .gate_up_layout = layout}});
+          CAPTURE(s.experts_per_rank.size());
+          CAPTURE(all_gather);
+          auto const placement = ExpertPlacement::from_counts(s.experts_per_rank);
+          auto const gw = test::GlobalWeights<float>::random(kExperts, mlp_config(), true, rng);
+          std::vector<std::int64_t> count = s.tokens_per_rank, first(count.size(), 0);
+          if (all_gather)
+            std::fill(count.begin(), count.end(), s.tokens_per_rank[0]);
+          else
+            std::partial_sum(count.begin(), count.end() - 1, first.begin() + 1);
+          std::int64_t const total =
+              all_gather ? count[0] : std::accumulate(count.begin(), count.end(), std::int64_t{0});
+          auto const x = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
+          auto const dy = test::random_vector<float>(static_cast<std::size_t>(total * kHidden), rng);
+          auto const logits = separated_logits(total, rng);
+          Chain const ref = chain(gw, x, logits, dy);
+          TrainingOptions const keep{.received_rows_factor = all_gather ? 0.0 : 2.0, .save_gate_up_output = true};
+          auto const outs = all_gather ? run_layer<AllGather>(gw, placement, first, count, x, logits, dy, keep)
+                                       : run_layer<AllToAll>(gw, placement, first, count, x, logits, dy, keep);
+          for (int r = 0; r < placement.num_ranks(); ++r) {
+            CAPTURE(r);
+            auto const& o = outs[static_cast<std::size_t>(r)];
+            auto const f = first[static_cast<std::size_t>(r)], t = count[static_cast<std::size_t>(r)];
+            if (!all_gather) {  // AllGather sums dx over ranks in another order than the chain
+              CHECK(same_bits(o.y, rows_of(ref.y, kHidden, f, t)));
+              CHECK(same_bits(o.dx, rows_of(ref.dx, kHidden, f, t)));
+            }
+            CHECK(same_bits(o.dx, o.dx_again));
+            CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
+            ExpertRange const local = placement.local_range(r);
+            Grads const want = ref.grads.slice(local.first, local.count);
+            CHECK(same_bits(o.grads.gate_up, want.gate_up));
+            CHECK(same_bits(o.grads.down, want.down));
+            CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
+            CHECK(same_bits(o.grads.down_bias, want.down_bias));
+          }
+        }
+}
+
+TEST_CASE("ExpertParallel: save_gate_up_output adds exactly GEMM 1's output rows to saved_bytes") {
+  EPX_TEST_SEEDED_RNG(rng);
+  constexpr int kRanks = 3;
+  auto const gw = test::GlobalWeights<bfloat16>::random(kExperts, mlp_config(), false, rng);
+  LocalGroup group(kRanks);
+  group.run([&](int rank, Communicator& comm) {
+    auto const placement = ExpertPlacement::contiguous(kExperts, kRanks);
+    auto const aligned = [](std::size_t bytes) { return align_up<std::size_t>(bytes, Workspace::kAlignment); };
+    for (double factor : {0.0, 1.5}) {
+      auto config = [&](bool keep) {
+        return MoeConfig{.router = router_config(),
+                         .mlp = mlp_config(),
+                         .weights = gw.local(placement.local_range(rank)),
+                         .received_rows_factor = factor,
+                         .save_gate_up_output = keep};
+      };
+      ExpertParallel<Grouped, AllToAll, Host> const plain(config(false), comm), keeping(config(true), comm);
+      ExpertParallel<Grouped, AllGather, Host> const gather(config(false), comm), gather_keeping(config(true), comm);
+      for (std::int64_t m : {0, 1, 9, 120}) {
+        CAPTURE(m);
+        std::int64_t const rows =
+            factor == 0 ? m * kRanks * kTopK : static_cast<std::int64_t>(std::ceil(factor * m * kTopK));
+        auto const h_bytes = [&](std::int64_t r) {
+          return aligned(static_cast<std::size_t>(r) * static_cast<std::size_t>(gate_up_rows()) * 4);
+        };
+        CHECK(keeping.saved_bytes(m) - plain.saved_bytes(m) == h_bytes(rows));
+        CHECK(gather_keeping.saved_bytes(m) - gather.saved_bytes(m) == h_bytes(m * kTopK));
+        // Only SavedState grows: the workspaces do not hold h for the backward.
+        CHECK(keeping.workspace_bytes(m) == plain.workspace_bytes(m));
+        CHECK(keeping.backward_workspace_bytes(m) == plain.backward_workspace_bytes(m));
+      }
+    }
   });
 }

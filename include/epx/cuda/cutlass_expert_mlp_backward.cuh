@@ -92,13 +92,17 @@ template <float_element T>
 //! hidden and intermediate multiples of 8; G: T or fp32 (the layer's parts run fp16 weights with fp32
 //! gradients on the SIMT path instead: kCutlassBackward).
 //! @param[in] workspace  at least cutlass_expert_mlp_backward_workspace_bytes<T>(config, groups, x.rows)
+//! @param[in] gate_up_out  [x.rows, gate_up_rows] fp32 h with its bias (what a forward kept:
+//!                         cutlass_expert_mlp's gate_up_out, expert_mlp_gate_up's), or empty:
+//!                         recomputed here (one GEMM 1 more)
 //! Every local expert's gradients are written (zeros for one without rows); dx rows outside
 //! [offsets[0], offsets[G]) are left untouched. No output may alias an input or the workspace.
 template <float_element T, float_element G>
 void cutlass_expert_mlp_backward(StreamRef stream_ref, ExpertMlpConfig const& config, ExpertWeights const& weights,
                                  MatrixView<T const> x, std::span<std::int32_t const> expert_offsets,
                                  std::type_identity_t<MatrixView<G const>> dy, std::type_identity_t<MatrixView<G>> dx,
-                                 ExpertWeightGrads<G> const& grads, Workspace workspace) {
+                                 ExpertWeightGrads<G> const& grads, Workspace workspace,
+                                 MatrixView<float const> gate_up_out = {}) {
   static_assert(!std::is_same_v<T, float>, "epx: the CUTLASS expert backward takes bf16 or fp16 weights");
   static_assert(std::is_same_v<G, T> || std::is_same_v<G, float>, "epx: gradients of the weights' type or fp32");
   EPX_NVTX_RANGE(Experts);
@@ -107,9 +111,13 @@ void cutlass_expert_mlp_backward(StreamRef stream_ref, ExpertMlpConfig const& co
   std::int64_t const rows = x.rows, groups = weights.num_local_experts;
   auto const parts = detail::carve_layout(
       workspace, where, [&](auto& c) { return detail::carve_cutlass_mlp_backward<T>(c, config, groups, rows); });
-  MatrixView<float> const h(parts.h.data(), rows, config.gate_up_rows());
-  auto const w = detail::check_expert_mlp_backward_args<T, G>(
-      where, config, weights, x, expert_offsets, MatrixView<float const>(h), dy, MatrixView<G const>(dx), grads);
+  bool const kept = gate_up_out.data != nullptr;
+  MatrixView<float const> const h =
+      kept ? gate_up_out : MatrixView<float const>(parts.h.data(), rows, config.gate_up_rows());
+  auto const w = detail::check_expert_mlp_backward_args<T, G>(where, config, weights, x, expert_offsets, h, dy,
+                                                              MatrixView<G const>(dx), grads);
+  // h's bias: kept h carries it; a recomputed one gets it in the activation kernels below.
+  T const* const h_bias = kept ? nullptr : w.gate_up_bias;
   detail::require(expert_offsets.data() != nullptr, Errc::kInvalidArgument, where, "expert_offsets.data()", "nullptr",
                   "device memory holding num_local_experts + 1 offsets");
   // What the GEMMs below would refuse, refused here, before any gradient is written.
@@ -155,13 +163,16 @@ void cutlass_expert_mlp_backward(StreamRef stream_ref, ExpertMlpConfig const& co
     dy16 = MatrixView<T const>(rounded);
   }
 
-  // GEMM 1 again (h without its bias), then a = activation(h + bias) as the forward rounded it.
+  // GEMM 1 again (h without its bias) unless forward kept h, then a = activation(h + bias) as the
+  // forward rounded it.
   if (rows > 0) {
-    CutlassTile const tile = detail::cutlass_tile_for(
-        detail::policy_for<detail::CutlassTilePolicy>(detail::current_device_traits()), rows, groups);
-    cutlass_grouped_gemm<T, float>(stream, x, w.gate_up, expert_offsets, h, gemm_ws, tile);
-    detail::launch_group_activation<T, float>(config, w.gate_up_bias, expert_offsets, g, rows,
-                                              MatrixView<float const>(h), act, s);
+    if (!kept) {
+      CutlassTile const tile = detail::cutlass_tile_for(
+          detail::policy_for<detail::CutlassTilePolicy>(detail::current_device_traits()), rows, groups);
+      cutlass_grouped_gemm<T, float>(stream, x, w.gate_up, expert_offsets,
+                                     MatrixView<float>(parts.h.data(), rows, config.gate_up_rows()), gemm_ws, tile);
+    }
+    detail::launch_group_activation<T, float>(config, h_bias, expert_offsets, g, rows, h, act, s);
   }
   // GEMM 2's gradients (its weight gradients written even without rows), the activation's, GEMM 1's.
   // The down bias's gradient needs no tensor core: summed from dy as given (an fp32 dy: the Host's bits).
@@ -174,8 +185,8 @@ void cutlass_expert_mlp_backward(StreamRef stream_ref, ExpertMlpConfig const& co
     return;
   }
   cutlass_grouped_gemm_backward_data<T, float>(stream, dy16, w.down, expert_offsets, d_act, gemm_ws);
-  detail::launch_group_activation_backward<T, T>(config, expert_offsets, g, rows, MatrixView<float const>(h),
-                                                 MatrixView<float const>(d_act), dh, s, w.gate_up_bias);
+  detail::launch_group_activation_backward<T, T>(config, expert_offsets, g, rows, h, MatrixView<float const>(d_act), dh,
+                                                 s, h_bias);
   cutlass_grouped_gemm_backward_weight<T, G>(stream, x, MatrixView<T const>(dh), expert_offsets, grads.gate_up,
                                              grads.gate_up_bias, gemm_ws);
   cutlass_grouped_gemm_backward_data<T, G>(stream, MatrixView<T const>(dh), w.gate_up, expert_offsets, dx, gemm_ws);
@@ -215,6 +226,20 @@ struct CutlassBackward {
       cutlass_expert_mlp_backward<T, G>(stream, mlp, weights, x, device_offsets, dy, dx, grads, ws);
     } else {
       CudaRecomputingBackward{}.backward<T, G>(stream, mlp, weights, x, device_offsets, dy, dx, grads, ws);
+    }
+  }
+
+  //! backward from the h a forward kept (bias included): no GEMM 1.
+  template <class T, class G>
+  void backward(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> device_offsets, MatrixView<float const> h, MatrixView<G const> dy,
+                MatrixView<G> dx, ExpertWeightGrads<G> const& grads, Workspace ws) const {
+    if constexpr (std::is_same_v<T, float>) {
+      throw_error(Errc::kInvalidArgument, "expert_mlp_backward (CutlassGrouped): fp32 weights, expected bf16 or f16");
+    } else if constexpr (kCutlassBackward<T, G>) {
+      cutlass_expert_mlp_backward<T, G>(stream, mlp, weights, x, device_offsets, dy, dx, grads, ws, h);
+    } else {
+      CudaRecomputingBackward{}.backward<T, G>(stream, mlp, weights, x, device_offsets, h, dy, dx, grads, ws);
     }
   }
 };

@@ -78,11 +78,14 @@ template <float_element T>
 //! CUTLASS's Hopper grouped GEMM. bf16 or fp16; hidden and intermediate multiples of 8.
 //! @param[in] rows_hint  the rows the offsets are expected to hold (picks the tile:
 //!                       cutlass_tile_for); -1: x.rows
+//! @param[out] gate_up_out  [x.rows, gate_up_rows] fp32, or empty: where GEMM 1's output h goes
+//!                       instead of the workspace, kept with its bias added (the Host's
+//!                       expert_mlp_gate_up), for a backward that reads it instead of recomputing
 //! @throws Error as expert_mlp, and for a device or build without the CUTLASS path.
 template <float_element T>
 void cutlass_expert_mlp(StreamRef stream_ref, ExpertMlpConfig const& mlp, ExpertWeights const& weights,
                         MatrixView<T const> x, std::span<std::int32_t const> offsets, MatrixView<T> out,
-                        Workspace workspace, std::int64_t rows_hint = -1) {
+                        Workspace workspace, std::int64_t rows_hint = -1, MatrixView<float> gate_up_out = {}) {
   constexpr std::string_view where = "expert_mlp (CutlassGrouped)";
   detail::CudaStream const stream(stream_ref, where);
   auto const w = detail::check_expert_mlp_args<T>(where, mlp, weights, x, out, offsets);
@@ -90,6 +93,12 @@ void cutlass_expert_mlp(StreamRef stream_ref, ExpertMlpConfig const& mlp, Expert
   bool const down_bias = w.down_bias != nullptr;
   auto const parts = detail::carve_layout(
       workspace, where, [&](auto& c) { return detail::carve_cutlass_mlp<T>(c, mlp, groups, x.rows, down_bias); });
+  bool const keep = gate_up_out.data != nullptr;
+  if (keep) {
+    detail::check_matrix(where, "gate_up_out", MatrixView<float const>(gate_up_out), x.rows, mlp.gate_up_rows());
+    detail::cutlass_path::check_aligned<float>(where, "gate_up_out.ld", gate_up_out.ld);
+    detail::cutlass_path::check_pointer(where, "gate_up_out.data", gate_up_out.data);
+  }
   if (groups == 0 || x.rows == 0) return;
   EPX_NVTX_RANGE(Experts);
   CutlassTile const tile =
@@ -98,11 +107,13 @@ void cutlass_expert_mlp(StreamRef stream_ref, ExpertMlpConfig const& mlp, Expert
   Workspace const gemm_ws(parts.gemm.data(), parts.gemm.size());
   cudaStream_t const s = stream.get();
   // GEMM 1 into fp32 h; bias and activation, rounded once; GEMM 2.
-  MatrixView<float> const h(parts.h.data(), x.rows, mlp.gate_up_rows());
+  MatrixView<float> const h = keep ? gate_up_out : MatrixView<float>(parts.h.data(), x.rows, mlp.gate_up_rows());
   MatrixView<T> const act(parts.act.data(), x.rows, mlp.intermediate);
   cutlass_grouped_gemm<T, float>(stream, x, w.gate_up, offsets, h, gemm_ws, tile);
+  // Kept h gets its bias here, where the activation reads it anyway.
   detail::launch_group_activation<T, float>(mlp, w.gate_up_bias, offsets, static_cast<int>(groups), x.rows,
-                                            MatrixView<float const>(h), act, s);
+                                            MatrixView<float const>(h), act, s,
+                                            keep && w.gate_up_bias != nullptr ? h.data : nullptr);
   if (!down_bias) {
     cutlass_grouped_gemm<T, T>(stream, MatrixView<T const>(act), w.down, offsets, out, gemm_ws, tile);
     return;
@@ -150,6 +161,18 @@ struct CudaCutlassGroupedExperts : CutlassBackward {
       throw_error(Errc::kInvalidArgument, "expert_mlp (CutlassGrouped): fp32 weights, expected bf16 or f16");
     } else {
       cutlass_expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, rows_hint);
+    }
+  }
+
+  //! run keeping GEMM 1's output (bias included) in `h`, for backward(..., h, ...).
+  template <class T>
+  void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+           std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint,
+           MatrixView<float> h) const {
+    if constexpr (std::is_same_v<T, float>) {
+      throw_error(Errc::kInvalidArgument, "expert_mlp (CutlassGrouped): fp32 weights, expected bf16 or f16");
+    } else {
+      cutlass_expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, rows_hint, h);
     }
   }
 

@@ -123,6 +123,16 @@ struct CudaRecomputingBackward {
     expert_mlp_backward(stream, mlp, weights, x, device_offsets, MatrixView<float const>(h), dy, dx, grads,
                         parts.second);
   }
+
+  //! backward from the h a forward kept (bias included): no GEMM 1.
+  template <class T, class G>
+  void backward(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> device_offsets, MatrixView<float const> h, MatrixView<G const> dy,
+                MatrixView<G> dx, ExpertWeightGrads<G> const& grads, Workspace ws) const {
+    auto const parts =
+        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows); });
+    expert_mlp_backward(stream, mlp, weights, x, device_offsets, h, dy, dx, grads, parts.second);
+  }
 };
 
 }  // namespace detail

@@ -55,11 +55,14 @@ struct GroupActivationParams {
   bool interleaved;
   Activation activation;
   ClampedSwiGLUParams clamped;
+  H* h_biased = nullptr;  // where h + bias goes back (ldh apart; may be h itself), or nullptr
 };
 
 //! a[r, i] = activation(h[r, gate], h[r, up]) (+ gate_up bias of the row's expert) in fp32, one
 //! rounding to T, for the rows of [offsets[0], offsets[groups]): blocks stride over rows (the
-//! row count stays on the device), threads over the columns.
+//! row count stays on the device), threads over the columns. With `h_biased`, the biased gate and
+//! up values are written there too (a training forward keeping h with its bias, as the Host's
+//! expert_mlp_gate_up gives it); each thread writes only the columns it read.
 template <class T, class H>
 __global__ void group_activation_kernel(GroupActivationParams<T, H> const p) {
   GroupRows const range = grouped_row_range(p.offsets, p.groups, p.num_rows);
@@ -78,6 +81,10 @@ __global__ void group_activation_kernel(GroupActivationParams<T, H> const p) {
         if (p.bias != nullptr) up += device_to_float(p.bias[static_cast<std::int64_t>(g) * width + up_col]);
       }
       p.a[row * p.lda + i] = device_from_float<T>(activate(p.activation, gate, up, p.clamped));
+      if (p.h_biased != nullptr) {
+        p.h_biased[row * p.ldh + gate_col] = device_from_float<H>(gate);
+        if (p.gated) p.h_biased[row * p.ldh + up_col] = device_from_float<H>(up);
+      }
     }
   }
 }
@@ -107,11 +114,12 @@ inline int group_row_threads(int cols) {
   return std::min(policy.max_threads_per_block, static_cast<int>(align_up(cols, 32)));
 }
 
-//! Launches group_activation_kernel over at most `max_rows` rows (the grid strides beyond).
+//! Launches group_activation_kernel over at most `max_rows` rows (the grid strides beyond);
+//! `h_biased`: where h + bias goes back (h's leading dimension), or nullptr.
 template <class T, class H>
 void launch_group_activation(ExpertMlpConfig const& mlp, T const* bias, std::span<std::int32_t const> device_offsets,
                              int groups, std::int64_t max_rows, MatrixView<H const> h, MatrixView<T> act,
-                             cudaStream_t s) {
+                             cudaStream_t s, H* h_biased = nullptr) {
   if (max_rows == 0) return;
   GroupActivationParams<T, H> const params{.h = h.data,
                                            .ldh = h.ld,
@@ -125,7 +133,8 @@ void launch_group_activation(ExpertMlpConfig const& mlp, T const* bias, std::spa
                                            .gated = is_gated(mlp.activation),
                                            .interleaved = mlp.gate_up_layout == GateUpLayout::kInterleaved,
                                            .activation = mlp.activation,
-                                           .clamped = mlp.clamped_swiglu};
+                                           .clamped = mlp.clamped_swiglu,
+                                           .h_biased = h_biased};
   auto const blocks = static_cast<unsigned>(std::min<std::int64_t>(max_rows, kMaxGridStrideBlocks));
   group_activation_kernel<T, H><<<blocks, group_row_threads(mlp.intermediate), 0, s>>>(params);
   EPX_CUDA_CHECK_LAUNCH(group_activation_kernel);

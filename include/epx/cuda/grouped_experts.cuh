@@ -93,6 +93,26 @@ struct CudaGroupedExperts : CudaRecomputingBackward {
     expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
   }
 
+  //! run keeping GEMM 1's output (bias included) in `h`, for backward(..., h, ...). CUTLASS writes h
+  //! anyway; epx's own kernel fuses it away, so there h costs one more GEMM 1 (expert_mlp_gate_up).
+  template <class T>
+  void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+           std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint,
+           MatrixView<float> h) {
+    std::int64_t const rows = rows_hint < 0 ? x.rows : rows_hint;
+    last_ = pick<T>(rows, weights.num_local_experts);
+#if defined(EPX_HAVE_CUTLASS)
+    if constexpr (!std::is_same_v<T, float>) {
+      if (last_ == GroupedKernel::kCutlass) {
+        cutlass_expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, rows, h);
+        return;
+      }
+    }
+#endif
+    expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
+    expert_mlp_gate_up(stream, mlp, weights, x, device_offsets, h, rows_hint);
+  }
+
   //! The backward: CUTLASS's tensor-core gradients wherever CUTLASS runs (CutlassBackward: bf16
   //! weights, or fp16 with fp16 gradients), at every size (its weight gradients beat the SIMT ones
   //! everywhere: those reduce over all of an expert's rows per output element); else
@@ -120,6 +140,22 @@ struct CudaGroupedExperts : CudaRecomputingBackward {
     }
 #endif
     CudaRecomputingBackward::backward<T, G>(stream, mlp, weights, x, device_offsets, dy, dx, grads, ws);
+  }
+
+  //! backward from the h a forward kept: the same choice of path, without GEMM 1.
+  template <class T, class G>
+  void backward(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> device_offsets, MatrixView<float const> h, MatrixView<G const> dy,
+                MatrixView<G> dx, ExpertWeightGrads<G> const& grads, Workspace ws) const {
+#if defined(EPX_HAVE_CUTLASS)
+    if constexpr (!std::is_same_v<T, float>) {
+      if (cutlass_grouped_gemm_available()) {
+        CutlassBackward{}.backward<T, G>(stream, mlp, weights, x, device_offsets, h, dy, dx, grads, ws);
+        return;
+      }
+    }
+#endif
+    CudaRecomputingBackward::backward<T, G>(stream, mlp, weights, x, device_offsets, h, dy, dx, grads, ws);
   }
 
   //! The kernel of the last forward: "epx" or "cutlass" ("none" before the first).

@@ -44,6 +44,18 @@ template <float_element T>
 void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weights,
                 std::type_identity_t<MatrixView<T const>> x, std::span<std::int32_t const> expert_offsets,
                 MatrixView<T> out, Workspace workspace) {
+  expert_mlp<T>(Host{}, config, weights, x, expert_offsets, out, workspace, MatrixView<float>{});
+}
+
+//! @brief expert_mlp that also keeps GEMM 1's output (a training forward whose backward should not
+//! recompute it): the same results, bit for bit.
+//! @param[out] gate_up_out  [x.rows, gate_up_rows] fp32: h = x · gate_upᵀ (+ gate_up bias) of the
+//!                          rows in the offsets' range (others untouched), what expert_mlp_gate_up
+//!                          writes and expert_mlp_backward reads; an empty view: not kept
+template <float_element T>
+void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weights,
+                std::type_identity_t<MatrixView<T const>> x, std::span<std::int32_t const> expert_offsets,
+                MatrixView<T> out, Workspace workspace, MatrixView<float> gate_up_out) {
   constexpr std::string_view where = "expert_mlp";
   auto const w = detail::check_expert_mlp_args<T>(where, config, weights, x, out, expert_offsets);
   auto const scratch =
@@ -51,7 +63,9 @@ void expert_mlp(Host, ExpertMlpConfig const& config, ExpertWeights const& weight
 
   std::int64_t const gate_up_rows = config.gate_up_rows();
   std::int64_t const inter = config.intermediate;
-  MatrixView<float> h(scratch.gate_up_out.data(), x.rows, gate_up_rows);
+  bool const keep = gate_up_out.data != nullptr;
+  if (keep) detail::check_matrix(where, "gate_up_out", MatrixView<float const>(gate_up_out), x.rows, gate_up_rows);
+  MatrixView<float> h = keep ? gate_up_out : MatrixView<float>(scratch.gate_up_out.data(), x.rows, gate_up_rows);
   MatrixView<T> act(scratch.activated.data(), x.rows, inter);
   grouped_gemm(Host{}, x, w.gate_up, w.gate_up_bias, expert_offsets, h);
 

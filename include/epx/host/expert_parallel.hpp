@@ -48,6 +48,14 @@ struct HostGroupedExperts {
     expert_mlp(Host{}, mlp, weights, x, offsets, out, ws);
   }
 
+  //! run that also keeps GEMM 1's output h (bias included) in `h`, for backward(..., h, ...).
+  template <class T>
+  void run(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+           std::span<std::int32_t const> offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/,
+           MatrixView<float> h) const {
+    expert_mlp<T>(Host{}, mlp, weights, x, offsets, out, ws, h);
+  }
+
   //! The backward's scratch: GEMM 1's output h (fp32, recomputed from the saved input rows), then
   //! expert_mlp_backward's own.
   template <class T>
@@ -67,6 +75,16 @@ struct HostGroupedExperts {
     MatrixView<float> const h(parts.first.data(), x.rows, mlp.gate_up_rows());
     expert_mlp_gate_up(Host{}, mlp, weights, x, offsets, h);
     expert_mlp_backward(Host{}, mlp, weights, x, offsets, MatrixView<float const>(h), dy, dx, grads, parts.second);
+  }
+
+  //! backward from the h a forward kept (run with h): no GEMM 1 here.
+  template <class T, class G>
+  void backward(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
+                std::span<std::int32_t const> offsets, MatrixView<float const> h, MatrixView<G const> dy,
+                MatrixView<G> dx, ExpertWeightGrads<G> const& grads, Workspace ws) const {
+    auto const parts =
+        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows); });
+    expert_mlp_backward(Host{}, mlp, weights, x, offsets, h, dy, dx, grads, parts.second);
   }
 };
 

@@ -56,6 +56,9 @@ concept expert_part_backward = requires(Part const& part, Stream stream, ExpertM
                                         ExpertWeightGrads<float> const& grads, Workspace ws, std::int64_t rows) {
   { part.template backward_workspace_bytes<float>(mlp, 1, rows) } -> std::same_as<std::size_t>;
   part.template backward<float, float>(stream, mlp, weights, x, offsets, MatrixView<float const>(dx), dx, grads, ws);
+  // MoeConfig::save_gate_up_output: a forward that keeps h, a backward from the h it kept
+  part.template run<float>(stream, mlp, weights, x, offsets, dx, ws, rows, dx);
+  part.template backward<float, float>(stream, mlp, weights, x, offsets, x, MatrixView<float const>(dx), dx, grads, ws);
 };
 
 //! The words a training forward writes at the start of its saved memory, checked by backward.
@@ -243,8 +246,10 @@ class ExpertParallel {
   //! routing (8 * top_k per token), the control block and count table, this rank's slot rows
   //! (top_k * hidden elements per token: each slot's expert result) and the experts' input rows
   //! (AllToAll: ranks * top_k * hidden elements per token, forward's dropless worst case, or
-  //! received_rows_factor * top_k * hidden; AllGather: top_k * hidden). GEMM 1's output is not kept: backward recomputes it (one GEMM, a third of
-  //! the experts' forward flops). Host arithmetic.
+  //! received_rows_factor * top_k * hidden; AllGather: top_k * hidden). GEMM 1's output is kept
+  //! only with MoeConfig::save_gate_up_output (then fp32 gate_up_rows per expert row more);
+  //! otherwise backward recomputes it (one GEMM, a third of the experts' forward flops). Host
+  //! arithmetic.
   [[nodiscard]] std::size_t saved_bytes(std::int64_t max_tokens) const {
     check_max_tokens("saved_bytes", max_tokens);
     return detail::dispatch_on_dtype(config_.weights.dtype, [&]<class T>(T*) {
@@ -401,6 +406,7 @@ class ExpertParallel {
     std::span<std::int64_t> control;   // ForwardControl, then the gathered count table [R, table width]
     std::span<T> x_perm;               // [M * k, H] this rank's rows in plan order (AllToAll: then their results)
     std::span<T> x_local;  // [M * rows_per_token, H] the experts' rows (AllToAll: inputs; AllGather: results)
+    std::span<float> h;    // SavedState with save_gate_up_output: [expert rows, gate_up_rows] GEMM 1's output
   };
 
   // The one layout of the workspace, for a capacity of M tokens per rank.
@@ -480,6 +486,9 @@ class ExpertParallel {
   }
 
   // The rows a capacity of max_tokens holds for the experts (AllToAll: received_rows_factor's).
+  // Training forwards keep GEMM 1's output in SavedState (MoeConfig::save_gate_up_output).
+  [[nodiscard]] bool saves_gate_up_output() const noexcept { return kHasBackward && config_.save_gate_up_output; }
+
   [[nodiscard]] std::size_t expert_rows(std::int64_t max_tokens) const {
     return static_cast<std::size_t>(DispatchPart::expert_rows(config_, comm_->size(), max_tokens));
   }
@@ -495,6 +504,8 @@ class ExpertParallel {
     k.control = c.template take<std::int64_t>(control_words());
     k.x_perm = c.template take<T>(slots * hidden);
     k.x_local = c.template take<T>(expert_rows(max_tokens) * hidden);
+    if (with_header && saves_gate_up_output())
+      k.h = c.template take<float>(expert_rows(max_tokens) * static_cast<std::size_t>(config_.mlp.gate_up_rows()));
     return k;
   }
 
@@ -639,9 +650,21 @@ class ExpertParallel {
     }
     // 2. Rows to the experts; 3. the experts; 4. rows back to their tokens, weighted and summed.
     auto const handle = DispatchPart::dispatch(step, plan, fits);
-    if (config_.weights.num_local_experts > 0)
-      experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
-                               handle.rows.out, parts.experts, handle.rows.rows_hint);
+    if (config_.weights.num_local_experts > 0) {
+      if constexpr (kHasBackward) {
+        if (kept && !kept->h.empty()) {  // training: GEMM 1's output kept for the backward
+          experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
+                                   handle.rows.out, parts.experts, handle.rows.rows_hint,
+                                   MatrixView<float>(kept->h.data(), handle.rows.in.rows, config_.mlp.gate_up_rows()));
+        } else {
+          experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
+                                   handle.rows.out, parts.experts, handle.rows.rows_hint);
+        }
+      } else {
+        experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
+                                 handle.rows.out, parts.experts, handle.rows.rows_hint);
+      }
+    }
     DispatchPart::combine(step, handle, plan, routing.weights, y);
     // 5. Training: `saved` now holds a complete forward.
     if (kept)
@@ -758,8 +781,14 @@ class ExpertParallel {
     DispatchPart::backward(step, plan, weights, dy, dx, d_topk_weights,
                            [&](MatrixView<T const> rows, std::span<std::int32_t const> offsets,
                                MatrixView<G const> d_out, MatrixView<G> d_in) {
-                             experts_.template backward<T, G>(stream, config_.mlp, config_.weights, rows, offsets,
-                                                              d_out, d_in, grads, parts.experts);
+                             if (!kept.h.empty())  // forward kept GEMM 1's output: no recomputation
+                               experts_.template backward<T, G>(
+                                   stream, config_.mlp, config_.weights, rows, offsets,
+                                   MatrixView<float const>(kept.h.data(), rows.rows, config_.mlp.gate_up_rows()), d_out,
+                                   d_in, grads, parts.experts);
+                             else
+                               experts_.template backward<T, G>(stream, config_.mlp, config_.weights, rows, offsets,
+                                                                d_out, d_in, grads, parts.experts);
                            });
     router_backward(ids, MatrixView<float const>(d_topk_weights), &detail::forward_control(parts.control)->status);
   }

@@ -39,6 +39,13 @@ struct MoeConfig {
   //! exchange, naming the rank, its rows and the factor it would need. Values >= num_ranks act as
   //! 0. AllGather ignores it (its experts run on each rank's own max_tokens * top_k slots).
   double received_rows_factor = 0;
+  //! Training: forwards with a SavedState keep GEMM 1's output h (fp32, bias included) there, and
+  //! backward reads it instead of recomputing it: a quarter of the experts' backward flops (8/3 of
+  //! the forward's expert flops become 6/3) for expert rows * gate_up_rows * 4 bytes more per
+  //! SavedState (saved_bytes says). On Cuda it saves the GEMM where the forward runs CUTLASS (which
+  //! materialises h anyway); where it runs epx's own fused kernel, the forward computes h with one
+  //! more GEMM instead. Layers without a backward ignore it.
+  bool save_gate_up_output = false;
 };
 
 namespace detail {

@@ -679,3 +679,51 @@ TEST_CASE("ExpertParallel: save_gate_up_output adds exactly GEMM 1's output rows
     }
   });
 }
+
+TEST_CASE("ExpertParallel::backward: with save_gate_up_output the backward reads the h its forward kept") {
+  // h is SavedState's last part: overwrite it after the forward and the gradients must change
+  // (NaN), which a backward that recomputed h would not show; written again, they are the chain's.
+  EPX_TEST_SEEDED_RNG(rng);
+  std::int64_t const tokens = 6;
+  auto const gw = test::GlobalWeights<float>::random(kExperts, mlp_config(), true, rng);
+  auto const x = test::random_vector<float>(static_cast<std::size_t>(tokens * kHidden), rng);
+  auto const dy = test::random_vector<float>(static_cast<std::size_t>(tokens * kHidden), rng);
+  auto const logits = separated_logits(tokens, rng);
+  Chain const ref = chain(gw, x, logits, dy);
+  LocalGroup group(1);
+  Communicator& comm = group.communicator(0);
+  MoeConfig config{.router = router_config(), .mlp = mlp_config(), .weights = gw.local({0, kExperts})};
+  ExpertParallel<Grouped, AllToAll, Host> const plain(config, comm);
+  config.save_gate_up_output = true;
+  ExpertParallel<Grouped, AllToAll, Host> ep(config, comm);
+  std::size_t const saved_bytes = ep.saved_bytes(tokens), h_bytes = saved_bytes - plain.saved_bytes(tokens);
+  REQUIRE(h_bytes >= static_cast<std::size_t>(tokens * kTopK * gate_up_rows()) * sizeof(float));
+  // An aligned base: the carving then starts at the buffer's start and h ends kAlignment - 1 bytes
+  // before the end of saved_bytes (the sizing's slack for an unaligned base).
+  std::vector<std::byte> storage(saved_bytes + Workspace::kAlignment);
+  auto const address = reinterpret_cast<std::uintptr_t>(storage.data());
+  std::byte* const base = storage.data() + (align_up<std::uintptr_t>(address, Workspace::kAlignment) - address);
+  std::byte* const h_start = base + (saved_bytes - (Workspace::kAlignment - 1)) - h_bytes;
+  SavedState const saved(base, saved_bytes);
+  std::vector<std::byte> ws(ep.workspace_bytes(tokens)), bws(ep.backward_workspace_bytes(tokens));
+  std::vector<float> y(static_cast<std::size_t>(tokens * kHidden)), dx(y.size()),
+      d_logits(static_cast<std::size_t>(tokens * kExperts));
+  Grads grads(kExperts);
+  MatrixView<float const> const lv(logits.data(), tokens, kExperts);
+  auto step = [&](bool corrupt_h) {
+    ep.forward(Host{}, lv, MatrixView<float const>(x.data(), tokens, kHidden),
+               MatrixView<float>(y.data(), tokens, kHidden), Workspace(ws.data(), ws.size()), saved);
+    if (corrupt_h) std::fill(h_start, h_start + h_bytes, std::byte{0xff});  // NaN in every fp32 of h
+    ep.backward(Host{}, lv, MatrixView<float const>(dy.data(), tokens, kHidden),
+                MatrixView<float>(dx.data(), tokens, kHidden), MatrixView<float>(d_logits.data(), tokens, kExperts),
+                grads.view(), saved, Workspace(bws.data(), bws.size()));
+  };
+  step(true);
+  CHECK(std::any_of(dx.begin(), dx.end(), [](float v) { return std::isnan(v); }));
+  CHECK(std::any_of(grads.gate_up.begin(), grads.gate_up.end(), [](float v) { return std::isnan(v); }));
+  step(false);
+  CHECK(same_bits(y, ref.y));
+  CHECK(same_bits(dx, ref.dx));
+  CHECK(same_bits(grads.gate_up, ref.grads.gate_up));
+  CHECK(same_bits(grads.down, ref.grads.down));
+}

@@ -103,8 +103,8 @@ namespace detail {
 
 //! The SIMT backward of the Cuda expert parts (Grouped without CUTLASS; CutlassGrouped and Grouped for
 //! fp16 weights with fp32 gradients; see cutlass_expert_mlp_backward.cuh): h recomputed with epx's grouped
-//! GEMM from forward's input rows (one GEMM: a third of the experts' forward flops; keeping h
-//! instead would cost rows * gate_up_rows * 4 bytes of saved memory), then expert_mlp_backward.
+//! GEMM from forward's input rows (one GEMM: two thirds of the experts' forward flops when gated),
+//! or the h a forward kept (MoeConfig::save_gate_up_output), then expert_mlp_backward.
 struct CudaRecomputingBackward {
   template <class T>
   [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,

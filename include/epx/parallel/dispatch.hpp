@@ -343,7 +343,7 @@ struct AllGatherPart {
 
   template <class T>
   struct Buffers {
-    std::span<std::int64_t> table_send;  // [2] or empty (table_width)
+    std::span<std::int64_t> table_send;  // [kCountTableHeader] or empty (table_width)
     std::span<float> partial;            // [M, H] this rank's share of every token, then the sum
   };
 

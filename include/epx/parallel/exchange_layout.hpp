@@ -110,6 +110,10 @@ inline double factor_at_least(std::int64_t rows, std::int64_t share) {
 inline void check_count_table(std::span<std::int64_t const> table, ExpertPlacement const& placement,
                               std::int32_t top_k) {
   std::int32_t const num_ranks = placement.num_ranks(), num_experts = placement.num_experts();
+  // The most tokens any rank passes: what every rank's memory must be sized for at least, so the
+  // factor hint below holds for any memory sized that way (not only for the one that threw).
+  std::int64_t largest = 0;
+  for (std::int32_t q = 0; q < num_ranks; ++q) largest = std::max(largest, table_row(table, num_experts, q)[0]);
   for (std::int32_t q = 0; q < num_ranks; ++q) {
     auto const row = table_row(table, num_experts, q);
     if (row[0] > row[1])
@@ -134,10 +138,11 @@ inline void check_count_table(std::span<std::int64_t const> table, ExpertPlaceme
       throw_error(Errc::kWorkspaceTooSmall,
                   fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its memory for {} tokens "
                               "holds for its experts: MoeConfig::received_rows_factor = {:.4g} shares of {} rows); "
-                              "nothing was dropped: set received_rows_factor >= {} on every rank (0: the "
-                              "dropless worst case), or size its memory for more tokens",
+                              "nothing was dropped: set received_rows_factor >= {} on every rank (with memory for "
+                              "at least the {} tokens the largest rank passes; 0: the dropless worst case), or size "
+                              "its memory for more tokens",
                               q, received, capacity, row[1], static_cast<double>(capacity) / static_cast<double>(share),
-                              share, factor_at_least(received, share)));
+                              share, factor_at_least(received, largest * top_k), largest));
     throw_error(Errc::kWorkspaceTooSmall,
                 fmt::format("forward: rank {} would receive {} rows, expected <= {} (what its workspace for {} "
                             "tokens holds); size every rank's workspace with workspace_bytes(max_tokens) for the "

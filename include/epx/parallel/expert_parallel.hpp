@@ -48,17 +48,19 @@ Workspace take_workspace(Carver& carver, std::size_t bytes) {
   return {part.data(), part.size()};
 }
 
-//! An expert part that has a backward (the Host's today; the CUDA parts' are issue 15's open part).
+//! An expert part that has a backward (Host's Grouped; Cuda's Grouped and CutlassGrouped). `run`
+//! may change the part (Grouped on Cuda records the kernel it picked), as expert_part's does.
 template <class Part, class Stream>
-concept expert_part_backward = requires(Part const& part, Stream stream, ExpertMlpConfig const& mlp,
+concept expert_part_backward = requires(Part& part, Part const& cpart, Stream stream, ExpertMlpConfig const& mlp,
                                         ExpertWeights const& weights, MatrixView<float const> x,
                                         std::span<std::int32_t const> offsets, MatrixView<float> dx,
                                         ExpertWeightGrads<float> const& grads, Workspace ws, std::int64_t rows) {
-  { part.template backward_workspace_bytes<float>(mlp, 1, rows) } -> std::same_as<std::size_t>;
-  part.template backward<float, float>(stream, mlp, weights, x, offsets, MatrixView<float const>(dx), dx, grads, ws);
+  { cpart.template backward_workspace_bytes<float>(mlp, 1, rows) } -> std::same_as<std::size_t>;
+  cpart.template backward<float, float>(stream, mlp, weights, x, offsets, MatrixView<float const>(dx), dx, grads, ws);
   // MoeConfig::save_gate_up_output: a forward that keeps h, a backward from the h it kept
   part.template run<float>(stream, mlp, weights, x, offsets, dx, ws, rows, dx);
-  part.template backward<float, float>(stream, mlp, weights, x, offsets, x, MatrixView<float const>(dx), dx, grads, ws);
+  cpart.template backward<float, float>(stream, mlp, weights, x, offsets, x, MatrixView<float const>(dx), dx, grads,
+                                        ws);
 };
 
 //! The words a training forward writes at the start of its saved memory, checked by backward.
@@ -248,7 +250,7 @@ class ExpertParallel {
   //! (AllToAll: ranks * top_k * hidden elements per token, forward's dropless worst case, or
   //! received_rows_factor * top_k * hidden; AllGather: top_k * hidden). GEMM 1's output is kept
   //! only with MoeConfig::save_gate_up_output (then fp32 gate_up_rows per expert row more);
-  //! otherwise backward recomputes it (one GEMM, a third of the experts' forward flops). Host
+  //! otherwise backward recomputes it (one GEMM, two thirds of the experts' forward flops when gated). Host
   //! arithmetic.
   [[nodiscard]] std::size_t saved_bytes(std::int64_t max_tokens) const {
     check_max_tokens("saved_bytes", max_tokens);
@@ -485,10 +487,10 @@ class ExpertParallel {
             .synchronous = Exec::kSynchronous};
   }
 
-  // The rows a capacity of max_tokens holds for the experts (AllToAll: received_rows_factor's).
   // Training forwards keep GEMM 1's output in SavedState (MoeConfig::save_gate_up_output).
   [[nodiscard]] bool saves_gate_up_output() const noexcept { return kHasBackward && config_.save_gate_up_output; }
 
+  // The rows a capacity of max_tokens holds for the experts (AllToAll: received_rows_factor's).
   [[nodiscard]] std::size_t expert_rows(std::int64_t max_tokens) const {
     return static_cast<std::size_t>(DispatchPart::expert_rows(config_, comm_->size(), max_tokens));
   }

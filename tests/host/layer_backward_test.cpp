@@ -672,9 +672,10 @@ TEST_CASE("ExpertParallel: save_gate_up_output adds exactly GEMM 1's output rows
         };
         CHECK(keeping.saved_bytes(m) - plain.saved_bytes(m) == h_bytes(rows));
         CHECK(gather_keeping.saved_bytes(m) - gather.saved_bytes(m) == h_bytes(m * kTopK));
-        // Only SavedState grows: the workspaces do not hold h for the backward.
+        // The forward's workspace is the same; the backward's loses the h it no longer recomputes.
         CHECK(keeping.workspace_bytes(m) == plain.workspace_bytes(m));
-        CHECK(keeping.backward_workspace_bytes(m) == plain.backward_workspace_bytes(m));
+        CHECK(plain.backward_workspace_bytes(m) - keeping.backward_workspace_bytes(m) == h_bytes(rows));
+        CHECK(gather.backward_workspace_bytes(m) - gather_keeping.backward_workspace_bytes(m) == h_bytes(m * kTopK));
       }
     }
   });

@@ -53,7 +53,7 @@ struct CutlassMlpBackwardParts {
 
 template <class T, class Carver>
 CutlassMlpBackwardParts<T> carve_cutlass_mlp_backward(Carver& c, ExpertMlpConfig const& mlp, std::int64_t groups,
-                                                      std::int64_t max_rows) {
+                                                      std::int64_t max_rows, bool h_kept) {
   auto const rows = static_cast<std::size_t>(max_rows);
   auto const gate_up = static_cast<std::size_t>(mlp.gate_up_rows());
   auto const inter = static_cast<std::size_t>(mlp.intermediate);
@@ -65,7 +65,7 @@ CutlassMlpBackwardParts<T> carve_cutlass_mlp_backward(Carver& c, ExpertMlpConfig
                    cutlass_grouped_gemm_backward_weight_workspace_bytes<T, float>(groups),
                    cutlass_grouped_gemm_backward_weight_workspace_bytes<T, T>(groups)});
   CutlassMlpBackwardParts<T> p;
-  p.h = c.template take<float>(rows * gate_up);
+  p.h = c.template take<float>(h_kept ? 0 : rows * gate_up);  // none when the caller gives the kept h
   p.act = c.template take<T>(rows * inter);
   p.d_act = c.template take<float>(rows * inter);
   p.dh = c.template take<T>(rows * gate_up);
@@ -78,12 +78,14 @@ CutlassMlpBackwardParts<T> carve_cutlass_mlp_backward(Carver& c, ExpertMlpConfig
 
 //! Workspace bytes of cutlass_expert_mlp_backward for up to `max_rows` rows of `num_groups` local
 //! experts: max_rows * (gate_up_rows * (4 + sizeof(T)) + intermediate * (sizeof(T) + 4) + hidden *
-//! sizeof(T)) plus CUTLASS's per-group arguments. Reads the current device's SM count.
+//! sizeof(T)) plus CUTLASS's per-group arguments; `h_kept` (calls that pass gate_up_out): without
+//! the max_rows * gate_up_rows * 4 bytes of h. Reads the current device's SM count.
 template <float_element T>
 [[nodiscard]] std::size_t cutlass_expert_mlp_backward_workspace_bytes(ExpertMlpConfig const& mlp,
-                                                                      std::int32_t num_groups, std::int64_t max_rows) {
+                                                                      std::int32_t num_groups, std::int64_t max_rows,
+                                                                      bool h_kept = false) {
   return detail::layout_bytes(
-      [&](auto& c) { return detail::carve_cutlass_mlp_backward<T>(c, mlp, num_groups, max_rows); });
+      [&](auto& c) { return detail::carve_cutlass_mlp_backward<T>(c, mlp, num_groups, max_rows, h_kept); });
 }
 
 //! @brief The backward of expert_mlp on CUTLASS (see the file's comment): dx and the local experts'
@@ -109,9 +111,9 @@ void cutlass_expert_mlp_backward(StreamRef stream_ref, ExpertMlpConfig const& co
   constexpr std::string_view where = "expert_mlp_backward (CutlassGrouped)";
   detail::CudaStream const stream(stream_ref, where);
   std::int64_t const rows = x.rows, groups = weights.num_local_experts;
-  auto const parts = detail::carve_layout(
-      workspace, where, [&](auto& c) { return detail::carve_cutlass_mlp_backward<T>(c, config, groups, rows); });
   bool const kept = gate_up_out.data != nullptr;
+  auto const parts = detail::carve_layout(
+      workspace, where, [&](auto& c) { return detail::carve_cutlass_mlp_backward<T>(c, config, groups, rows, kept); });
   MatrixView<float const> const h =
       kept ? gate_up_out : MatrixView<float const>(parts.h.data(), rows, config.gate_up_rows());
   auto const w = detail::check_expert_mlp_backward_args<T, G>(where, config, weights, x, expert_offsets, h, dy,
@@ -207,12 +209,12 @@ inline constexpr bool kCutlassBackward = std::is_same_v<T, bfloat16> ||
 struct CutlassBackward {
   template <class T>
   [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t num_groups,
-                                                     std::int64_t max_rows) const {
+                                                     std::int64_t max_rows, bool h_kept = false) const {
     if constexpr (std::is_same_v<T, float>) {
       return 0;  // refused: CUTLASS's path is 16-bit
     } else {
-      return std::max(cutlass_expert_mlp_backward_workspace_bytes<T>(mlp, num_groups, max_rows),
-                      CudaRecomputingBackward{}.backward_workspace_bytes<T>(mlp, num_groups, max_rows));
+      return std::max(cutlass_expert_mlp_backward_workspace_bytes<T>(mlp, num_groups, max_rows, h_kept),
+                      CudaRecomputingBackward{}.backward_workspace_bytes<T>(mlp, num_groups, max_rows, h_kept));
     }
   }
 

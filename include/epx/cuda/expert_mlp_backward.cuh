@@ -106,10 +106,11 @@ namespace detail {
 //! GEMM from forward's input rows (one GEMM: two thirds of the experts' forward flops when gated),
 //! or the h a forward kept (MoeConfig::save_gate_up_output), then expert_mlp_backward.
 struct CudaRecomputingBackward {
+  //! `h_kept`: the forwards keep h (MoeConfig::save_gate_up_output), so no h here.
   template <class T>
   [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
-                                                     std::int64_t max_rows) const {
-    return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows); });
+                                                     std::int64_t max_rows, bool h_kept = false) const {
+    return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows, h_kept); });
   }
 
   template <class T, class G>
@@ -129,8 +130,8 @@ struct CudaRecomputingBackward {
   void backward(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
                 std::span<std::int32_t const> device_offsets, MatrixView<float const> h, MatrixView<G const> dy,
                 MatrixView<G> dx, ExpertWeightGrads<G> const& grads, Workspace ws) const {
-    auto const parts =
-        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows); });
+    auto const parts = carve_layout(ws, "backward (experts)",
+                                    [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows, true); });
     expert_mlp_backward(stream, mlp, weights, x, device_offsets, h, dy, dx, grads, parts.second);
   }
 };

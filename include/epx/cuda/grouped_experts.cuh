@@ -119,10 +119,10 @@ struct CudaGroupedExperts : CudaRecomputingBackward {
   //! CudaRecomputingBackward (the Host's results bit for bit in its GEMMs).
   template <class T>
   [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t num_groups,
-                                                     std::int64_t max_rows) const {
-    std::size_t bytes = CudaRecomputingBackward::backward_workspace_bytes<T>(mlp, num_groups, max_rows);
+                                                     std::int64_t max_rows, bool h_kept = false) const {
+    std::size_t bytes = CudaRecomputingBackward::backward_workspace_bytes<T>(mlp, num_groups, max_rows, h_kept);
 #if defined(EPX_HAVE_CUTLASS)
-    bytes = std::max(bytes, CutlassBackward{}.backward_workspace_bytes<T>(mlp, num_groups, max_rows));
+    bytes = std::max(bytes, CutlassBackward{}.backward_workspace_bytes<T>(mlp, num_groups, max_rows, h_kept));
 #endif
     return bytes;
   }

@@ -74,12 +74,13 @@ TypedExpertWeights<T> check_expert_mlp_backward_args(std::string_view where, Exp
 }
 
 //! An expert part's backward scratch (host/expert_parallel.hpp, cuda/expert_mlp.cuh): GEMM 1's
-//! output h in fp32, recomputed from the saved input rows, then expert_mlp_backward's workspace.
+//! output h in fp32, recomputed from the saved input rows (none when the forward kept h:
+//! `h_kept`), then expert_mlp_backward's workspace.
 template <class T, class Carver>
 std::pair<std::span<float>, Workspace> carve_expert_part_backward(Carver& c, ExpertMlpConfig const& mlp,
-                                                                  std::int64_t max_rows) {
-  auto const h =
-      c.template take<float>(static_cast<std::size_t>(max_rows) * static_cast<std::size_t>(mlp.gate_up_rows()));
+                                                                  std::int64_t max_rows, bool h_kept = false) {
+  auto const h = c.template take<float>(
+      h_kept ? 0 : static_cast<std::size_t>(max_rows) * static_cast<std::size_t>(mlp.gate_up_rows()));
   auto const rest = c.template take<std::byte>(
       layout_bytes([&](auto& inner) { return carve_expert_mlp_backward<T>(inner, mlp, max_rows); }));
   return {h, Workspace(rest.data(), rest.size())};

@@ -58,10 +58,11 @@ struct HostGroupedExperts {
 
   //! The backward's scratch: GEMM 1's output h (fp32, recomputed from the saved input rows), then
   //! expert_mlp_backward's own.
+  //! `h_kept`: the forwards keep h (MoeConfig::save_gate_up_output), so no h here.
   template <class T>
   [[nodiscard]] std::size_t backward_workspace_bytes(ExpertMlpConfig const& mlp, std::int32_t /*num_groups*/,
-                                                     std::int64_t max_rows) const {
-    return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows); });
+                                                     std::int64_t max_rows, bool h_kept = false) const {
+    return layout_bytes([&](auto& c) { return carve_expert_part_backward<T>(c, mlp, max_rows, h_kept); });
   }
 
   //! dx rows and the local experts' weight gradients from forward's input rows `x` and the output
@@ -82,8 +83,8 @@ struct HostGroupedExperts {
   void backward(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
                 std::span<std::int32_t const> offsets, MatrixView<float const> h, MatrixView<G const> dy,
                 MatrixView<G> dx, ExpertWeightGrads<G> const& grads, Workspace ws) const {
-    auto const parts =
-        carve_layout(ws, "backward (experts)", [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows); });
+    auto const parts = carve_layout(ws, "backward (experts)",
+                                    [&](auto& c) { return carve_expert_part_backward<T>(c, mlp, x.rows, true); });
     expert_mlp_backward(Host{}, mlp, weights, x, offsets, h, dy, dx, grads, parts.second);
   }
 };

@@ -56,6 +56,7 @@ concept expert_part_backward = requires(Part& part, Part const& cpart, Stream st
                                         std::span<std::int32_t const> offsets, MatrixView<float> dx,
                                         ExpertWeightGrads<float> const& grads, Workspace ws, std::int64_t rows) {
   { cpart.template backward_workspace_bytes<float>(mlp, 1, rows) } -> std::same_as<std::size_t>;
+  { cpart.template backward_workspace_bytes<float>(mlp, 1, rows, true) } -> std::same_as<std::size_t>;
   cpart.template backward<float, float>(stream, mlp, weights, x, offsets, MatrixView<float const>(dx), dx, grads, ws);
   // MoeConfig::save_gate_up_output: a forward that keeps h, a backward from the h it kept
   part.template run<float>(stream, mlp, weights, x, offsets, dx, ws, rows, dx);
@@ -262,7 +263,8 @@ class ExpertParallel {
   //! Workspace bytes of backward for up to `max_tokens` tokens on every rank (sized for fp32
   //! gradients, so that either gradient type fits): the plan, the gradient rows of the slots and
   //! of the dispatch (AllToAll: two sets of forward's received rows), the experts' backward scratch
-  //! (GEMM 1's output recomputed, fp32). Host arithmetic.
+  //! (GEMM 1's output recomputed, fp32; not with save_gate_up_output, whose forward kept it). Host
+  //! arithmetic.
   [[nodiscard]] std::size_t backward_workspace_bytes(std::int64_t max_tokens) const requires kHasBackward {
     check_max_tokens("backward_workspace_bytes", max_tokens);
     return detail::dispatch_on_dtype(config_.weights.dtype, [&]<class T>(T*) {
@@ -537,9 +539,10 @@ class ExpertParallel {
     p.d_topk_weights = c.template take<float>(slots);
     p.d_perm = c.template take<G>(slots * static_cast<std::size_t>(config_.mlp.hidden));
     p.dispatch = DispatchPart::template carve_backward<G>(c, shape(max_tokens));
-    p.experts = detail::take_workspace(
-        c, experts_.template backward_workspace_bytes<T>(config_.mlp, config_.weights.num_local_experts,
-                                                         static_cast<std::int64_t>(expert_rows(max_tokens))));
+    p.experts =
+        detail::take_workspace(c, experts_.template backward_workspace_bytes<T>(
+                                      config_.mlp, config_.weights.num_local_experts,
+                                      static_cast<std::int64_t>(expert_rows(max_tokens)), saves_gate_up_output()));
     return p;
   }
 

@@ -158,7 +158,7 @@ class ExpertParallel {
   ExpertParallel(MoeConfig const& config, Communicator& comm)
       : config_(implementable(config, comm)), comm_(&comm), exec_(control_words(), upload_bytes()) {}
 
-  //! Whether this layer has a backward on its space and expert policy (Host with Grouped today).
+  //! Whether this layer has a backward: Grouped (Host and Cuda) and CutlassGrouped; not CublasGrouped.
   static constexpr bool kHasBackward = detail::expert_part_backward<ExpertPart, Stream>;
 
   //! @brief Whether this layer runs `config` on `comm`, without building it: std::nullopt, or the

@@ -233,4 +233,17 @@ inline std::vector<float> random_weights(std::size_t n, std::mt19937_64& rng) {
   return w;
 }
 
+//! The most rows any rank's experts receive from `ids` (every rank's slots, in one table): what
+//! AllToAll's received_rows_factor must hold.
+inline std::int64_t most_received_rows(std::vector<std::int32_t> const& ids, ExpertPlacement const& placement) {
+  std::int64_t most = 0;
+  for (std::int32_t q = 0; q < placement.num_ranks(); ++q) {
+    ExpertRange const local = placement.local_range(q);
+    most = std::max(most, static_cast<std::int64_t>(std::count_if(ids.begin(), ids.end(), [&](std::int32_t id) {
+                      return id >= local.first && id < local.first + local.count;
+                    })));
+  }
+  return most;
+}
+
 }  // namespace epx::test

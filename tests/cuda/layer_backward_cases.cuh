@@ -196,14 +196,7 @@ double tight_received_rows_factor(Case const& c, Inputs<T> const& in) {
           MatrixView<std::int32_t>(ids.data(), total, c.router.top_k),
           MatrixView<float>(weights.data(), total, c.router.top_k));
   }
-  auto const placement = ExpertPlacement::from_counts(c.experts_per_rank);
-  std::int64_t most = 0;
-  for (std::int32_t q = 0; q < placement.num_ranks(); ++q) {
-    ExpertRange const local = placement.local_range(q);
-    most = std::max<std::int64_t>(most, std::count_if(ids.begin(), ids.end(), [&](std::int32_t id) {
-                                    return id >= local.first && id < local.first + local.count;
-                                  }));
-  }
+  std::int64_t const most = most_received_rows(ids, ExpertPlacement::from_counts(c.experts_per_rank));
   std::int64_t const max_tokens = std::max<std::int64_t>(1, *std::max_element(in.count.begin(), in.count.end()));
   return std::max(1.0, static_cast<double>(most)) / static_cast<double>(max_tokens * c.router.top_k);
 }

@@ -152,6 +152,15 @@ Chain chain(test::GlobalWeights<float> const& gw, std::vector<float> const& x, s
   return c;
 }
 
+//! `got`: the weight and bias gradients of the experts `local` owns, bit for bit the chain's.
+void check_grads_are_chains(Grads const& got, Chain const& ref, ExpertRange local) {
+  Grads const want = ref.grads.slice(local.first, local.count);
+  CHECK(same_bits(got.gate_up, want.gate_up));
+  CHECK(same_bits(got.down, want.down));
+  CHECK(same_bits(got.gate_up_bias, want.gate_up_bias));
+  CHECK(same_bits(got.down_bias, want.down_bias));
+}
+
 //! What one rank's layer gave.
 struct RankOut {
   std::vector<float> y, dx, d_logits, dx_again;
@@ -224,18 +233,6 @@ struct Split {
   std::vector<std::int64_t> tokens_per_rank;
 };
 
-//! The most rows any rank's experts receive from `ids` (every rank's slots, in one table).
-std::int64_t most_received_rows(std::vector<std::int32_t> const& ids, ExpertPlacement const& placement) {
-  std::int64_t most = 0;
-  for (std::int32_t q = 0; q < placement.num_ranks(); ++q) {
-    ExpertRange const local = placement.local_range(q);
-    most = std::max(most, static_cast<std::int64_t>(std::count_if(ids.begin(), ids.end(), [&](std::int32_t id) {
-                      return id >= local.first && id < local.first + local.count;
-                    })));
-  }
-  return most;
-}
-
 }  // namespace
 
 TEST_CASE("ExpertParallel::backward: AllToAll ranks equal the Host stages chained over every rank's tokens") {
@@ -282,12 +279,7 @@ TEST_CASE("ExpertParallel::backward: AllToAll ranks equal the Host stages chaine
         CHECK(same_bits(o.dx, o.dx_again));
         CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
         CHECK(o.ids == rows_of(ref.ids, kTopK, f, t));
-        ExpertRange const local = placement.local_range(r);
-        Grads const want = ref.grads.slice(local.first, local.count);
-        CHECK(same_bits(o.grads.gate_up, want.gate_up));
-        CHECK(same_bits(o.grads.down, want.down));
-        CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
-        CHECK(same_bits(o.grads.down_bias, want.down_bias));
+        check_grads_are_chains(o.grads, ref, placement.local_range(r));
       }
     }
 }
@@ -314,12 +306,7 @@ TEST_CASE("ExpertParallel::backward: AllGather ranks equal the Host stages chain
       CHECK(test::rel_error(o.dx, std::vector<double>(ref.dx.begin(), ref.dx.end())) <= 1e-5);
       CHECK(same_bits(o.dx, o.dx_again));
       CHECK(same_bits(o.d_logits, ref.d_logits));
-      ExpertRange const local = placement.local_range(r);
-      Grads const want = ref.grads.slice(local.first, local.count);
-      CHECK(same_bits(o.grads.gate_up, want.gate_up));
-      CHECK(same_bits(o.grads.down, want.down));
-      CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
-      CHECK(same_bits(o.grads.down_bias, want.down_bias));
+      check_grads_are_chains(o.grads, ref, placement.local_range(r));
     }
   }
 }
@@ -524,7 +511,7 @@ TEST_CASE(
     Chain const ref = chain(gw, x, logits, dy);
     // The factor whose rows are exactly the busiest rank's: below the dropless worst case (ranks).
     double const factor =
-        static_cast<double>(most_received_rows(ref.ids, placement)) / static_cast<double>(max_tokens * kTopK);
+        static_cast<double>(test::most_received_rows(ref.ids, placement)) / static_cast<double>(max_tokens * kTopK);
     CAPTURE(factor);
     REQUIRE(factor < placement.num_ranks());
     auto const outs =
@@ -536,12 +523,7 @@ TEST_CASE(
       CHECK(same_bits(o.y, rows_of(ref.y, kHidden, f, t)));
       CHECK(same_bits(o.dx, rows_of(ref.dx, kHidden, f, t)));
       CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
-      ExpertRange const local = placement.local_range(r);
-      Grads const want = ref.grads.slice(local.first, local.count);
-      CHECK(same_bits(o.grads.gate_up, want.gate_up));
-      CHECK(same_bits(o.grads.down, want.down));
-      CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
-      CHECK(same_bits(o.grads.down_bias, want.down_bias));
+      check_grads_are_chains(o.grads, ref, placement.local_range(r));
     }
   }
 }
@@ -635,12 +617,7 @@ TEST_CASE(
             }
             CHECK(same_bits(o.dx, o.dx_again));
             CHECK(same_bits(o.d_logits, rows_of(ref.d_logits, kExperts, f, t)));
-            ExpertRange const local = placement.local_range(r);
-            Grads const want = ref.grads.slice(local.first, local.count);
-            CHECK(same_bits(o.grads.gate_up, want.gate_up));
-            CHECK(same_bits(o.grads.down, want.down));
-            CHECK(same_bits(o.grads.gate_up_bias, want.gate_up_bias));
-            CHECK(same_bits(o.grads.down_bias, want.down_bias));
+            check_grads_are_chains(o.grads, ref, placement.local_range(r));
           }
         }
 }

@@ -157,14 +157,10 @@ struct CudaCutlassGroupedExperts : CutlassBackward {
   void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws,
            std::int64_t rows_hint) const {
-    if constexpr (std::is_same_v<T, float>) {
-      throw_error(Errc::kInvalidArgument, "expert_mlp (CutlassGrouped): fp32 weights, expected bf16 or f16");
-    } else {
-      cutlass_expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, rows_hint);
-    }
+    run<T>(stream, mlp, weights, x, device_offsets, out, ws, rows_hint, MatrixView<float>{});
   }
 
-  //! run keeping GEMM 1's output (bias included) in `h`, for backward(..., h, ...).
+  //! run keeping GEMM 1's output (bias included) in `h` (empty: not kept), for backward(..., h, ...).
   template <class T>
   void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint,

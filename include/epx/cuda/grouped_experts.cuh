@@ -80,21 +80,11 @@ struct CudaGroupedExperts : CudaRecomputingBackward {
   template <class T>
   void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint) {
-    std::int64_t const rows = rows_hint < 0 ? x.rows : rows_hint;
-    last_ = pick<T>(rows, weights.num_local_experts);
-#if defined(EPX_HAVE_CUTLASS)
-    if constexpr (!std::is_same_v<T, float>) {
-      if (last_ == GroupedKernel::kCutlass) {
-        cutlass_expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, rows);
-        return;
-      }
-    }
-#endif
-    expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
+    run<T>(stream, mlp, weights, x, device_offsets, out, ws, rows_hint, MatrixView<float>{});
   }
 
-  //! run keeping GEMM 1's output (bias included) in `h`, for backward(..., h, ...). CUTLASS writes h
-  //! anyway; epx's own kernel fuses it away, so there h costs one more GEMM 1 (expert_mlp_gate_up).
+  //! run keeping GEMM 1's output (bias included) in `h` (empty: not kept), for backward(..., h, ...).
+  //! CUTLASS writes h anyway; epx's own kernel fuses it away, so there h costs one more GEMM 1.
   template <class T>
   void run(CudaStream stream, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> device_offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint,
@@ -110,7 +100,7 @@ struct CudaGroupedExperts : CudaRecomputingBackward {
     }
 #endif
     expert_mlp<T>(stream, mlp, weights, x, device_offsets, out, ws, ExpertMlpOptions{.rows_hint = rows_hint});
-    expert_mlp_gate_up(stream, mlp, weights, x, device_offsets, h, rows_hint);
+    if (h.data != nullptr) expert_mlp_gate_up(stream, mlp, weights, x, device_offsets, h, rows_hint);
   }
 
   //! The backward: CUTLASS's tensor-core gradients wherever CUTLASS runs (CutlassBackward: bf16

@@ -44,11 +44,12 @@ struct HostGroupedExperts {
   //! `rows_hint` picks nothing here: the loops visit exactly the rows of `offsets`.
   template <class T>
   void run(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
-           std::span<std::int32_t const> offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/) const {
-    expert_mlp(Host{}, mlp, weights, x, offsets, out, ws);
+           std::span<std::int32_t const> offsets, MatrixView<T> out, Workspace ws, std::int64_t rows_hint) const {
+    run<T>(Host{}, mlp, weights, x, offsets, out, ws, rows_hint, MatrixView<float>{});
   }
 
-  //! run that also keeps GEMM 1's output h (bias included) in `h`, for backward(..., h, ...).
+  //! run that also keeps GEMM 1's output h (bias included) in `h` (empty: not kept), for
+  //! backward(..., h, ...).
   template <class T>
   void run(Host, ExpertMlpConfig const& mlp, ExpertWeights const& weights, MatrixView<T const> x,
            std::span<std::int32_t const> offsets, MatrixView<T> out, Workspace ws, std::int64_t /*rows_hint*/,

@@ -655,21 +655,7 @@ class ExpertParallel {
     }
     // 2. Rows to the experts; 3. the experts; 4. rows back to their tokens, weighted and summed.
     auto const handle = DispatchPart::dispatch(step, plan, fits);
-    if (config_.weights.num_local_experts > 0) {
-      if constexpr (kHasBackward) {
-        if (kept && !kept->h.empty()) {  // training: GEMM 1's output kept for the backward
-          experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
-                                   handle.rows.out, parts.experts, handle.rows.rows_hint,
-                                   MatrixView<float>(kept->h.data(), handle.rows.in.rows, config_.mlp.gate_up_rows()));
-        } else {
-          experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
-                                   handle.rows.out, parts.experts, handle.rows.rows_hint);
-        }
-      } else {
-        experts_.template run<T>(stream, config_.mlp, config_.weights, handle.rows.in, handle.rows.offsets,
-                                 handle.rows.out, parts.experts, handle.rows.rows_hint);
-      }
-    }
+    if (config_.weights.num_local_experts > 0) run_experts<T>(stream, handle.rows, parts.kept.h, parts.experts);
     DispatchPart::combine(step, handle, plan, routing.weights, y);
     // 5. Training: `saved` now holds a complete forward.
     if (kept)
@@ -687,6 +673,20 @@ class ExpertParallel {
     } else {
       unread_control_ = parts.kept.control.first(detail::kControlWords);
     }
+  }
+
+  // The local experts on `rows`; `h`: where a training forward keeps GEMM 1's output
+  // (SavedState's part with save_gate_up_output), empty otherwise.
+  template <class T>
+  void run_experts(Stream stream, detail::ExpertRows<T> const& rows, std::span<float> h, Workspace ws) {
+    if constexpr (kHasBackward) {
+      if (!h.empty()) {
+        experts_.template run<T>(stream, config_.mlp, config_.weights, rows.in, rows.offsets, rows.out, ws,
+                                 rows.rows_hint, MatrixView<float>(h.data(), rows.in.rows, config_.mlp.gate_up_rows()));
+        return;
+      }
+    }
+    experts_.template run<T>(stream, config_.mlp, config_.weights, rows.in, rows.offsets, rows.out, ws, rows.rows_hint);
   }
 
   // Where the header of `saved` is (its first part, whatever the capacity), or empty when
